@@ -1,0 +1,2 @@
+//! Local attach methods: turn a [`crate::engine::BlockDevice`] into `/dev/...`.
+//! (To be written.)

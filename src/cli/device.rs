@@ -1,0 +1,221 @@
+//! Arguments that describe a device (backend, size, limits), shared by `serve` and `attach`,
+//! and the code that turns them into a [`BlockDevice`].
+
+use super::size::{format_size, parse_size};
+use crate::engine::host::HostBackend;
+use crate::engine::{BlockDevice, SparseDevice, SparseOptions};
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use std::sync::Arc;
+
+/// Where a device keeps its data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// GPU memory when a usable NVIDIA GPU is found, host RAM otherwise.
+    Auto,
+    /// NVIDIA GPU memory through CUDA.
+    Cuda,
+    /// Host RAM.
+    Host,
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s)
+}
+
+/// One named export given on the command line as `NAME=SIZE`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportSpec {
+    /// Export name clients ask for ("" is the default export).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+fn export_arg(s: &str) -> Result<ExportSpec, String> {
+    let (name, size) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not an export: write NAME=SIZE, like scratch=16G"))?;
+    if name.len() > 4096 {
+        return Err("export names are limited to 4096 bytes".into());
+    }
+    Ok(ExportSpec {
+        name: name.to_string(),
+        size: parse_size(size)?,
+    })
+}
+
+/// Device options shared by every subcommand that creates devices.
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// Where the data lives.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendKind,
+
+    /// Size of the default export (the one with the empty name), e.g. 16G.
+    #[arg(long, value_parser = size_arg)]
+    pub size: Option<u64>,
+
+    /// A named export NAME=SIZE; repeatable. Without --size the first one is also the default.
+    #[arg(long = "export", value_name = "NAME=SIZE", value_parser = export_arg)]
+    pub exports: Vec<ExportSpec>,
+
+    /// Most memory each device may take; writes beyond it fail with ENOSPC.
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    pub max_memory: Option<u64>,
+
+    /// Allocation unit: memory is taken and given back in chunks of this size (a power of two).
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, default_value = "2M")]
+    pub chunk_size: u64,
+
+    /// Take all the memory at start (no allocation on the I/O path; needed for swap).
+    #[arg(long)]
+    pub preallocate: bool,
+
+    /// Refuse writes, trims and zeroes.
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// GPUs to use, as indexes: "0", or "0,1" to spread one device over several GPUs.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub gpu: Vec<usize>,
+
+    /// Leave at least this much GPU memory free for other programs.
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    pub keep_free: Option<u64>,
+
+    /// Most memory used for I/O buffers in flight, per device.
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, default_value = "1G")]
+    pub buffer_memory: u64,
+}
+
+/// A device ready to be served, with the name it is exported under.
+pub struct NamedDevice {
+    /// Export name.
+    pub name: String,
+    /// The device.
+    pub device: Arc<dyn BlockDevice>,
+}
+
+impl DeviceArgs {
+    /// The exports these arguments ask for, default first; an error sentence if none or if
+    /// names repeat.
+    pub fn export_specs(&self) -> Result<Vec<ExportSpec>> {
+        let mut specs = Vec::new();
+        if let Some(size) = self.size {
+            specs.push(ExportSpec {
+                name: String::new(),
+                size,
+            });
+        }
+        specs.extend(self.exports.iter().cloned());
+        if specs.is_empty() {
+            bail!("no device size given: add --size SIZE (for example --size 16G)");
+        }
+        for (i, s) in specs.iter().enumerate() {
+            if specs[..i].iter().any(|o| o.name == s.name) {
+                bail!(
+                    "export name '{}' is given twice: give each export its own name",
+                    s.name
+                );
+            }
+            if s.size == 0 {
+                bail!("export '{}' has size 0: give it a size, like 1G", s.name);
+            }
+        }
+        Ok(specs)
+    }
+
+    fn options(&self, size: u64) -> Result<SparseOptions> {
+        if !self.chunk_size.is_power_of_two() || self.chunk_size < 4096 {
+            bail!(
+                "--chunk-size {} is not a power of two of at least 4K: use for example 2M",
+                self.chunk_size
+            );
+        }
+        if self.chunk_size > 1 << 30 {
+            bail!("--chunk-size may be at most 1G");
+        }
+        let mut opts = SparseOptions::new(size);
+        opts.chunk_size = self.chunk_size as usize;
+        opts.max_memory = self.max_memory;
+        opts.read_only = self.read_only;
+        opts.preallocate = self.preallocate;
+        opts.buffer_limit = usize::try_from(self.buffer_memory).unwrap_or(usize::MAX);
+        if (opts.buffer_limit as u64) < 2 * opts.max_request as u64 {
+            bail!(
+                "--buffer-memory {} is too small: it must hold at least two 32M requests (64M)",
+                format_size(self.buffer_memory)
+            );
+        }
+        Ok(opts)
+    }
+
+    /// Which backend to use, resolving `auto`; the reason is logged by the caller.
+    pub fn resolve_backend(&self) -> (BackendKind, String) {
+        match self.backend {
+            BackendKind::Host => (BackendKind::Host, "host RAM (--backend host)".into()),
+            BackendKind::Cuda => (BackendKind::Cuda, "CUDA (--backend cuda)".into()),
+            BackendKind::Auto => match crate::engine::cuda::probe() {
+                Ok(gpus) if !gpus.is_empty() => (
+                    BackendKind::Cuda,
+                    format!(
+                        "CUDA: found {} GPU(s), first is {}",
+                        gpus.len(),
+                        gpus[0].name
+                    ),
+                ),
+                Ok(_) => (
+                    BackendKind::Host,
+                    "host RAM: the NVIDIA driver sees no GPU".into(),
+                ),
+                Err(e) => (BackendKind::Host, format!("host RAM: no usable GPU ({e})")),
+            },
+        }
+    }
+
+    /// Builds every device these arguments ask for, default export first.
+    pub fn build(&self, backend: BackendKind) -> Result<Vec<NamedDevice>> {
+        let specs = self.export_specs()?;
+        if backend == BackendKind::Host && (!self.gpu.is_empty() || self.keep_free.is_some()) {
+            bail!("--gpu and --keep-free apply to GPU memory: drop them or use --backend cuda");
+        }
+        let mut devices = Vec::new();
+        for spec in specs {
+            let opts = self.options(spec.size)?;
+            let device: Arc<dyn BlockDevice> = match backend {
+                BackendKind::Host => Arc::new(
+                    SparseDevice::new(HostBackend::new(), opts)
+                        .with_context(|| format!("creating export '{}'", spec.name))?,
+                ),
+                BackendKind::Cuda | BackendKind::Auto => {
+                    crate::engine::cuda::open_device(&self.gpu, self.keep_free, opts)
+                        .with_context(|| format!("creating export '{}'", spec.name))?
+                }
+            };
+            devices.push(NamedDevice {
+                name: spec.name,
+                device,
+            });
+        }
+        Ok(devices)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_specs_parse() {
+        assert_eq!(
+            export_arg("scratch=16G"),
+            Ok(ExportSpec {
+                name: "scratch".into(),
+                size: 16 << 30
+            })
+        );
+        assert!(export_arg("scratch").is_err());
+        assert!(export_arg("a=lots").is_err());
+    }
+}

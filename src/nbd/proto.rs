@@ -1,0 +1,1 @@
+//! NBD wire format. (To be written.)
