@@ -251,3 +251,163 @@ impl<B: Backend> BlockDevice for SparseDevice<B> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::host::HostBackend;
+
+    fn device(size: u64, chunk: usize) -> Arc<SparseDevice<HostBackend>> {
+        let mut opts = SparseOptions::new(size);
+        opts.chunk_size = chunk;
+        Arc::new(SparseDevice::new(HostBackend::new(), opts).unwrap())
+    }
+
+    fn pattern(seed: u64, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (seed.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn unwritten_reads_zero_and_allocates_nothing() {
+        let dev = device(1 << 20, 4096);
+        let mut buf = vec![0xffu8; 10_000];
+        dev.read(1234, &mut buf).await.unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        assert_eq!(dev.stats().allocated, 0);
+    }
+
+    #[tokio::test]
+    async fn unaligned_writes_cross_chunks_and_read_back() {
+        let dev = device(1 << 20, 4096);
+        let data = pattern(1, 9000);
+        dev.write(4000, &data, false).await.unwrap();
+        // 4000..13000 touches chunks 0 to 3.
+        assert_eq!(dev.stats().chunks, 4);
+        let mut buf = vec![0u8; 9000];
+        dev.read(4000, &mut buf).await.unwrap();
+        assert_eq!(buf, data);
+        // The bytes around the write stay zero.
+        let mut edge = vec![1u8; 4000];
+        dev.read(0, &mut edge).await.unwrap();
+        assert!(edge.iter().all(|&b| b == 0));
+    }
+
+    #[tokio::test]
+    async fn out_of_range_and_read_only_are_refused() {
+        let dev = device(8192, 4096);
+        let mut buf = vec![0u8; 2];
+        assert!(matches!(
+            dev.read(8191, &mut buf).await,
+            Err(IoError::OutOfRange { .. })
+        ));
+        assert!(dev.write(u64::MAX, &buf, false).await.is_err());
+        assert!(dev.trim(4096, 4097).await.is_err());
+        let mut opts = SparseOptions::new(8192);
+        opts.chunk_size = 4096;
+        opts.read_only = true;
+        let ro = SparseDevice::new(HostBackend::new(), opts).unwrap();
+        assert!(matches!(
+            ro.write(0, &buf, false).await,
+            Err(IoError::ReadOnly)
+        ));
+        assert!(ro.capabilities().read_only);
+    }
+
+    #[tokio::test]
+    async fn trim_and_zero_free_whole_chunks_and_zero_partial_ones() {
+        let dev = device(4 * 4096, 4096);
+        dev.write(0, &pattern(2, 4 * 4096), false).await.unwrap();
+        assert_eq!(dev.stats().allocated, 4 * 4096);
+        // Covers chunk 1 whole and the first 100 bytes of chunk 2.
+        dev.trim(4096, 4096 + 100).await.unwrap();
+        assert_eq!(dev.stats().chunks, 3);
+        let mut buf = vec![1u8; 4096 + 100];
+        dev.read(4096, &mut buf).await.unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        let mut rest = vec![0u8; 4096 - 100];
+        dev.read(2 * 4096 + 100, &mut rest).await.unwrap();
+        assert_eq!(rest, pattern(2, 4 * 4096)[2 * 4096 + 100..3 * 4096]);
+
+        // NO_HOLE keeps (and even creates) the allocation; may_trim frees it.
+        let no_hole = ZeroFlags::default();
+        dev.write_zeroes(4096, 4096, no_hole).await.unwrap();
+        assert_eq!(dev.stats().chunks, 4);
+        let trim = ZeroFlags {
+            may_trim: true,
+            ..ZeroFlags::default()
+        };
+        dev.write_zeroes(0, 2 * 4096, trim).await.unwrap();
+        assert_eq!(dev.stats().chunks, 2);
+        let mut ext = Vec::new();
+        dev.extents(0, 4 * 4096, &mut ext).unwrap();
+        assert_eq!(ext.len(), 2);
+        assert!(ext[0].hole && ext[0].zero && ext[0].length == 2 * 4096);
+        assert!(!ext[1].hole);
+    }
+
+    #[tokio::test]
+    async fn max_memory_gives_enospc_until_trimmed() {
+        let mut opts = SparseOptions::new(1 << 20);
+        opts.chunk_size = 4096;
+        opts.max_memory = Some(2 * 4096);
+        let dev = SparseDevice::new(HostBackend::new(), opts).unwrap();
+        let data = vec![9u8; 4096];
+        dev.write(0, &data, false).await.unwrap();
+        dev.write(4096, &data, false).await.unwrap();
+        let err = dev.write(8192, &data, false).await.unwrap_err();
+        assert_eq!(err.errno(), libc::ENOSPC);
+        dev.trim(0, 4096).await.unwrap();
+        dev.write(8192, &data, true).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn preallocate_takes_everything_and_trim_keeps_it() {
+        let mut opts = SparseOptions::new(3 * 4096 + 10);
+        opts.chunk_size = 4096;
+        opts.preallocate = true;
+        let dev = SparseDevice::new(HostBackend::new(), opts.clone()).unwrap();
+        assert_eq!(dev.stats().allocated, 3 * 4096 + 10);
+        dev.write(0, &[5u8; 100], false).await.unwrap();
+        dev.trim(0, 4096).await.unwrap();
+        assert_eq!(dev.stats().chunks, 4);
+        let mut buf = [1u8; 100];
+        dev.read(0, &mut buf).await.unwrap();
+        assert_eq!(buf, [0u8; 100]);
+        opts.max_memory = Some(4096);
+        assert!(SparseDevice::new(HostBackend::new(), opts).is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writers_on_disjoint_ranges() {
+        let dev = device(64 << 20, 1 << 20);
+        let tasks: Vec<_> = (0..64u64)
+            .map(|t| {
+                let dev = dev.clone();
+                tokio::spawn(async move {
+                    // Each task owns a 1 MiB range split into uneven pieces, some of them
+                    // sharing chunks with neighbours' ranges.
+                    let base = t * (1 << 20) + 333;
+                    let len = (1 << 20) - 666;
+                    let data = pattern(t, len);
+                    for piece in data.chunks(4099).enumerate() {
+                        let off = base + (piece.0 * 4099) as u64;
+                        dev.write(off, piece.1, false).await.unwrap();
+                    }
+                    let mut back = vec![0u8; len];
+                    dev.read(base, &mut back).await.unwrap();
+                    assert_eq!(back, data, "task {t} read back other data");
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        for t in 0..64u64 {
+            let mut back = vec![0u8; (1 << 20) - 666];
+            dev.read(t * (1 << 20) + 333, &mut back).await.unwrap();
+            assert_eq!(back, pattern(t, (1 << 20) - 666));
+        }
+    }
+}
