@@ -17,6 +17,8 @@ mod buffer;
 mod chunk_map;
 mod error;
 pub mod host;
+pub mod metered;
+pub mod persist;
 mod sparse;
 
 pub mod cuda;
