@@ -15,3 +15,4 @@ pub mod attach;
 pub mod cli;
 pub mod engine;
 pub mod nbd;
+pub mod ops;

@@ -1,12 +1,14 @@
 //! The command line: argument definitions shared by every subcommand, and dispatch.
 
+mod config;
 mod device;
+mod ops;
 mod serve;
 pub mod size;
 
 pub use device::{BackendKind, DeviceArgs};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
 const EXAMPLES: &str = "\
@@ -38,15 +40,38 @@ pub struct Cli {
 enum Command {
     /// Serve one or more devices over the NBD protocol (TCP and/or Unix socket).
     #[command(after_help = EXAMPLES)]
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
+    /// Show every running daemon's exports: size, memory used, clients, I/O counters.
+    Status(ops::StatusArgs),
+    /// Save an export of a running daemon to a file (restore it with `serve --load FILE`).
+    Save(ops::SaveArgs),
+    /// Print a shell completion script: vramdisk completions bash > /etc/bash_completion.d/vramdisk
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): vramdisk manpage | man -l -
+    Manpage {
+        /// Write one page per subcommand into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 /// Parses the command line, runs the subcommand, and turns its error into one plain line.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_logging();
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(
+            *args,
+            matches.subcommand_matches("serve").expect("serve matched"),
+        ),
+        Command::Status(args) => ops::status(args),
+        Command::Save(args) => ops::save(args),
+        Command::Completions { shell } => ops::completions(shell),
+        Command::Manpage { dir } => ops::manpage(dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

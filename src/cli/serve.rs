@@ -2,9 +2,10 @@
 
 use super::DeviceArgs;
 use super::size::format_size;
+use crate::engine::BlockDevice as _;
 use crate::nbd::server::{self, Export, Limits, Listener};
 use anyhow::{Context, Result, bail};
-use clap::Args;
+use clap::{Args, FromArgMatches};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -36,6 +37,13 @@ pub struct ServeArgs {
     /// Seconds a new client has to finish the handshake.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     handshake_timeout: u64,
+
+    #[command(flatten)]
+    ops: crate::ops::OpsArgs,
+
+    /// Read settings from a TOML file (see docs/service.md); flags given here override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 fn parse_listen(addr: &str) -> Result<SocketAddr> {
@@ -49,22 +57,35 @@ fn parse_listen(addr: &str) -> Result<SocketAddr> {
     })
 }
 
-/// Runs `vramdisk serve` to completion (until SIGINT or SIGTERM).
-pub fn run(args: ServeArgs) -> Result<()> {
+/// Runs `vramdisk serve` to completion (until SIGINT or SIGTERM). `matches` are the
+/// subcommand's, needed to tell flags given on the command line from defaults when a
+/// `--config` file is merged in.
+pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
+    let (args, overrides) = match &args.config {
+        None => (args, Vec::new()),
+        Some(path) => {
+            let cmd = super::config::serve_command();
+            let (argv, overrides) = super::config::merged_argv(&cmd, matches, path)?;
+            let m = cmd
+                .no_binary_name(true)
+                .try_get_matches_from(super::config::to_os(&argv))
+                .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.render()))?;
+            (ServeArgs::from_arg_matches(&m)?, overrides)
+        }
+    };
+    let activated = crate::ops::notify::classify(crate::ops::notify::listen_fds())?;
     let mut tcp: Vec<SocketAddr> = args
         .listen
         .iter()
         .map(|a| parse_listen(a))
         .collect::<Result<_>>()?;
-    if tcp.is_empty() && args.socket.is_empty() {
+    if tcp.is_empty() && args.socket.is_empty() && activated.is_empty() {
         tcp.push("127.0.0.1:10809".parse().unwrap());
     }
     if args.inflight_memory < 32 << 20 {
         bail!("--inflight-memory must be at least 32M, the largest request");
     }
-    let (backend, why) = args.device.resolve_backend();
-    info!("backend: {why}");
-    let devices = args.device.build(backend)?;
+    let devices = super::config::build_devices(&args.device, &args.ops, &overrides)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -72,51 +93,84 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        // Loading happens here, before any socket listens, so no client sees a partial load.
+        let daemon = crate::ops::Daemon::start(devices, shutdown.clone()).await?;
         let mut listeners = Vec::new();
+        let mut urls = Vec::new();
         for addr in &tcp {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
+            urls.push(format!("nbd://{}", l.local_addr()?));
             listeners.push(Listener::Tcp(l));
         }
         for path in &args.socket {
             listeners.push(Listener::bind_unix(path)?);
+            urls.push(format!("nbd+unix:///?socket={}", path.display()));
         }
-        let exports: Vec<Export> = devices
-            .into_iter()
-            .map(|d| {
-                let stats = d.device.stats();
+        for a in activated {
+            match a {
+                crate::ops::notify::Activated::Tcp(l) => {
+                    let l = tokio::net::TcpListener::from_std(l)?;
+                    urls.push(format!("nbd://{} (socket activation)", l.local_addr()?));
+                    listeners.push(Listener::Tcp(l));
+                }
+                crate::ops::notify::Activated::Unix(l) => {
+                    let path = l
+                        .local_addr()?
+                        .as_pathname()
+                        .map(|p| p.to_path_buf())
+                        .unwrap_or_default();
+                    urls.push(format!(
+                        "nbd+unix:///?socket={} (socket activation)",
+                        path.display()
+                    ));
+                    listeners.push(Listener::Unix(tokio::net::UnixListener::from_std(l)?, path));
+                }
+            }
+        }
+        let exports: Vec<Export> = daemon
+            .exports()
+            .iter()
+            .map(|e| {
+                let stats = e.device.stats();
                 info!(
                     "export '{}': {} on {}",
-                    d.name,
+                    e.name,
                     format_size(stats.size),
-                    d.device.describe()
+                    e.device.describe()
                 );
                 Export {
                     description: format!(
                         "vramdisk {} on {}",
                         format_size(stats.size),
-                        d.device.describe()
+                        e.device.describe()
                     ),
-                    name: d.name,
-                    device: d.device,
+                    name: e.name.clone(),
+                    device: e.device.clone(),
                 }
             })
             .collect();
-        for addr in &tcp {
-            info!("listening on nbd://{addr}");
+        for url in &urls {
+            info!("listening on {url}");
         }
-        for path in &args.socket {
-            info!("listening on nbd+unix:///?socket={}", path.display());
+        daemon.set_listen(urls);
+        daemon.start_control(args.ops.control_socket.clone())?;
+        if let Some(addr) = &args.ops.metrics {
+            daemon.start_metrics(addr).await?;
         }
-        let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
+        daemon.ready();
         let limits = Limits {
             max_connections: args.max_connections.max(1),
             inflight_bytes: args.inflight_memory as usize,
             handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
         };
-        server::serve(exports, listeners, limits, shutdown).await
+        let served = server::serve(exports, listeners, limits, shutdown).await;
+        // Save even when the server failed: the data in memory is what the file is for.
+        let stopped = daemon.stop().await;
+        served.and(stopped)
     })
 }
 

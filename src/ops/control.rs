@@ -1,0 +1,240 @@
+//! The control socket: one JSON object per line in each direction over a Unix socket.
+//!
+//! Requests: `{"cmd":"status"}` and `{"cmd":"save","path":"/abs/file","export":"name"}`
+//! (`export` optional: the default export, or the only one). Every reply is one line,
+//! `{"ok":true,...}` or `{"ok":false,"error":"sentence"}`. Each daemon binds `PID.sock` in a
+//! well-known runtime directory, so `vramdisk status` finds every daemon without flags.
+
+use super::Daemon;
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Longest request line accepted; requests are tiny, so anything longer is not a client.
+const MAX_LINE: usize = 64 * 1024;
+
+/// Where daemons put their control sockets: `$VRAMDISK_RUNTIME_DIR` if set, `/run/vramdisk`
+/// as root, `$XDG_RUNTIME_DIR/vramdisk` otherwise, `/tmp/vramdisk-UID` as a last resort.
+pub fn runtime_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("VRAMDISK_RUNTIME_DIR") {
+        return PathBuf::from(d);
+    }
+    let uid = nix::unistd::getuid();
+    if uid.is_root() {
+        return PathBuf::from("/run/vramdisk");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("vramdisk"),
+        _ => PathBuf::from(format!("/tmp/vramdisk-{uid}")),
+    }
+}
+
+/// Creates the runtime directory (mode 0755; the sockets themselves are 0600) and removes
+/// sockets of daemons that are gone.
+pub fn prepare_runtime_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .with_context(|| format!("cannot create the runtime directory {}", dir.display()))?;
+    for (pid, path) in sockets_in(dir) {
+        if !pid_alive(pid) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    Ok(())
+}
+
+fn pid_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    // Signal 0 checks existence; EPERM means it exists but belongs to someone else.
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(nix::errno::Errno::ESRCH)
+    )
+}
+
+/// The `PID.sock` files in `dir`, sorted by pid.
+pub fn sockets_in(dir: &Path) -> Vec<(u32, PathBuf)> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<(u32, PathBuf)> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name();
+            let pid = name.to_str()?.strip_suffix(".sock")?.parse().ok()?;
+            Some((pid, e.path()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Binds the control socket at `path` (mode 0600), replacing a stale file.
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        // A live daemon answers; only a dead one's socket is replaced.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "{} is in use by a running daemon: give another --control-socket",
+                path.display()
+            );
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let l = UnixListener::bind(path)
+        .with_context(|| format!("cannot bind the control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {}", path.display()))?;
+    Ok(l)
+}
+
+/// Serves control clients until the daemon shuts down.
+pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            _ = daemon.shutdown().cancelled() => return,
+        };
+        match conn {
+            Ok((stream, _)) => {
+                tokio::spawn(handle(stream, daemon.clone()));
+            }
+            Err(e) => {
+                tracing::warn!("control socket accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+enum Request {
+    Status,
+    Save {
+        path: PathBuf,
+        #[serde(default)]
+        export: Option<String>,
+    },
+}
+
+async fn handle(stream: UnixStream, daemon: Arc<Daemon>) {
+    let (rd, mut wr) = stream.into_split();
+    let mut lines = BufReader::new(rd.take(MAX_LINE as u64 * 16)).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = if line.len() > MAX_LINE {
+            json!({"ok": false, "error": "request too long"})
+        } else {
+            answer(&line, &daemon).await
+        };
+        let mut out = reply.to_string();
+        out.push('\n');
+        if wr.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+use tokio::io::AsyncReadExt as _;
+
+async fn answer(line: &str, daemon: &Daemon) -> Value {
+    let req: Request = match serde_json::from_str(line) {
+        Ok(r) => r,
+        Err(e) => {
+            return json!({"ok": false, "error": format!(
+                "bad request ({e}): send {{\"cmd\":\"status\"}} or {{\"cmd\":\"save\",\"path\":\"/file\"}}"
+            )});
+        }
+    };
+    match req {
+        Request::Status => {
+            let mut v = serde_json::to_value(daemon.status()).unwrap_or(Value::Null);
+            v["ok"] = Value::Bool(true);
+            v
+        }
+        Request::Save { path, export } => match save(daemon, &path, export.as_deref()).await {
+            Ok(summary) => json!({"ok": true, "saved": summary}),
+            Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+        },
+    }
+}
+
+async fn save(
+    daemon: &Daemon,
+    path: &Path,
+    export: Option<&str>,
+) -> Result<crate::engine::persist::Summary> {
+    if !path.is_absolute() {
+        bail!("the save path must be absolute (the daemon's working directory is not yours)");
+    }
+    let state = match export {
+        Some(name) => daemon
+            .export(name)
+            .with_context(|| format!("this daemon has no export named '{name}'"))?,
+        None => match (daemon.export(""), daemon.exports()) {
+            (Some(e), _) => e,
+            (None, [only]) => only,
+            _ => {
+                bail!("this daemon has several exports and no default one: name one with --export")
+            }
+        },
+    };
+    state.save_to(path).await
+}
+
+/// Sends one request to the control socket at `path` and returns the reply; fails with a
+/// sentence if the daemon is unreachable or answers with an error.
+pub fn request(path: &Path, req: &Value, timeout: Option<Duration>) -> Result<Value> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path)
+        .with_context(|| format!("cannot reach the daemon at {}", path.display()))?;
+    s.set_read_timeout(timeout)?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = req.to_string();
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut reply = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut reply)
+        .with_context(|| format!("no answer from the daemon at {}", path.display()))?;
+    let v: Value = serde_json::from_str(&reply)
+        .with_context(|| format!("the daemon at {} answered garbage", path.display()))?;
+    if v["ok"] != Value::Bool(true) {
+        bail!(
+            "{}",
+            v["error"]
+                .as_str()
+                .unwrap_or("the daemon refused the request")
+        );
+    }
+    Ok(v)
+}
+
+/// Control sockets of the daemons running now; removes sockets of dead daemons on the way
+/// (when allowed to).
+pub fn live_daemons(dir: &Path) -> Vec<(u32, PathBuf)> {
+    sockets_in(dir)
+        .into_iter()
+        .filter(|(pid, path)| {
+            if pid_alive(*pid) {
+                return true;
+            }
+            let _ = std::fs::remove_file(path);
+            false
+        })
+        .collect()
+}

@@ -1,0 +1,381 @@
+//! Running the daemon for real: counters on every export, a control socket for
+//! `vramdisk status` and `vramdisk save`, a Prometheus endpoint, persistence at start and
+//! stop, and systemd readiness.
+//!
+//! [`Daemon`] owns the per-export state that all of these read. The frontends (NBD, FUSE)
+//! get each export's [`MeteredDevice`] as their `Arc<dyn BlockDevice>` and count clients
+//! with [`DeviceMetrics::connection`].
+
+pub mod control;
+pub mod metrics;
+pub mod notify;
+
+use crate::engine::BlockDevice;
+use crate::engine::metered::{DeviceMetrics, MeteredDevice, Op};
+use crate::engine::persist::{self, ConsoleProgress};
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Options of `serve` that concern running the daemon rather than serving NBD.
+#[derive(Args, Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpsArgs {
+    /// Save the default export's data to FILE when the daemon stops cleanly.
+    #[arg(long, value_name = "FILE")]
+    pub save: Option<PathBuf>,
+
+    /// Restore the default export's data from FILE (made by --save or `vramdisk save`) before
+    /// serving; the daemon refuses to start if the file is damaged or of another size.
+    #[arg(long, value_name = "FILE")]
+    pub load: Option<PathBuf>,
+
+    /// Keep the default export in FILE across restarts: load it at start if it exists, save
+    /// it at a clean stop.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["save", "load"])]
+    pub persist: Option<PathBuf>,
+
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
+
+    /// Control socket for `vramdisk status` and `vramdisk save`; by default
+    /// PID.sock in /run/vramdisk (as root) or $XDG_RUNTIME_DIR/vramdisk.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+}
+
+/// Where one export's data is restored from and saved to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PersistPlan {
+    /// Restore from this file at start (must exist).
+    pub load: Option<PathBuf>,
+    /// Restore from this file at start if it exists.
+    pub load_if_exists: Option<PathBuf>,
+    /// Save to this file at a clean stop.
+    pub save: Option<PathBuf>,
+}
+
+impl OpsArgs {
+    /// The persistence plan these flags give the default export.
+    pub fn default_plan(&self) -> PersistPlan {
+        PersistPlan {
+            load: self.load.clone(),
+            load_if_exists: self.persist.clone(),
+            save: self.save.clone().or_else(|| self.persist.clone()),
+        }
+    }
+}
+
+/// One export as the daemon tracks it.
+pub struct ExportState {
+    /// Export name ("" is the default export).
+    pub name: String,
+    /// The counted device; give this to frontends.
+    pub device: Arc<MeteredDevice>,
+    /// Which backend was asked for ("host", "cuda").
+    pub backend: String,
+    /// Persistence of this export.
+    pub plan: PersistPlan,
+    attach: Mutex<Option<String>>,
+    // Saves of one export run one at a time.
+    save_lock: tokio::sync::Mutex<()>,
+}
+
+impl ExportState {
+    /// Records where the export is attached locally (a /dev node or a FUSE file), for status.
+    pub fn set_attach_path(&self, path: Option<String>) {
+        *self.attach.lock().unwrap() = path;
+    }
+
+    /// The counters of this export.
+    pub fn metrics(&self) -> &Arc<DeviceMetrics> {
+        self.device.metrics()
+    }
+
+    /// Saves the export to `path` now.
+    pub async fn save_to(&self, path: &Path) -> Result<persist::Summary> {
+        let _one_at_a_time = self.save_lock.lock().await;
+        let label = format!("saving export '{}' to {}", self.name, path.display());
+        let progress = ConsoleProgress::new(&label, ConsoleProgress::save_total(&*self.device));
+        let summary = persist::save(&**self.device.inner(), path, &progress).await?;
+        info!(
+            "saved export '{}' to {}: {} MiB of data in {} records, {} ms",
+            self.name,
+            path.display(),
+            summary.data_bytes >> 20,
+            summary.records,
+            summary.millis
+        );
+        Ok(summary)
+    }
+
+    fn status(&self, pid: u32) -> ExportStatus {
+        let stats = self.device.stats();
+        let m = self.device.metrics().snapshot();
+        ExportStatus {
+            pid,
+            name: self.name.clone(),
+            backend: self.backend.clone(),
+            device: self.device.describe(),
+            size: stats.size,
+            allocated: stats.allocated,
+            chunks: stats.chunks,
+            max_memory: stats.max_memory,
+            attach: self.attach.lock().unwrap().clone(),
+            connections: m.connections,
+            connections_total: m.connections_total,
+            read_ops: m.op(Op::Read).ops,
+            read_bytes: m.op(Op::Read).bytes,
+            write_ops: m.op(Op::Write).ops,
+            write_bytes: m.op(Op::Write).bytes,
+            errors: m.errors(),
+            save: self.plan.save.clone(),
+            metrics: m,
+        }
+    }
+}
+
+/// One export's line of `vramdisk status --json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ExportStatus {
+    /// Pid of the daemon serving it.
+    pub pid: u32,
+    /// Export name.
+    pub name: String,
+    /// Backend kind ("host", "cuda").
+    pub backend: String,
+    /// The device's own description (GPU name and index for CUDA).
+    pub device: String,
+    /// Advertised size in bytes.
+    pub size: u64,
+    /// Memory held for data, in bytes.
+    pub allocated: u64,
+    /// Chunks allocated.
+    pub chunks: u64,
+    /// Memory cap, if any.
+    pub max_memory: Option<u64>,
+    /// Local attach path, if attached.
+    pub attach: Option<String>,
+    /// Clients connected now.
+    pub connections: i64,
+    /// Clients connected since start.
+    pub connections_total: u64,
+    /// Read requests.
+    pub read_ops: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Write requests.
+    pub write_ops: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+    /// Failed requests of any kind.
+    pub errors: u64,
+    /// File saved to at a clean stop.
+    pub save: Option<PathBuf>,
+    /// Every counter.
+    pub metrics: crate::engine::metered::MetricsSnapshot,
+}
+
+/// What one daemon answers to `status`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DaemonStatus {
+    /// Process id.
+    pub pid: u32,
+    /// vramdisk version.
+    pub version: String,
+    /// Seconds since start.
+    pub uptime_s: u64,
+    /// Where it serves NBD ("nbd://127.0.0.1:10809", "nbd+unix:///?socket=...").
+    pub listen: Vec<String>,
+    /// Metrics endpoint, if any.
+    pub metrics: Option<String>,
+    /// Its exports.
+    pub exports: Vec<ExportStatus>,
+}
+
+/// The running daemon's shared state.
+pub struct Daemon {
+    exports: Vec<Arc<ExportState>>,
+    listen: Mutex<Vec<String>>,
+    metrics_addr: Mutex<Option<String>>,
+    started: Instant,
+    shutdown: CancellationToken,
+    control: Mutex<Option<PathBuf>>,
+}
+
+/// A device to put under the daemon's management, with its persistence plan.
+pub struct ManagedDevice {
+    /// Export name.
+    pub name: String,
+    /// The device as built.
+    pub device: Arc<dyn BlockDevice>,
+    /// Backend kind name for status.
+    pub backend: String,
+    /// Load and save files.
+    pub plan: PersistPlan,
+}
+
+impl Daemon {
+    /// Wraps every device in a [`MeteredDevice`] and restores those that have a file to load
+    /// (before anything is served). `shutdown` is what the daemon stops on.
+    pub async fn start(
+        devices: Vec<ManagedDevice>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>> {
+        let mut exports = Vec::new();
+        for d in devices {
+            let state = ExportState {
+                device: Arc::new(MeteredDevice::new(d.device)),
+                name: d.name,
+                backend: d.backend,
+                plan: d.plan,
+                attach: Mutex::new(None),
+                save_lock: tokio::sync::Mutex::new(()),
+            };
+            let load = match (&state.plan.load, &state.plan.load_if_exists) {
+                (Some(p), _) => Some(p.clone()),
+                (None, Some(p)) if p.exists() => Some(p.clone()),
+                (None, Some(p)) => {
+                    info!(
+                        "export '{}': {} does not exist yet; starting empty",
+                        state.name,
+                        p.display()
+                    );
+                    None
+                }
+                (None, None) => None,
+            };
+            if let Some(path) = load {
+                let label = format!("loading export '{}' from {}", state.name, path.display());
+                let progress = ConsoleProgress::new(&label, ConsoleProgress::load_total(&path));
+                let s = persist::load(&**state.device.inner(), &path, &progress)
+                    .await
+                    .with_context(|| format!("export '{}'", state.name))?;
+                info!(
+                    "export '{}': loaded {} MiB from {} in {} ms",
+                    state.name,
+                    s.data_bytes >> 20,
+                    path.display(),
+                    s.millis
+                );
+            }
+            exports.push(Arc::new(state));
+        }
+        Ok(Arc::new(Daemon {
+            exports,
+            listen: Mutex::new(Vec::new()),
+            metrics_addr: Mutex::new(None),
+            started: Instant::now(),
+            shutdown,
+            control: Mutex::new(None),
+        }))
+    }
+
+    /// The exports, in the order they were given.
+    pub fn exports(&self) -> &[Arc<ExportState>] {
+        &self.exports
+    }
+
+    /// The export called `name`.
+    pub fn export(&self, name: &str) -> Option<&Arc<ExportState>> {
+        self.exports.iter().find(|e| e.name == name)
+    }
+
+    /// Records where NBD is served, for status.
+    pub fn set_listen(&self, listen: Vec<String>) {
+        *self.listen.lock().unwrap() = listen;
+    }
+
+    /// The token the daemon stops on.
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Everything `vramdisk status` shows of this daemon.
+    pub fn status(&self) -> DaemonStatus {
+        let pid = std::process::id();
+        DaemonStatus {
+            pid,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_s: self.started.elapsed().as_secs(),
+            listen: self.listen.lock().unwrap().clone(),
+            metrics: self.metrics_addr.lock().unwrap().clone(),
+            exports: self.exports.iter().map(|e| e.status(pid)).collect(),
+        }
+    }
+
+    /// Binds the control socket (at `path`, or PID.sock in the runtime directory) and serves
+    /// it until shutdown.
+    pub fn start_control(self: &Arc<Self>, path: Option<PathBuf>) -> Result<PathBuf> {
+        let path = match path {
+            Some(p) => p,
+            None => {
+                let dir = control::runtime_dir();
+                control::prepare_runtime_dir(&dir)?;
+                dir.join(format!("{}.sock", std::process::id()))
+            }
+        };
+        let listener = control::bind(&path)?;
+        *self.control.lock().unwrap() = Some(path.clone());
+        tokio::spawn(control::serve(listener, self.clone()));
+        info!("control socket {}", path.display());
+        Ok(path)
+    }
+
+    /// Starts the Prometheus endpoint on `addr`.
+    pub async fn start_metrics(self: &Arc<Self>, addr: &str) -> Result<std::net::SocketAddr> {
+        let bound = metrics::start(addr, self.clone()).await?;
+        *self.metrics_addr.lock().unwrap() = Some(format!("http://{bound}/metrics"));
+        info!("metrics on http://{bound}/metrics");
+        Ok(bound)
+    }
+
+    /// Tells systemd the daemon is ready (call once every socket listens).
+    pub fn ready(&self) {
+        let names: Vec<String> = self
+            .exports
+            .iter()
+            .map(|e| format!("'{}'", e.name))
+            .collect();
+        notify::notify(&format!(
+            "READY=1\nSTATUS=serving {} export(s): {}",
+            self.exports.len(),
+            names.join(", ")
+        ));
+    }
+
+    /// The clean-stop work: saves every export that has a save file, then removes the
+    /// control socket. Returns the first save error (after trying every export).
+    pub async fn stop(&self) -> Result<()> {
+        notify::notify("STOPPING=1");
+        let mut first_err = None;
+        for e in &self.exports {
+            if let Some(path) = &e.plan.save
+                && let Err(err) = e.save_to(path).await
+            {
+                tracing::error!("export '{}': {err:#}", e.name);
+                first_err.get_or_insert(err);
+            }
+        }
+        if let Some(p) = self.control.lock().unwrap().take() {
+            let _ = std::fs::remove_file(p);
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(p) = self.control.lock().unwrap().take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
