@@ -174,18 +174,23 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
     })
 }
 
-async fn stop_on_signal(shutdown: CancellationToken) {
+/// Installs the handlers now (a SIGTERM right after READY=1 must still stop cleanly and
+/// save) and returns the future that waits for them.
+fn stop_on_signal(shutdown: CancellationToken) -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
+    let handlers = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = int.recv() => info!("SIGINT: shutting down"),
-        _ = term.recv() => info!("SIGTERM: shutting down"),
+    );
+    async move {
+        let (Ok(mut int), Ok(mut term)) = handlers else {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => info!("SIGINT: shutting down"),
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+        }
+        shutdown.cancel();
     }
-    shutdown.cancel();
 }

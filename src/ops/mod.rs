@@ -126,6 +126,7 @@ impl ExportState {
             allocated: stats.allocated,
             chunks: stats.chunks,
             max_memory: stats.max_memory,
+            read_only: self.device.capabilities().read_only,
             attach: self.attach.lock().unwrap().clone(),
             connections: m.connections,
             connections_total: m.connections_total,
@@ -159,6 +160,8 @@ pub struct ExportStatus {
     pub chunks: u64,
     /// Memory cap, if any.
     pub max_memory: Option<u64>,
+    /// Writes are refused.
+    pub read_only: bool,
     /// Local attach path, if attached.
     pub attach: Option<String>,
     /// Clients connected now.

@@ -1,0 +1,616 @@
+//! Running the daemon for real, through the binary: persistence, status, metrics, config
+//! files, readiness notification, completions and man page. Everything here uses
+//! `--backend host` and needs no NBD client, so it runs anywhere.
+
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vramdisk::engine::host::HostBackend;
+use vramdisk::engine::persist::{self, NoProgress};
+use vramdisk::engine::{BlockDevice, SparseDevice, SparseOptions};
+
+fn bin() -> PathBuf {
+    std::env::var_os("VRAMDISK_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_vramdisk")))
+}
+
+/// A running daemon in its own runtime directory; killed on drop.
+struct Daemon {
+    child: Child,
+    runtime: PathBuf,
+    _notify_dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts `vramdisk serve ARGS` and waits for READY=1 on a notify socket.
+    fn start(runtime: &Path, args: &[&str]) -> Daemon {
+        let notify_dir = tempfile::tempdir().unwrap();
+        let notify = notify_dir.path().join("notify");
+        let sock = UnixDatagram::bind(&notify).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut child = Command::new(bin())
+            .arg("serve")
+            .args(args)
+            .env("VRAMDISK_RUNTIME_DIR", runtime)
+            .env("NOTIFY_SOCKET", &notify)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start vramdisk");
+        let mut buf = [0u8; 4096];
+        let n = match sock.recv(&mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "no readiness notification ({e}); stderr:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        };
+        let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(
+            msg.lines().any(|l| l == "READY=1"),
+            "first notification is not READY=1: {msg:?}"
+        );
+        Daemon {
+            child,
+            runtime: runtime.to_path_buf(),
+            _notify_dir: notify_dir,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        cli(&self.runtime, args)
+    }
+
+    fn status(&self) -> Vec<Value> {
+        let out = self.cli(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Vec<Value>>(&out.stdout).unwrap()
+    }
+
+    /// SIGTERM, then waits; returns the exit status and stderr.
+    fn stop(mut self) -> (bool, String) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut err = String::new();
+                self.child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                return (status.success(), err);
+            }
+            assert!(Instant::now() < deadline, "daemon did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cli(runtime: &Path, args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .env("VRAMDISK_RUNTIME_DIR", runtime)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run vramdisk")
+}
+
+/// Runs `vramdisk serve ARGS` expecting it to fail at start; returns stderr.
+fn serve_fails(runtime: &Path, args: &[&str]) -> String {
+    let out = Command::new(bin())
+        .arg("serve")
+        .args(args)
+        .env("VRAMDISK_RUNTIME_DIR", runtime)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "serve {args:?} should have failed");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+fn device(size: u64) -> Arc<dyn BlockDevice> {
+    let mut opts = SparseOptions::new(size);
+    opts.chunk_size = 1 << 20;
+    opts.buffer_limit = 128 << 20;
+    Arc::new(SparseDevice::new(HostBackend::new(), opts).unwrap())
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+const SIZE: u64 = 64 << 20;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// An image of a 64 MiB device with data at a few places; returns its contents too.
+fn make_image(path: &Path) -> Vec<u8> {
+    rt().block_on(async {
+        let dev = device(SIZE);
+        dev.write(4096 * 3 + 17, &pattern(1, 300_000), false)
+            .await
+            .unwrap();
+        dev.write((9 << 20) - 1000, &pattern(2, 5000), false)
+            .await
+            .unwrap();
+        dev.write(SIZE - 8192, &pattern(3, 8192), false)
+            .await
+            .unwrap();
+        persist::save(&*dev, path, &NoProgress).await.unwrap();
+        contents(&*dev).await
+    })
+}
+
+async fn contents(dev: &dyn BlockDevice) -> Vec<u8> {
+    let mut v = vec![0u8; dev.size() as usize];
+    for (i, piece) in v.chunks_mut(8 << 20).enumerate() {
+        dev.read(i as u64 * (8 << 20), piece).await.unwrap();
+    }
+    v
+}
+
+/// Loads `path` into a fresh engine device and returns its contents (after a full check).
+fn image_contents(path: &Path) -> Vec<u8> {
+    persist::verify(path).expect("saved file verifies");
+    rt().block_on(async {
+        let dev = device(SIZE);
+        persist::load(&*dev, path, &NoProgress).await.unwrap();
+        contents(&*dev).await
+    })
+}
+
+#[test]
+fn load_then_save_on_demand_and_at_stop_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("in.img");
+    let want = make_image(&image);
+    let at_stop = dir.path().join("at-stop.img");
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--backend=host",
+            "--size=64M",
+            "--listen=127.0.0.1:0",
+            "--load",
+            image.to_str().unwrap(),
+            "--save",
+            at_stop.to_str().unwrap(),
+        ],
+    );
+    // The loaded data is resident: three 2 MiB chunks (the default chunk size) hold it.
+    let st = d.status();
+    let e = &st[0]["exports"][0];
+    assert_eq!(e["size"], SIZE);
+    assert_eq!(e["allocated"], 6u64 << 20, "{e}");
+
+    // `vramdisk save` with a relative path, resolved against the caller's directory.
+    let out = Command::new(bin())
+        .args(["save", "on-demand.img"])
+        .current_dir(dir.path())
+        .env("VRAMDISK_RUNTIME_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let on_demand = dir.path().join("on-demand.img");
+    assert!(image_contents(&on_demand) == want, "on-demand save differs");
+
+    let (ok, err) = d.stop();
+    assert!(ok, "daemon failed at stop: {err}");
+    assert!(image_contents(&at_stop) == want, "save at stop differs");
+    // Sparse: the three chunks and a little metadata, not 64 MiB.
+    let len = std::fs::metadata(&at_stop).unwrap().len();
+    assert!(len < (6 << 20) + 4096, "file is {len} bytes");
+    // The control socket went away with the daemon.
+    assert!(
+        !dir.path().read_dir().unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".sock")),
+        "control socket left behind"
+    );
+}
+
+#[test]
+fn persist_starts_empty_then_keeps_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keep.img");
+    let args = [
+        "--backend=host",
+        "--size=64M",
+        "--listen=127.0.0.1:0",
+        "--persist",
+        file.to_str().unwrap(),
+    ];
+    let d = Daemon::start(dir.path(), &args);
+    let (ok, err) = d.stop();
+    assert!(ok, "{err}");
+    assert!(file.exists());
+    // The next start loads what the last one saved.
+    let want = make_image(&file);
+    let d = Daemon::start(dir.path(), &args);
+    assert_eq!(d.status()[0]["exports"][0]["allocated"], 6u64 << 20);
+    let (ok, err) = d.stop();
+    assert!(ok, "{err}");
+    assert!(image_contents(&file) == want);
+}
+
+#[test]
+fn damaged_files_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.img");
+    make_image(&good);
+    let bytes = std::fs::read(&good).unwrap();
+    let bad = dir.path().join("bad.img");
+    let run = |extra: &str| {
+        serve_fails(
+            dir.path(),
+            &[
+                "--backend=host",
+                extra,
+                "--listen=127.0.0.1:0",
+                "--load",
+                bad.to_str().unwrap(),
+            ],
+        )
+    };
+
+    // One flipped bit in the data of the middle record.
+    let mut flipped = bytes.clone();
+    flipped[64 + (1 << 20) + 12345] ^= 1;
+    std::fs::write(&bad, &flipped).unwrap();
+    let err = run("--size=64M");
+    assert!(err.contains("corrupt") && err.contains("checksum"), "{err}");
+
+    // Cut short.
+    std::fs::write(&bad, &bytes[..bytes.len() - 100]).unwrap();
+    let err = run("--size=64M");
+    assert!(err.contains("truncated"), "{err}");
+
+    // Not an image at all.
+    std::fs::write(&bad, vec![7u8; 4096]).unwrap();
+    let err = run("--size=64M");
+    assert!(err.contains("not a vramdisk image"), "{err}");
+
+    // Another device size.
+    std::fs::write(&bad, &bytes).unwrap();
+    let err = run("--size=128M");
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.starts_with("vramdisk: ") && last.contains("same --size"),
+        "{err}"
+    );
+}
+
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    (head.to_string(), body.to_string())
+}
+
+/// The value of the sample `name{labels}` in a Prometheus exposition.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn status_and_metrics_describe_every_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("in.img");
+    make_image(&image);
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--backend=host",
+            "--size=64M",
+            "--export=scratch=1G",
+            "--max-memory=256M",
+            "--listen=127.0.0.1:0",
+            "--metrics=127.0.0.1:0",
+            "--load",
+            image.to_str().unwrap(),
+        ],
+    );
+    let st = d.status();
+    assert_eq!(st.len(), 1);
+    assert_eq!(st[0]["pid"], d.pid());
+    let exports = st[0]["exports"].as_array().unwrap();
+    assert_eq!(exports.len(), 2);
+    assert_eq!(exports[1]["name"], "scratch");
+    assert_eq!(exports[1]["size"], 1u64 << 30);
+    assert_eq!(exports[1]["max_memory"], 256u64 << 20);
+    assert_eq!(exports[1]["allocated"], 0);
+    assert_eq!(exports[0]["backend"], "host");
+
+    // The table: a header and one line per export, with the pid and sizes.
+    let out = d.cli(&["status"]);
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[0].starts_with("PID") && lines[0].contains("USED"));
+    assert!(lines[1].contains("(default)") && lines[1].contains("64M") && lines[1].contains("6M"));
+    assert!(lines[2].contains("scratch") && lines[2].contains("1G") && lines[2].contains("256M"));
+    assert!(lines[2].starts_with(&d.pid().to_string()));
+
+    let url = st[0]["metrics"].as_str().unwrap();
+    let addr = url
+        .strip_prefix("http://")
+        .unwrap()
+        .strip_suffix("/metrics")
+        .unwrap();
+    let (head, body) = http_get(addr, "/metrics");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"));
+    assert_eq!(
+        sample(&body, "vramdisk_size_bytes{export=\"scratch\"}"),
+        Some((1u64 << 30) as f64)
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "vramdisk_memory_used_bytes{export=\"\",backend=\"host\"}"
+        ),
+        Some((6u64 << 20) as f64)
+    );
+    assert_eq!(
+        sample(&body, "vramdisk_memory_limit_bytes{export=\"scratch\"}"),
+        Some((256u64 << 20) as f64)
+    );
+    assert_eq!(
+        sample(&body, "vramdisk_connections{export=\"scratch\"}"),
+        Some(0.0)
+    );
+    for op in [
+        "read",
+        "write",
+        "write_zeroes",
+        "trim",
+        "flush",
+        "cache",
+        "extents",
+    ] {
+        let inf = format!(
+            "vramdisk_request_duration_seconds_bucket{{export=\"scratch\",op=\"{op}\",le=\"+Inf\"}}"
+        );
+        let count =
+            format!("vramdisk_request_duration_seconds_count{{export=\"scratch\",op=\"{op}\"}}");
+        assert_eq!(sample(&body, &inf), sample(&body, &count), "{op}");
+        assert!(
+            sample(
+                &body,
+                &format!("vramdisk_bytes_total{{export=\"scratch\",op=\"{op}\"}}")
+            )
+            .is_some()
+        );
+    }
+    // Every sample line parses as NAME{...} NUMBER and every family is typed.
+    for l in body.lines().filter(|l| !l.starts_with('#')) {
+        let (series, v) = l.rsplit_once(' ').unwrap();
+        assert!(v.parse::<f64>().is_ok(), "{l}");
+        let name = series.split('{').next().unwrap();
+        let base = name
+            .trim_end_matches("_bucket")
+            .trim_end_matches("_sum")
+            .trim_end_matches("_count");
+        assert!(
+            body.contains(&format!("# TYPE {name} ")) || body.contains(&format!("# TYPE {base} ")),
+            "untyped {name}"
+        );
+    }
+    let (head, _) = http_get(addr, "/nothing");
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+
+    // `save` names the export; an unknown one is refused in a sentence.
+    let out = d.cli(&[
+        "save",
+        "--export=nope",
+        dir.path().join("x.img").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no export named 'nope'"));
+    let (ok, err) = d.stop();
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn stale_control_sockets_are_cleaned_up() {
+    let dir = tempfile::tempdir().unwrap();
+    // A pid that cannot exist (above the kernel's pid_max limit of 2^22).
+    let stale = dir.path().join("99999999.sock");
+    std::os::unix::net::UnixListener::bind(&stale).unwrap();
+    let out = cli(dir.path(), &["status", "--json"]);
+    assert!(out.status.success());
+    assert_eq!(
+        serde_json::from_slice::<Vec<Value>>(&out.stdout)
+            .unwrap()
+            .len(),
+        0
+    );
+    assert!(!stale.exists(), "stale socket not removed");
+    let out = cli(dir.path(), &["save", "/tmp/never.img"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no vramdisk daemon is running"));
+}
+
+/// Everything status says about an export that flags or a config file decide.
+fn settings(d: &Daemon) -> Vec<Value> {
+    d.status()[0]["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "name": e["name"], "size": e["size"], "backend": e["backend"],
+                "max_memory": e["max_memory"], "read_only": e["read_only"],
+                "allocated": e["allocated"], "save": e["save"],
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn config_file_is_equivalent_to_flags_and_flags_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let save = dir.path().join("a.img");
+    let flags = [
+        "--backend=host".to_string(),
+        "--size=32M".into(),
+        "--export=b=16M".into(),
+        "--max-memory=8M".into(),
+        "--chunk-size=1M".into(),
+        "--read-only".into(),
+        "--listen=127.0.0.1:0".into(),
+        format!("--save={}", save.display()),
+    ];
+    let flags: Vec<&str> = flags.iter().map(|s| s.as_str()).collect();
+    let d = Daemon::start(dir.path(), &flags);
+    let from_flags = settings(&d);
+    d.stop();
+
+    let config = dir.path().join("vramdisk.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+
+[device]
+backend = "host"
+max_memory = "8M"
+chunk_size = "1M"
+read_only = true
+
+[[export]]
+name = ""
+size = "32M"
+save = "{}"
+
+[[export]]
+name = "b"
+size = 16777216
+"#,
+            save.display()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(dir.path(), &["--config", config.to_str().unwrap()]);
+    assert_eq!(settings(&d), from_flags);
+    d.stop();
+
+    // A flag beats the file; per-export settings apply to their export only.
+    std::fs::write(
+        &config,
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[device]
+backend = "host"
+max_memory = "8M"
+[[export]]
+name = "a"
+size = "32M"
+[[export]]
+name = "b"
+size = "4M"
+max_memory = "4M"
+preallocate = true
+"#,
+    )
+    .unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        &["--config", config.to_str().unwrap(), "--max-memory=12M"],
+    );
+    let s = settings(&d);
+    assert_eq!(s[0]["max_memory"], 12u64 << 20);
+    assert_eq!(s[1]["max_memory"], 4u64 << 20);
+    assert_eq!(s[1]["allocated"], 4u64 << 20, "b is preallocated");
+    assert_eq!(s[0]["allocated"], 0, "a is not");
+    d.stop();
+
+    let out = Command::new(bin())
+        .args(["serve", "--config", "/nonexistent/vramdisk.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the config file"));
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = cli(dir.path(), &["completions", shell]);
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("serve") && text.contains("max-memory"),
+            "{shell}"
+        );
+    }
+    let out = cli(dir.path(), &["manpage"]);
+    assert!(out.status.success());
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(page.starts_with(".ie") || page.contains(".TH vramdisk 1"));
+    assert!(page.contains("serve"));
+    let mandir = dir.path().join("man");
+    let out = cli(dir.path(), &["manpage", "--dir", mandir.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(mandir.join("vramdisk-serve.1").exists());
+}
