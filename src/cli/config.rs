@@ -520,6 +520,15 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/vramdisk.toml");
+        let (argv, ov) = merged_argv(&serve_cmd(), &parse(&[]), &path).unwrap();
+        assert!(argv.contains(&"--export=scratch=32G".to_string()), "{argv:?}");
+        assert!(argv.contains(&"--persist=/var/lib/vramdisk/scratch.img".to_string()));
+        assert_eq!(ov.len(), 1);
+    }
+
+    #[test]
     fn bad_files_get_one_sentence() {
         let f = write("[server]\nlisten = 5\n");
         let err = merged_argv(&serve_cmd(), &parse(&[]), f.path()).unwrap_err();
