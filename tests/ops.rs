@@ -614,3 +614,34 @@ fn completions_and_man_page_come_from_the_cli() {
     assert!(out.status.success());
     assert!(mandir.join("vramdisk-serve.1").exists());
 }
+
+#[test]
+fn read_only_export_is_filled_from_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("in.img");
+    let want = make_image(&image);
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--backend=host",
+            "--size=64M",
+            "--read-only",
+            "--listen=127.0.0.1:0",
+            "--load",
+            image.to_str().unwrap(),
+        ],
+    );
+    let e = &d.status()[0]["exports"][0];
+    assert_eq!(e["read_only"], true);
+    assert_eq!(e["allocated"], 6u64 << 20);
+    let copy = dir.path().join("copy.img");
+    let out = d.cli(&["save", copy.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(image_contents(&copy) == want);
+    let (ok, err) = d.stop();
+    assert!(ok, "{err}");
+}

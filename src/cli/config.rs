@@ -345,18 +345,25 @@ pub fn build_devices(
         }
         dev_args.size = None;
         dev_args.exports = vec![spec.clone()];
-        let built = dev_args.build(backend)?;
         let plan = if i == 0 {
             ops.default_plan()
         } else {
             ov.map(|o| o.plan.clone()).unwrap_or_default()
         };
-        for d in built {
+        // A read-only export with a file to load is built writable, filled, then served
+        // through a read-only view.
+        let read_only_view =
+            dev_args.read_only && (plan.load.is_some() || plan.load_if_exists.is_some());
+        if read_only_view {
+            dev_args.read_only = false;
+        }
+        for d in dev_args.build(backend)? {
             out.push(crate::ops::ManagedDevice {
                 name: d.name,
                 device: d.device,
                 backend: format!("{backend:?}").to_lowercase(),
                 plan: plan.clone(),
+                read_only_view,
             });
         }
     }
@@ -523,7 +530,10 @@ mod tests {
     fn shipped_example_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/vramdisk.toml");
         let (argv, ov) = merged_argv(&serve_cmd(), &parse(&[]), &path).unwrap();
-        assert!(argv.contains(&"--export=scratch=32G".to_string()), "{argv:?}");
+        assert!(
+            argv.contains(&"--export=scratch=32G".to_string()),
+            "{argv:?}"
+        );
         assert!(argv.contains(&"--persist=/var/lib/vramdisk/scratch.img".to_string()));
         assert_eq!(ov.len(), 1);
     }

@@ -9,6 +9,7 @@
 pub mod control;
 pub mod metrics;
 pub mod notify;
+pub mod readonly;
 
 use crate::engine::BlockDevice;
 use crate::engine::metered::{DeviceMetrics, MeteredDevice, Op};
@@ -221,6 +222,8 @@ pub struct ManagedDevice {
     pub backend: String,
     /// Load and save files.
     pub plan: PersistPlan,
+    /// Serve the device through a [`readonly::ReadOnlyDevice`] once loaded.
+    pub read_only_view: bool,
 }
 
 impl Daemon {
@@ -232,21 +235,13 @@ impl Daemon {
     ) -> Result<Arc<Self>> {
         let mut exports = Vec::new();
         for d in devices {
-            let state = ExportState {
-                device: Arc::new(MeteredDevice::new(d.device)),
-                name: d.name,
-                backend: d.backend,
-                plan: d.plan,
-                attach: Mutex::new(None),
-                save_lock: tokio::sync::Mutex::new(()),
-            };
-            let load = match (&state.plan.load, &state.plan.load_if_exists) {
+            let load = match (&d.plan.load, &d.plan.load_if_exists) {
                 (Some(p), _) => Some(p.clone()),
                 (None, Some(p)) if p.exists() => Some(p.clone()),
                 (None, Some(p)) => {
                     info!(
                         "export '{}': {} does not exist yet; starting empty",
-                        state.name,
+                        d.name,
                         p.display()
                     );
                     None
@@ -254,19 +249,32 @@ impl Daemon {
                 (None, None) => None,
             };
             if let Some(path) = load {
-                let label = format!("loading export '{}' from {}", state.name, path.display());
+                let label = format!("loading export '{}' from {}", d.name, path.display());
                 let progress = ConsoleProgress::new(&label, ConsoleProgress::load_total(&path));
-                let s = persist::load(&**state.device.inner(), &path, &progress)
+                let s = persist::load(&*d.device, &path, &progress)
                     .await
-                    .with_context(|| format!("export '{}'", state.name))?;
+                    .with_context(|| format!("export '{}'", d.name))?;
                 info!(
                     "export '{}': loaded {} MiB from {} in {} ms",
-                    state.name,
+                    d.name,
                     s.data_bytes >> 20,
                     path.display(),
                     s.millis
                 );
             }
+            let device: Arc<dyn BlockDevice> = if d.read_only_view {
+                Arc::new(readonly::ReadOnlyDevice::new(d.device))
+            } else {
+                d.device
+            };
+            let state = ExportState {
+                device: Arc::new(MeteredDevice::new(device)),
+                name: d.name,
+                backend: d.backend,
+                plan: d.plan,
+                attach: Mutex::new(None),
+                save_lock: tokio::sync::Mutex::new(()),
+            };
             exports.push(Arc::new(state));
         }
         Ok(Arc::new(Daemon {
