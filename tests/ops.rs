@@ -645,3 +645,64 @@ fn read_only_export_is_filled_from_its_file() {
     let (ok, err) = d.stop();
     assert!(ok, "{err}");
 }
+
+#[test]
+fn socket_activation_takes_the_passed_sockets() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let unix_path = dir.path().join("nbd.sock");
+    let unix = std::os::unix::net::UnixListener::bind(&unix_path).unwrap();
+    let (tcp_fd, unix_fd) = (tcp.as_raw_fd(), unix.as_raw_fd());
+    let notify = dir.path().join("notify");
+    let sock = UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    // The shell sets LISTEN_PID to its own pid and execs the daemon, which keeps it, the way
+    // systemd does.
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=2 exec \"$0\" serve --backend=host --size=16M")
+        .arg(bin())
+        .env("VRAMDISK_RUNTIME_DIR", dir.path())
+        .env("NOTIFY_SOCKET", &notify)
+        .stderr(Stdio::null());
+    // SAFETY: only dup2 between fork and exec, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (from, to) in [(tcp_fd, 10), (unix_fd, 11), (10, 3), (11, 4)] {
+                if libc::dup2(from, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut buf = [0u8; 256];
+    let got = sock.recv(&mut buf);
+    let status = cli(dir.path(), &["status", "--json"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let n = got.expect("READY=1");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("READY=1"));
+    let st: Vec<Value> = serde_json::from_slice(&status.stdout).unwrap();
+    let listen: Vec<String> = st[0]["listen"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    // Exactly the two passed sockets; no default 127.0.0.1:10809 next to them.
+    assert_eq!(listen.len(), 2, "{listen:?}");
+    assert!(
+        listen[0].contains(&format!("127.0.0.1:{port}")),
+        "{listen:?}"
+    );
+    assert!(
+        listen[1].contains(&unix_path.display().to_string()),
+        "{listen:?}"
+    );
+}

@@ -121,13 +121,12 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
                     let path = l
                         .local_addr()?
                         .as_pathname()
-                        .map(|p| p.to_path_buf())
+                        .map(|p| p.display().to_string())
                         .unwrap_or_default();
-                    urls.push(format!(
-                        "nbd+unix:///?socket={} (socket activation)",
-                        path.display()
-                    ));
-                    listeners.push(Listener::Unix(tokio::net::UnixListener::from_std(l)?, path));
+                    urls.push(format!("nbd+unix:///?socket={path} (socket activation)"));
+                    // No path: the socket file is systemd's, not ours to remove at stop.
+                    let l = tokio::net::UnixListener::from_std(l)?;
+                    listeners.push(Listener::Unix(l, PathBuf::new()));
                 }
             }
         }
