@@ -527,6 +527,12 @@ mod tests {
     }
 
     #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::super::Cli::command().debug_assert();
+    }
+
+    #[test]
     fn shipped_example_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/vramdisk.toml");
         let (argv, ov) = merged_argv(&serve_cmd(), &parse(&[]), &path).unwrap();

@@ -19,6 +19,10 @@ Examples:
     vramdisk serve --backend host --size 1G --socket /run/vramdisk.sock --listen 127.0.0.1:10809
   Serve two named exports from one daemon:
     vramdisk serve --export scratch=8G --export cache=32G
+  Keep the data across restarts, watch it, save it on demand:
+    vramdisk serve --size 16G --persist /var/lib/vramdisk/disk.img --metrics 127.0.0.1:9100
+    vramdisk status
+    vramdisk save /var/lib/vramdisk/snapshot.img
   Use it:
     nbdinfo nbd://127.0.0.1:10809
     qemu-img convert -p -O raw disk.qcow2 nbd://127.0.0.1:10809
