@@ -23,16 +23,21 @@ async fn run(dev: &dyn BlockDevice, n: u64) -> f64 {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let n: u64 = std::env::args().nth(1).map(|s| s.parse().unwrap()).unwrap_or(2_000_000);
-    let bare: Arc<dyn BlockDevice> = Arc::new(
-        SparseDevice::new(HostBackend::new(), SparseOptions::new(256 << 20)).unwrap(),
-    );
+    let n: u64 = std::env::args()
+        .nth(1)
+        .map(|s| s.parse().unwrap())
+        .unwrap_or(2_000_000);
+    let bare: Arc<dyn BlockDevice> =
+        Arc::new(SparseDevice::new(HostBackend::new(), SparseOptions::new(256 << 20)).unwrap());
     let metered = MeteredDevice::new(bare.clone());
     // Warm both (allocate every chunk) before timing.
     run(&*bare, n / 4).await;
     for round in 0..3 {
         let b = run(&*bare, n).await;
         let m = run(&metered, n).await;
-        println!("round {round}: bare {b:.0} ns/request, metered {m:.0} ns/request, overhead {:.0} ns", m - b);
+        println!(
+            "round {round}: bare {b:.0} ns/request, metered {m:.0} ns/request, overhead {:.0} ns",
+            m - b
+        );
     }
 }

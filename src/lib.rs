@@ -9,6 +9,8 @@
 //! - [`nbd`]: the NBD protocol. `proto` is the wire format (pure parse/encode, no I/O);
 //!   `server` accepts connections and runs the handshake and the transmission phase.
 //! - [`attach`]: local attach methods that turn a device into `/dev/...`.
+//! - [`ops`]: running the daemon for real: counters, the control socket behind
+//!   `vramdisk status` and `vramdisk save`, Prometheus metrics, persistence, systemd.
 //! - [`cli`]: the command line.
 
 pub mod attach;

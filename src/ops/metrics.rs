@@ -231,7 +231,7 @@ pub fn render(daemon: &Daemon) -> String {
         &mut out,
         "vramdisk_bytes_total",
         "counter",
-        "Bytes moved, zeroed, trimmed or cached by successful requests.",
+        "Bytes of successful requests: moved, zeroed, trimmed, cached, or described (extents).",
     );
     for (n, e) in &snaps {
         for o in &e.metrics.ops {
