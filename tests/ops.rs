@@ -246,6 +246,12 @@ fn load_then_save_on_demand_and_at_stop_round_trips() {
 
     let (ok, err) = d.stop();
     assert!(ok, "daemon failed at stop: {err}");
+    // Not a terminal: progress and the result are plain log lines.
+    assert!(err.contains("saved export '' to"), "{err}");
+    assert!(
+        err.contains("loaded 4 MiB") || err.contains("loaded 6 MiB"),
+        "{err}"
+    );
     assert!(image_contents(&at_stop) == want, "save at stop differs");
     // Sparse: the three chunks and a little metadata, not 64 MiB.
     let len = std::fs::metadata(&at_stop).unwrap().len();
@@ -455,6 +461,28 @@ fn status_and_metrics_describe_every_export() {
     let (head, _) = http_get(addr, "/nothing");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 
+    // The control protocol answers garbage with an error line and keeps the connection.
+    {
+        use std::io::BufRead;
+        let sock = dir.path().join(format!("{}.sock", d.pid()));
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"hello\n{\"cmd\":\"reboot\"}\n{\"cmd\":\"save\",\"path\":\"rel.img\"}\n{\"cmd\":\"status\"}\n")
+            .unwrap();
+        let mut r = std::io::BufReader::new(s);
+        let mut replies = Vec::new();
+        for _ in 0..4 {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            replies.push(serde_json::from_str::<Value>(&line).unwrap());
+        }
+        assert_eq!(replies[0]["ok"], false);
+        assert_eq!(replies[1]["ok"], false);
+        assert!(replies[2]["error"].as_str().unwrap().contains("absolute"));
+        assert_eq!(replies[3]["ok"], true);
+        assert_eq!(replies[3]["pid"], d.pid());
+    }
+
     // `save` names the export; an unknown one is refused in a sentence.
     let out = d.cli(&[
         "save",
@@ -485,6 +513,20 @@ fn stale_control_sockets_are_cleaned_up() {
     let out = cli(dir.path(), &["save", "/tmp/never.img"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no vramdisk daemon is running"));
+
+    // A socket file of a live pid that nobody listens on (pid reused) is stale too, and a
+    // starting daemon clears dead ones.
+    let reused = dir.path().join(format!("{}.sock", std::process::id()));
+    drop(std::os::unix::net::UnixListener::bind(&reused).unwrap());
+    std::os::unix::net::UnixListener::bind(&stale).unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        &["--backend=host", "--size=1M", "--listen=127.0.0.1:0"],
+    );
+    assert!(!stale.exists(), "daemon start left a dead socket");
+    assert_eq!(d.status().len(), 1);
+    assert!(!reused.exists(), "status left a refused socket");
+    d.stop();
 }
 
 /// Everything status says about an export that flags or a config file decide.

@@ -225,12 +225,16 @@ pub fn request(path: &Path, req: &Value, timeout: Option<Duration>) -> Result<Va
 }
 
 /// Control sockets of the daemons running now; removes sockets of dead daemons on the way
-/// (when allowed to).
+/// (when allowed to). A socket nobody listens on is dead even if its pid was reused.
 pub fn live_daemons(dir: &Path) -> Vec<(u32, PathBuf)> {
     sockets_in(dir)
         .into_iter()
         .filter(|(pid, path)| {
-            if pid_alive(*pid) {
+            let refused = matches!(
+                std::os::unix::net::UnixStream::connect(path),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+            );
+            if pid_alive(*pid) && !refused {
                 return true;
             }
             let _ = std::fs::remove_file(path);
