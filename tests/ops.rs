@@ -481,6 +481,30 @@ fn status_and_metrics_describe_every_export() {
         assert!(replies[2]["error"].as_str().unwrap().contains("absolute"));
         assert_eq!(replies[3]["ok"], true);
         assert_eq!(replies[3]["pid"], d.pid());
+
+        // A save that asks for progress gets progress lines (if it takes long enough), then
+        // its reply.
+        let target = dir.path().join("progress.img");
+        let mut s = r.into_inner();
+        writeln!(
+            s,
+            "{}",
+            serde_json::json!({"cmd": "save", "path": target, "progress": true})
+        )
+        .unwrap();
+        let mut r = std::io::BufReader::new(s);
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let v: Value = serde_json::from_str(&line).unwrap();
+            if v.get("ok").is_some() {
+                assert_eq!(v["ok"], true, "{v}");
+                assert_eq!(v["saved"]["data_bytes"], 6u64 << 20);
+                break;
+            }
+            assert!(v["progress"].as_u64().unwrap() <= v["total"].as_u64().unwrap());
+        }
+        persist::verify(&target).unwrap();
     }
 
     // `save` names the export; an unknown one is refused in a sentence.

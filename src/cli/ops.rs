@@ -155,11 +155,30 @@ pub fn save(args: SaveArgs) -> Result<()> {
             bail!("several vramdisk daemons are running: pick one with --pid (see vramdisk status)")
         }
     };
-    let mut req = json!({"cmd": "save", "path": path});
+    use std::io::IsTerminal;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "saving [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar
+    });
+    let mut req = json!({"cmd": "save", "path": path, "progress": bar.is_some()});
     if let Some(e) = &args.export {
         req["export"] = json!(e);
     }
-    let reply = control::request(&target, &req, None)?;
+    let reply = control::request_with_progress(&target, &req, None, |done, total| {
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    });
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let reply = reply?;
     let s = &reply["saved"];
     eprintln!(
         "saved {} of data ({} records) to {} in {} ms",

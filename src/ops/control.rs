@@ -1,7 +1,8 @@
 //! The control socket: one JSON object per line in each direction over a Unix socket.
 //!
 //! Requests: `{"cmd":"status"}` and `{"cmd":"save","path":"/abs/file","export":"name"}`
-//! (`export` optional: the default export, or the only one). Every reply is one line,
+//! (`export` optional: the first export; `"progress":true` asks for
+//! `{"progress":DONE,"total":TOTAL}` lines before the reply). Every reply is one line,
 //! `{"ok":true,...}` or `{"ok":false,"error":"sentence"}`. Each daemon binds `PID.sock` in a
 //! well-known runtime directory, so `vramdisk status` finds every daemon without flags.
 
@@ -126,6 +127,9 @@ enum Request {
         path: PathBuf,
         #[serde(default)]
         export: Option<String>,
+        /// Send `{"progress":DONE,"total":TOTAL}` lines while saving.
+        #[serde(default)]
+        progress: bool,
     },
 }
 
@@ -139,7 +143,7 @@ async fn handle(stream: UnixStream, daemon: Arc<Daemon>) {
         let reply = if line.len() > MAX_LINE {
             json!({"ok": false, "error": "request too long"})
         } else {
-            answer(&line, &daemon).await
+            answer(&line, &daemon, &mut wr).await
         };
         let mut out = reply.to_string();
         out.push('\n');
@@ -151,7 +155,10 @@ async fn handle(stream: UnixStream, daemon: Arc<Daemon>) {
 
 use tokio::io::AsyncReadExt as _;
 
-async fn answer(line: &str, daemon: &Daemon) -> Value {
+/// How often a save in progress reports to a client that asked for progress.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+async fn answer(line: &str, daemon: &Daemon, wr: &mut tokio::net::unix::OwnedWriteHalf) -> Value {
     let req: Request = match serde_json::from_str(line) {
         Ok(r) => r,
         Err(e) => {
@@ -166,10 +173,34 @@ async fn answer(line: &str, daemon: &Daemon) -> Value {
             v["ok"] = Value::Bool(true);
             v
         }
-        Request::Save { path, export } => match save(daemon, &path, export.as_deref()).await {
-            Ok(summary) => json!({"ok": true, "saved": summary}),
-            Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
-        },
+        Request::Save {
+            path,
+            export,
+            progress,
+        } => {
+            let (tx, rx) = tokio::sync::watch::channel((0u64, 0u64));
+            let saving = save(daemon, &path, export.as_deref(), &tx);
+            tokio::pin!(saving);
+            let mut tick = tokio::time::interval(PROGRESS_EVERY);
+            let result = loop {
+                tokio::select! {
+                    r = &mut saving => break r,
+                    _ = tick.tick(), if progress => {
+                        if rx.has_changed().unwrap_or(false) {
+                            let (done, total) = *rx.borrow();
+                            let mut l = json!({"progress": done, "total": total}).to_string();
+                            l.push('\n');
+                            // A client that went away does not stop the save.
+                            let _ = wr.write_all(l.as_bytes()).await;
+                        }
+                    }
+                }
+            };
+            match result {
+                Ok(summary) => json!({"ok": true, "saved": summary}),
+                Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+            }
+        }
     }
 }
 
@@ -177,6 +208,7 @@ async fn save(
     daemon: &Daemon,
     path: &Path,
     export: Option<&str>,
+    watch: &tokio::sync::watch::Sender<(u64, u64)>,
 ) -> Result<crate::engine::persist::Summary> {
     if !path.is_absolute() {
         bail!("the save path must be absolute (the daemon's working directory is not yours)");
@@ -193,12 +225,22 @@ async fn save(
             }
         },
     };
-    state.save_to(path).await
+    state.save_with_progress(path, Some(watch)).await
 }
 
 /// Sends one request to the control socket at `path` and returns the reply; fails with a
 /// sentence if the daemon is unreachable or answers with an error.
 pub fn request(path: &Path, req: &Value, timeout: Option<Duration>) -> Result<Value> {
+    request_with_progress(path, req, timeout, |_, _| {})
+}
+
+/// Like [`request`], calling `progress(done, total)` for each progress line before the reply.
+pub fn request_with_progress(
+    path: &Path,
+    req: &Value,
+    timeout: Option<Duration>,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<Value> {
     use std::io::{BufRead, Write};
     let mut s = std::os::unix::net::UnixStream::connect(path)
         .with_context(|| format!("cannot reach the daemon at {}", path.display()))?;
@@ -207,12 +249,25 @@ pub fn request(path: &Path, req: &Value, timeout: Option<Duration>) -> Result<Va
     let mut line = req.to_string();
     line.push('\n');
     s.write_all(line.as_bytes())?;
-    let mut reply = String::new();
-    std::io::BufReader::new(s)
-        .read_line(&mut reply)
-        .with_context(|| format!("no answer from the daemon at {}", path.display()))?;
-    let v: Value = serde_json::from_str(&reply)
-        .with_context(|| format!("the daemon at {} answered garbage", path.display()))?;
+    let mut r = std::io::BufReader::new(s);
+    let v = loop {
+        let mut reply = String::new();
+        let n = r
+            .read_line(&mut reply)
+            .with_context(|| format!("no answer from the daemon at {}", path.display()))?;
+        if n == 0 {
+            bail!(
+                "the daemon at {} closed the connection without answering",
+                path.display()
+            );
+        }
+        let v: Value = serde_json::from_str(&reply)
+            .with_context(|| format!("the daemon at {} answered garbage", path.display()))?;
+        match (v["progress"].as_u64(), v["total"].as_u64()) {
+            (Some(done), Some(total)) if v.get("ok").is_none() => progress(done, total),
+            _ => break v,
+        }
+    };
     if v["ok"] != Value::Bool(true) {
         bail!(
             "{}",

@@ -100,9 +100,23 @@ impl ExportState {
 
     /// Saves the export to `path` now.
     pub async fn save_to(&self, path: &Path) -> Result<persist::Summary> {
+        self.save_with_progress(path, None).await
+    }
+
+    /// Saves the export to `path` now, also publishing (bytes done, bytes total) on `watch`.
+    pub async fn save_with_progress(
+        &self,
+        path: &Path,
+        watch: Option<&tokio::sync::watch::Sender<(u64, u64)>>,
+    ) -> Result<persist::Summary> {
         let _one_at_a_time = self.save_lock.lock().await;
         let label = format!("saving export '{}' to {}", self.name, path.display());
-        let progress = ConsoleProgress::new(&label, ConsoleProgress::save_total(&*self.device));
+        let total = ConsoleProgress::save_total(&*self.device);
+        let progress = Tee {
+            console: ConsoleProgress::new(&label, total),
+            watch,
+            total,
+        };
         let summary = persist::save(&**self.device.inner(), path, &progress).await?;
         info!(
             "saved export '{}' to {}: {} MiB of data in {} records, {} ms",
@@ -139,6 +153,25 @@ impl ExportState {
             save: self.plan.save.clone(),
             metrics: m,
         }
+    }
+}
+
+/// Progress to the daemon's log and, for `vramdisk save`, to the client asking.
+struct Tee<'a> {
+    console: ConsoleProgress,
+    watch: Option<&'a tokio::sync::watch::Sender<(u64, u64)>>,
+    total: u64,
+}
+
+impl persist::Progress for Tee<'_> {
+    fn update(&self, done: u64) {
+        self.console.update(done);
+        if let Some(w) = self.watch {
+            w.send_replace((done, self.total));
+        }
+    }
+    fn finish(&self) {
+        self.console.finish();
     }
 }
 
