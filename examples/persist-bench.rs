@@ -4,6 +4,7 @@
 //! Fills a host-RAM device of SIZE_MIB with incompressible data (FILL_PERCENT of its chunks,
 //! default 100), saves it to DIR/bench.img, drops the file from the page cache, loads it into
 //! a second device, checks the contents are equal, and prints one JSON line per step.
+//! With PERSIST_BENCH_KEEP=1 the image is left in DIR.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -132,5 +133,8 @@ async fn main() {
         dst.read(c * chunk, &mut b).await.unwrap();
         assert!(a == b, "contents differ in chunk {c}");
     }
-    std::fs::remove_file(&path).ok();
+    // PERSIST_BENCH_KEEP=1 keeps the image, e.g. to try `serve --load` by hand.
+    if std::env::var_os("PERSIST_BENCH_KEEP").is_none() {
+        std::fs::remove_file(&path).ok();
+    }
 }
