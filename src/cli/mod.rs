@@ -1,6 +1,8 @@
 //! The command line: argument definitions shared by every subcommand, and dispatch.
 
+mod bench;
 mod device;
+mod devices;
 mod serve;
 pub mod size;
 
@@ -39,6 +41,10 @@ enum Command {
     /// Serve one or more devices over the NBD protocol (TCP and/or Unix socket).
     #[command(after_help = EXAMPLES)]
     Serve(serve::ServeArgs),
+    /// List the NVIDIA GPUs: index, name, total and free memory, PCI bus id.
+    Devices(devices::DevicesArgs),
+    /// Measure the engine in process (no network) against the machine's copy ceiling.
+    Bench(bench::BenchArgs),
 }
 
 /// Parses the command line, runs the subcommand, and turns its error into one plain line.
@@ -47,6 +53,8 @@ pub fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Devices(args) => devices::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,738 @@
+//! The copy queue of one GPU: how requests reach the GPU and how their completion comes back.
+//!
+//! Submission is flat-combining. A request pushes its [`Op`] onto a lock-free stack and then
+//! tries to become the combiner; the one task that succeeds drains the stack and issues
+//! everything in it, its own op and whatever other tasks pushed meanwhile. With one request
+//! in flight this is a direct driver call from the requesting task (no thread hop); with
+//! many, requests that arrive while a combiner is in the driver are issued together on its
+//! next round, which is where small copies get batched: up to [`MAX_DESCS`] of them go into
+//! one launch of the gather kernel (or one `cuMemcpyBatchAsync`), large ones each get their
+//! own `cuMemcpy*Async`. Work is spread round-robin over several streams (lanes), and after
+//! each submission an event is recorded on its lane.
+//!
+//! Completion is a poller thread per GPU that queries the oldest event of each lane and wakes
+//! the tasks whose ops it covered. It spins while work is in flight and parks when idle, so
+//! no tokio worker ever waits in a GPU synchronisation.
+//!
+//! An op lives inside the requesting future (no allocation per request). The future must not
+//! go away while the GPU may still touch the op or its buffer, so dropping it before
+//! completion (a cancelled request) waits for the GPU: the only blocking wait on this path,
+//! and only on cancellation.
+
+use super::driver::{CuError, Gpu, check};
+use super::kernel::{Batch, CopyKernel, Desc, MAX_DESCS};
+use cudarc::driver::sys::{self, CUdeviceptr, CUevent, CUresult, CUstream};
+use futures::task::AtomicWaker;
+use std::cell::UnsafeCell;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::marker::PhantomPinned;
+use std::pin::Pin;
+use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+/// How small copies are grouped into one submission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchMode {
+    /// The gather/scatter kernel reads and writes mapped pinned memory directly.
+    Kernel,
+    /// `cuMemcpyBatchAsync` (CUDA 12.8+ drivers).
+    MemcpyBatch,
+    /// One `cuMemcpy*Async` per copy.
+    Off,
+}
+
+/// Tuning of a copy queue.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueOptions {
+    /// Streams work is spread over.
+    pub lanes: usize,
+    /// How small copies are batched.
+    pub batch: BatchMode,
+    /// Copies up to this size count as small.
+    pub small_max: usize,
+    /// Fewer small copies than this in one round go out as plain copies (a launch costs
+    /// more than one DMA setup).
+    pub batch_min: usize,
+}
+
+impl Default for QueueOptions {
+    fn default() -> Self {
+        QueueOptions {
+            lanes: 4,
+            batch: BatchMode::Kernel,
+            small_max: 64 << 10,
+            batch_min: 2,
+        }
+    }
+}
+
+/// What an op does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    /// Host to GPU.
+    Write,
+    /// GPU to host.
+    Read,
+    /// Set GPU bytes to zero.
+    Zero,
+}
+
+const PENDING: u8 = 0;
+const COMPLETING: u8 = 1;
+const DONE: u8 = 2;
+
+/// One request to the GPU, living in the requesting future.
+pub struct Op {
+    next: AtomicPtr<Op>,
+    kind: OpKind,
+    dev: CUdeviceptr,
+    host: *mut u8,
+    len: usize,
+    /// The host buffer is pinned and mapped, so the gather kernel may touch it.
+    mapped: bool,
+    state: AtomicU8,
+    error: UnsafeCell<Option<CuError>>,
+    waker: AtomicWaker,
+    _pin: PhantomPinned,
+}
+
+// SAFETY: an Op is shared between its owner and the queue by the protocol described on
+// `complete`: `error` is written once before a Release store of the state and read only after
+// an Acquire load sees DONE; everything else is immutable or atomic.
+unsafe impl Send for Op {}
+// SAFETY: as above.
+unsafe impl Sync for Op {}
+
+impl Op {
+    /// An op of `kind` on `len` bytes at device address `dev` and host address `host`.
+    pub fn new(kind: OpKind, dev: CUdeviceptr, host: *mut u8, len: usize, mapped: bool) -> Op {
+        Op {
+            next: AtomicPtr::new(ptr::null_mut()),
+            kind,
+            dev,
+            host,
+            len,
+            mapped,
+            state: AtomicU8::new(PENDING),
+            error: UnsafeCell::new(None),
+            waker: AtomicWaker::new(),
+            _pin: PhantomPinned,
+        }
+    }
+
+    /// What the op does.
+    pub fn kind(&self) -> OpKind {
+        self.kind
+    }
+
+    /// Bytes the op covers.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty range.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn result(&self) -> Option<Result<(), CuError>> {
+        loop {
+            match self.state.load(Ordering::Acquire) {
+                // SAFETY: DONE is stored after the last write to `error` (Release/Acquire).
+                DONE => return Some(unsafe { *self.error.get() }.map_or(Ok(()), Err)),
+                // The completer is between its wake and its final store: a few instructions.
+                COMPLETING => std::hint::spin_loop(),
+                _ => return None,
+            }
+        }
+    }
+}
+
+/// Completes `op` with `error`. After the final store the op may be freed by its owner at
+/// any moment, so nothing touches it afterwards; the waker is woken before that store, and
+/// an owner that sees COMPLETING waits for DONE.
+///
+/// # Safety
+/// `op` must be a submitted op that has not been completed yet.
+unsafe fn complete(op: *const Op, error: Option<CuError>) {
+    // SAFETY: the owner keeps the op alive until it sees DONE (see WaitOnDrop).
+    let op = unsafe { &*op };
+    // SAFETY: only the queue writes `error`, once, before publishing DONE.
+    unsafe { *op.error.get() = error };
+    op.state.store(COMPLETING, Ordering::Release);
+    op.waker.wake();
+    op.state.store(DONE, Ordering::Release);
+}
+
+/// Completes every op of a chain linked through `next`.
+///
+/// # Safety
+/// Every op of the chain must be submitted and not yet completed.
+unsafe fn complete_chain(mut op: *const Op, error: Option<CuError>) {
+    while !op.is_null() {
+        // SAFETY: read the link before completing: after completion the op may be gone.
+        let next = unsafe { &*op }.next.load(Ordering::Relaxed);
+        // SAFETY: caller's contract.
+        unsafe { complete(op, error) };
+        op = next;
+    }
+}
+
+/// Events recorded on a lane, oldest first, each with the chain of ops it completes.
+struct Inflight {
+    event: CUevent,
+    ops: *const Op,
+}
+
+struct Lane {
+    stream: CUstream,
+    fifo: Mutex<VecDeque<Inflight>>,
+}
+
+/// State only the current combiner touches.
+struct Scratch {
+    small: Vec<*const Op>,
+    batch: Box<Batch>,
+    dsts: Vec<CUdeviceptr>,
+    srcs: Vec<CUdeviceptr>,
+    sizes: Vec<usize>,
+    next_lane: usize,
+}
+
+struct Shared {
+    gpu: Arc<Gpu>,
+    opts: QueueOptions,
+    kernel: Option<CopyKernel>,
+    memcpy_batch: bool,
+    pending: AtomicPtr<Op>,
+    combining: AtomicBool,
+    scratch: UnsafeCell<Scratch>,
+    lanes: Vec<Lane>,
+    events: Mutex<Vec<CUevent>>,
+    inflight: AtomicUsize,
+    sleeping: AtomicBool,
+    poller: OnceLock<Thread>,
+    shutdown: AtomicBool,
+    broken: OnceLock<CuError>,
+}
+
+// SAFETY: raw driver handles are thread-agnostic; `scratch` is touched only by the thread
+// holding `combining`; op pointers follow the Op protocol.
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+/// The copy queue of one GPU (see the module doc).
+pub struct CopyQueue {
+    shared: Arc<Shared>,
+    poller: Option<JoinHandle<()>>,
+}
+
+impl CopyQueue {
+    /// Creates the lanes, loads the kernel if batching by kernel, and starts the poller.
+    pub fn new(gpu: Arc<Gpu>, mut opts: QueueOptions) -> Result<CopyQueue, String> {
+        let ctx = |e: CuError| format!("GPU {}: {e}", gpu.index);
+        gpu.bind().map_err(ctx)?;
+        opts.lanes = opts.lanes.clamp(1, 64);
+        let mut lanes = Vec::new();
+        for _ in 0..opts.lanes {
+            let mut stream: CUstream = ptr::null_mut();
+            // SAFETY: plain driver call with the context bound.
+            check(
+                unsafe {
+                    sys::cuStreamCreate(
+                        &mut stream,
+                        sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+                    )
+                },
+                "cuStreamCreate",
+            )
+            .map_err(ctx)?;
+            lanes.push(Lane {
+                stream,
+                fifo: Mutex::new(VecDeque::with_capacity(1024)),
+            });
+        }
+        let kernel = match opts.batch {
+            BatchMode::Kernel => match CopyKernel::load(&gpu) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    tracing::info!(
+                        "GPU {}: gather kernel unavailable ({e}); small copies go one by one",
+                        gpu.index
+                    );
+                    None
+                }
+            },
+            _ => None,
+        };
+        let memcpy_batch =
+            opts.batch == BatchMode::MemcpyBatch && super::driver::has_symbol("cuMemcpyBatchAsync");
+        if opts.batch == BatchMode::MemcpyBatch && !memcpy_batch {
+            tracing::info!(
+                "GPU {}: the driver has no cuMemcpyBatchAsync; small copies go one by one",
+                gpu.index
+            );
+        }
+        let shared = Arc::new(Shared {
+            gpu: gpu.clone(),
+            opts,
+            kernel,
+            memcpy_batch,
+            pending: AtomicPtr::new(ptr::null_mut()),
+            combining: AtomicBool::new(false),
+            scratch: UnsafeCell::new(Scratch {
+                small: Vec::with_capacity(MAX_DESCS),
+                batch: Box::default(),
+                dsts: Vec::with_capacity(MAX_DESCS),
+                srcs: Vec::with_capacity(MAX_DESCS),
+                sizes: Vec::with_capacity(MAX_DESCS),
+                next_lane: 0,
+            }),
+            lanes,
+            events: Mutex::new(Vec::new()),
+            inflight: AtomicUsize::new(0),
+            sleeping: AtomicBool::new(false),
+            poller: OnceLock::new(),
+            shutdown: AtomicBool::new(false),
+            broken: OnceLock::new(),
+        });
+        let poll_shared = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("vramdisk-cuda{}", gpu.index))
+            .spawn(move || poll_loop(&poll_shared))
+            .map_err(|e| format!("starting the completion thread: {e}"))?;
+        let _ = shared.poller.set(handle.thread().clone());
+        Ok(CopyQueue {
+            shared,
+            poller: Some(handle),
+        })
+    }
+
+    /// The sticky error that made this GPU unusable, if one happened.
+    pub fn broken(&self) -> Option<CuError> {
+        self.shared.broken.get().copied()
+    }
+
+    /// True when small copies go through the gather kernel.
+    pub fn kernel_loaded(&self) -> bool {
+        self.shared.kernel.is_some()
+    }
+
+    /// Runs one op to completion.
+    pub async fn run(&self, op: Op) -> Result<(), CuError> {
+        if op.len == 0 {
+            return Ok(());
+        }
+        let op = op;
+        let guard = WaitOnDrop(&op);
+        self.shared.submit(&op);
+        let result = OpDone(&op).await;
+        drop(guard);
+        result
+    }
+}
+
+impl Drop for CopyQueue {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        if let Some(h) = self.poller.take() {
+            h.thread().unpark();
+            let _ = h.join();
+        }
+        if self.shared.gpu.bind().is_ok() {
+            // SAFETY: the poller has exited and no op is in flight (every run() future
+            // borrowed self, so all are gone); the handles are ours.
+            unsafe {
+                for lane in &self.shared.lanes {
+                    sys::cuStreamDestroy_v2(lane.stream);
+                }
+                for ev in self.shared.events.lock().unwrap().drain(..) {
+                    sys::cuEventDestroy_v2(ev);
+                }
+            }
+        }
+    }
+}
+
+/// Waits for an op's completion when the future holding it is dropped early.
+struct WaitOnDrop<'a>(&'a Op);
+
+impl Drop for WaitOnDrop<'_> {
+    fn drop(&mut self) {
+        let start = Instant::now();
+        while self.0.state.load(Ordering::Acquire) != DONE {
+            if start.elapsed() < Duration::from_micros(50) {
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+    }
+}
+
+struct OpDone<'a>(&'a Op);
+
+impl Future for OpDone<'_> {
+    type Output = Result<(), CuError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let op = self.0;
+        if let Some(r) = op.result() {
+            return Poll::Ready(r);
+        }
+        op.waker.register(cx.waker());
+        match op.result() {
+            Some(r) => Poll::Ready(r),
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl Shared {
+    fn submit(&self, op: &Op) {
+        let p = op as *const Op as *mut Op;
+        let mut head = self.pending.load(Ordering::Relaxed);
+        loop {
+            op.next.store(head, Ordering::Relaxed);
+            match self
+                .pending
+                .compare_exchange_weak(head, p, Ordering::SeqCst, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(h) => head = h,
+            }
+        }
+        self.combine();
+    }
+
+    /// Issues everything pending unless another thread is already doing so. The combiner
+    /// re-checks the stack after letting go, so an op pushed just as it finished is never
+    /// left behind (SeqCst on both sides: push-then-try versus release-then-check).
+    fn combine(&self) {
+        loop {
+            if self.combining.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            loop {
+                let list = self.pending.swap(ptr::null_mut(), Ordering::SeqCst);
+                if list.is_null() {
+                    break;
+                }
+                // SAFETY: we hold `combining`, and the drained ops are ours to issue.
+                unsafe { self.issue(list) };
+            }
+            self.combining.store(false, Ordering::SeqCst);
+            if self.pending.load(Ordering::SeqCst).is_null() {
+                return;
+            }
+        }
+    }
+
+    fn fail_all(&self, mut list: *const Op, e: CuError) {
+        while !list.is_null() {
+            // SAFETY: drained ops are alive until completed.
+            let next = unsafe { &*list }.next.load(Ordering::Relaxed);
+            // SAFETY: each op is completed once, here.
+            unsafe { complete(list, Some(e)) };
+            list = next;
+        }
+    }
+
+    /// Issues a drained stack of ops (newest first).
+    ///
+    /// # Safety
+    /// The caller holds `combining`; every op in `list` is submitted and not yet issued.
+    unsafe fn issue(&self, list: *mut Op) {
+        if let Some(e) = self.broken.get() {
+            return self.fail_all(list, *e);
+        }
+        if let Err(e) = self.gpu.bind() {
+            return self.fail_all(list, e);
+        }
+        // SAFETY: only the combiner touches scratch.
+        let scratch = unsafe { &mut *self.scratch.get() };
+        let batching = self.kernel.is_some() || self.memcpy_batch;
+        let mut op = list as *const Op;
+        while !op.is_null() {
+            // SAFETY: drained ops are alive until completed.
+            let o = unsafe { &*op };
+            let next = o.next.load(Ordering::Relaxed);
+            if batching && o.kind != OpKind::Zero && o.len <= self.opts.small_max && o.mapped {
+                scratch.small.push(op);
+                if scratch.small.len() == MAX_DESCS {
+                    self.flush_small(scratch);
+                }
+            } else {
+                self.issue_one(scratch, op);
+            }
+            op = next;
+        }
+        self.flush_small(scratch);
+    }
+
+    fn next_lane(&self, scratch: &mut Scratch) -> &Lane {
+        let i = scratch.next_lane;
+        scratch.next_lane = (i + 1) % self.lanes.len();
+        &self.lanes[i]
+    }
+
+    fn take_event(&self) -> Result<CUevent, CuError> {
+        if let Some(ev) = self.events.lock().unwrap().pop() {
+            return Ok(ev);
+        }
+        let mut ev: CUevent = ptr::null_mut();
+        // SAFETY: plain driver call with the context bound (combiner bound it).
+        check(
+            unsafe {
+                sys::cuEventCreate(&mut ev, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+            },
+            "cuEventCreate",
+        )?;
+        Ok(ev)
+    }
+
+    /// Records an event after the work just put on `lane` and hands the chain `ops` to the
+    /// poller; on failure completes the chain with the error.
+    fn track(&self, lane: &Lane, ops: *const Op) {
+        let recorded = self.take_event().and_then(|ev| {
+            // SAFETY: ev and the stream belong to this context.
+            check(
+                unsafe { sys::cuEventRecord(ev, lane.stream) },
+                "cuEventRecord",
+            )
+            .map(|_| ev)
+            .inspect_err(|_| self.events.lock().unwrap().push(ev))
+        });
+        match recorded {
+            Ok(event) => {
+                lane.fifo.lock().unwrap().push_back(Inflight { event, ops });
+                self.inflight.fetch_add(1, Ordering::SeqCst);
+                if self.sleeping.load(Ordering::SeqCst)
+                    && let Some(t) = self.poller.get()
+                {
+                    t.unpark();
+                }
+            }
+            Err(e) => {
+                self.note_error(e);
+                // SAFETY: the chain is issued but not tracked, so nobody else completes it.
+                unsafe { complete_chain(ops, Some(e)) };
+            }
+        }
+    }
+
+    fn note_error(&self, e: CuError) {
+        if e.is_sticky() && self.broken.set(e).is_ok() {
+            tracing::error!(
+                "GPU {} ({}) is unusable after {e}: every request to it now fails with EIO",
+                self.gpu.index,
+                self.gpu.name
+            );
+        }
+    }
+
+    /// Puts one op on the next lane as a plain copy or memset.
+    fn issue_one(&self, scratch: &mut Scratch, op: *const Op) {
+        // SAFETY: op is alive until completed.
+        let o = unsafe { &*op };
+        o.next.store(ptr::null_mut(), Ordering::Relaxed);
+        let lane = self.next_lane(scratch);
+        // SAFETY: the owner keeps host and device memory valid until the op completes; the
+        // host memory is pinned (the backend stages anything else).
+        let rc = unsafe {
+            match o.kind {
+                OpKind::Write => check(
+                    sys::cuMemcpyHtoDAsync_v2(o.dev, o.host as *const _, o.len, lane.stream),
+                    "cuMemcpyHtoDAsync",
+                ),
+                OpKind::Read => check(
+                    sys::cuMemcpyDtoHAsync_v2(o.host as *mut _, o.dev, o.len, lane.stream),
+                    "cuMemcpyDtoHAsync",
+                ),
+                OpKind::Zero => check(
+                    sys::cuMemsetD8Async(o.dev, 0, o.len, lane.stream),
+                    "cuMemsetD8Async",
+                ),
+            }
+        };
+        match rc {
+            Ok(()) => self.track(lane, op),
+            Err(e) => {
+                self.note_error(e);
+                // SAFETY: not tracked, completed once here.
+                unsafe { complete(op, Some(e)) };
+            }
+        }
+    }
+
+    /// Issues the collected small copies as one batch (or one by one when too few).
+    fn flush_small(&self, scratch: &mut Scratch) {
+        let n = scratch.small.len();
+        if n == 0 {
+            return;
+        }
+        if n < self.opts.batch_min.max(1) {
+            for i in 0..n {
+                let op = scratch.small[i];
+                self.issue_one(scratch, op);
+            }
+            scratch.small.clear();
+            return;
+        }
+        // Chain the batch through `next` so one event completes all of it.
+        for i in 0..n {
+            let next = if i + 1 < n {
+                scratch.small[i + 1]
+            } else {
+                ptr::null()
+            };
+            // SAFETY: ops are alive until completed.
+            unsafe { &*scratch.small[i] }
+                .next
+                .store(next as *mut Op, Ordering::Relaxed);
+        }
+        let head = scratch.small[0];
+        let rc = if let Some(kernel) = &self.kernel {
+            let batch = &mut *scratch.batch;
+            batch.count = n as u64;
+            for (i, &op) in scratch.small.iter().enumerate() {
+                // SAFETY: ops are alive until completed.
+                let o = unsafe { &*op };
+                let host = o.host as u64;
+                batch.descs[i] = match o.kind {
+                    OpKind::Write => Desc {
+                        src: host,
+                        dst: o.dev,
+                        len: o.len as u64,
+                    },
+                    _ => Desc {
+                        src: o.dev,
+                        dst: host,
+                        len: o.len as u64,
+                    },
+                };
+            }
+            let lane = self.next_lane(scratch);
+            // SAFETY: the descriptors name pinned mapped host memory and mapped chunk memory
+            // that their owners keep valid until completion.
+            let rc = unsafe { kernel.launch(lane.stream, &scratch.batch) };
+            rc.map(|_| lane as *const Lane)
+        } else {
+            scratch.dsts.clear();
+            scratch.srcs.clear();
+            scratch.sizes.clear();
+            for &op in &scratch.small {
+                // SAFETY: ops are alive until completed.
+                let o = unsafe { &*op };
+                let host = o.host as u64;
+                let (src, dst) = match o.kind {
+                    OpKind::Write => (host, o.dev),
+                    _ => (o.dev, host),
+                };
+                scratch.srcs.push(src);
+                scratch.dsts.push(dst);
+                scratch.sizes.push(o.len);
+            }
+            let lane = self.next_lane(scratch) as *const Lane;
+            // SAFETY: plain C struct; zero means "no location hint".
+            let mut attr: sys::CUmemcpyAttributes = unsafe { std::mem::zeroed() };
+            attr.srcAccessOrder = sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM;
+            let mut attr_idx = 0usize;
+            let mut fail_idx = 0usize;
+            // SAFETY: arrays of n entries each; memory valid until completion as above.
+            check(
+                unsafe {
+                    sys::cuMemcpyBatchAsync(
+                        scratch.dsts.as_mut_ptr(),
+                        scratch.srcs.as_mut_ptr(),
+                        scratch.sizes.as_mut_ptr(),
+                        n,
+                        &mut attr,
+                        &mut attr_idx,
+                        1,
+                        &mut fail_idx,
+                        (*lane).stream,
+                    )
+                },
+                "cuMemcpyBatchAsync",
+            )
+            .map(|_| lane)
+        };
+        scratch.small.clear();
+        match rc {
+            // SAFETY: lanes live as long as self.
+            Ok(lane) => self.track(unsafe { &*lane }, head),
+            Err(e) => {
+                self.note_error(e);
+                // SAFETY: not tracked, completed once here.
+                unsafe { complete_chain(head, Some(e)) };
+            }
+        }
+    }
+}
+
+/// Queries each lane's oldest event and completes what is done; spins while anything is in
+/// flight, parks after a short idle spell.
+fn poll_loop(shared: &Shared) {
+    const IDLE_SPIN: Duration = Duration::from_micros(100);
+    let bound = shared.gpu.bind();
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        let mut completed = false;
+        for lane in &shared.lanes {
+            loop {
+                let front = lane.fifo.lock().unwrap().front().map(|i| i.event);
+                let Some(event) = front else { break };
+                let rc = match bound {
+                    // SAFETY: event belongs to this context.
+                    Ok(()) => unsafe { sys::cuEventQuery(event) },
+                    Err(e) => e.code,
+                };
+                if rc == CUresult::CUDA_ERROR_NOT_READY {
+                    break;
+                }
+                let inflight = lane.fifo.lock().unwrap().pop_front().expect("front exists");
+                let error = check(rc, "cuEventQuery").err();
+                match error {
+                    None => shared.events.lock().unwrap().push(event),
+                    Some(e) => {
+                        shared.note_error(e);
+                        // SAFETY: the event is ours; a failing context may refuse, harmlessly.
+                        unsafe { sys::cuEventDestroy_v2(event) };
+                    }
+                }
+                // SAFETY: the chain was tracked by this event and is completed only here.
+                unsafe { complete_chain(inflight.ops, error) };
+                shared.inflight.fetch_sub(1, Ordering::SeqCst);
+                completed = true;
+            }
+        }
+        if completed {
+            idle_since = None;
+            continue;
+        }
+        if shared.inflight.load(Ordering::SeqCst) > 0 {
+            std::hint::spin_loop();
+            continue;
+        }
+        if shared.shutdown.load(Ordering::SeqCst) {
+            return;
+        }
+        let since = *idle_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < IDLE_SPIN {
+            std::hint::spin_loop();
+            continue;
+        }
+        shared.sleeping.store(true, Ordering::SeqCst);
+        if shared.inflight.load(Ordering::SeqCst) == 0 && !shared.shutdown.load(Ordering::SeqCst) {
+            std::thread::park_timeout(Duration::from_secs(1));
+        }
+        shared.sleeping.store(false, Ordering::SeqCst);
+        idle_since = None;
+    }
+}
