@@ -24,11 +24,10 @@ pub struct CudaBackend {
 }
 
 impl CudaBackend {
-    /// A backend on `gpus` (in `--gpu` order) for a device of `size` bytes in chunks of
-    /// `chunk_size`, leaving `keep_free` bytes free on each GPU.
+    /// A backend on `gpus` (in `--gpu` order) for a device in chunks of `chunk_size`,
+    /// leaving `keep_free` bytes free on each GPU.
     pub fn new(
         gpus: &[Arc<Gpu>],
-        size: u64,
         chunk_size: usize,
         keep_free: u64,
         queue: QueueOptions,
@@ -37,7 +36,7 @@ impl CudaBackend {
         let mut memories = Vec::new();
         let mut queues = Vec::new();
         for (pos, gpu) in gpus.iter().enumerate() {
-            let mem = GpuMemory::new(gpu.clone(), pos, gpus.len(), size, chunk_size, keep_free)
+            let mem = GpuMemory::new(gpu.clone(), pos, keep_free)
                 .map_err(|e| format!("GPU {}: {e}", gpu.index))?;
             memories.push(Arc::new(mem));
         }

@@ -1,10 +1,14 @@
-//! GPU memory for chunks: one virtual address reservation per GPU, physical memory mapped
-//! into it one chunk at a time (the CUDA virtual memory management API).
+//! GPU memory for chunks through the CUDA virtual memory management API: each chunk is an
+//! address range of its own with physical memory mapped into it.
 //!
-//! Chunk `i` of a device spread over `n` GPUs lives on GPU `i % n` at slot `i / n` of that
-//! GPU's reservation, so consecutive chunks alternate GPUs and sequential I/O keeps every PCIe
-//! link busy. Freeing a chunk unmaps and releases exactly its physical memory, which is what
-//! `cuMemGetInfo` (and so `--keep-free`) sees.
+//! Chunk `i` of a device spread over `n` GPUs lives on GPU `i % n` (the backend picks), so
+//! consecutive chunks alternate GPUs and sequential I/O keeps every PCIe link busy. Freeing a
+//! chunk unmaps and releases exactly its physical memory, which is what `cuMemGetInfo` (and so
+//! `--keep-free`) sees.
+//!
+//! Each chunk reserves its own address range rather than a slot computed from its index in
+//! one big reservation: the chunk map lets two writers race to allocate the same chunk and
+//! drops the loser, so two live allocations of one index must not share addresses.
 
 use super::driver::{CuError, Gpu, check};
 use crate::engine::{IoError, IoResult};
@@ -19,10 +23,6 @@ pub struct GpuMemory {
     pub gpu: Arc<Gpu>,
     /// Position of this GPU in the device's `--gpu` list.
     pub position: usize,
-    gpus_in_device: usize,
-    base: CUdeviceptr,
-    reserved: usize,
-    chunk_size: usize,
     granularity: usize,
     keep_free: u64,
     prop: sys::CUmemAllocationProp,
@@ -77,30 +77,14 @@ pub fn round_up(len: usize, gran: usize) -> usize {
 }
 
 impl GpuMemory {
-    /// Reserves address space on `gpu` for its share of a device of `size` bytes in chunks
-    /// of `chunk_size` spread over `gpus_in_device` GPUs, this one at `position`.
-    pub fn new(
-        gpu: Arc<Gpu>,
-        position: usize,
-        gpus_in_device: usize,
-        size: u64,
-        chunk_size: usize,
-        keep_free: u64,
-    ) -> Result<GpuMemory, CuError> {
+    /// Allocation state for `gpu`, at `position` in the device's GPU list, leaving
+    /// `keep_free` bytes free.
+    pub fn new(gpu: Arc<Gpu>, position: usize, keep_free: u64) -> Result<GpuMemory, CuError> {
         gpu.bind()?;
         let granularity = granularity(&gpu)?;
-        let chunks = size.div_ceil(chunk_size as u64);
-        let slots = chunks.div_ceil(gpus_in_device as u64).max(1);
-        let reserved = (slots as usize) * round_up(chunk_size, granularity);
-        let mut base: CUdeviceptr = 0;
-        // SAFETY: plain driver call with the context bound.
-        check(
-            unsafe { sys::cuMemAddressReserve(&mut base, reserved, 0, 0, 0) },
-            "cuMemAddressReserve",
-        )?;
         let mut zero_stream: CUstream = std::ptr::null_mut();
         // SAFETY: plain driver call with the context bound.
-        if let Err(e) = check(
+        check(
             unsafe {
                 sys::cuStreamCreate(
                     &mut zero_stream,
@@ -108,11 +92,7 @@ impl GpuMemory {
                 )
             },
             "cuStreamCreate",
-        ) {
-            // SAFETY: base was reserved above with this size.
-            unsafe { sys::cuMemAddressFree(base, reserved) };
-            return Err(e);
-        }
+        )?;
         let prop = device_prop(&gpu);
         // SAFETY: plain C data; zero is a valid start.
         let mut access: sys::CUmemAccessDesc = unsafe { std::mem::zeroed() };
@@ -121,10 +101,6 @@ impl GpuMemory {
         Ok(GpuMemory {
             gpu,
             position,
-            gpus_in_device,
-            base,
-            reserved,
-            chunk_size: round_up(chunk_size, granularity),
             granularity,
             keep_free,
             prop,
@@ -149,22 +125,14 @@ impl GpuMemory {
 
     /// Maps chunk `index` (of logical length `len`), zeroed.
     pub fn alloc(self: &Arc<Self>, index: u64, len: usize) -> IoResult<GpuChunk> {
-        let slot = (index / self.gpus_in_device as u64) as usize;
         let size = self.physical_len(len);
-        let ptr = self.base + (slot * self.chunk_size) as u64;
-        if slot * self.chunk_size + size > self.reserved {
-            return Err(IoError::Backend(format!(
-                "cuda:{}: chunk {index} lies outside the reserved address range",
-                self.gpu.index
-            )));
-        }
         let fail = |e: CuError| {
             IoError::Backend(format!(
                 "cuda:{} ({}): allocating chunk {index} ({size} bytes): {e}",
                 self.gpu.index, self.gpu.name
             ))
         };
-        {
+        let ptr = {
             let _guard = self.alloc_lock.lock().unwrap();
             self.gpu.bind().map_err(fail)?;
             if self.keep_free > 0 {
@@ -176,10 +144,16 @@ impl GpuMemory {
                     )));
                 }
             }
+            let mut ptr: CUdeviceptr = 0;
+            // SAFETY: plain driver call with the context bound.
+            let rc = unsafe { sys::cuMemAddressReserve(&mut ptr, size, 0, 0, 0) };
+            check(rc, "cuMemAddressReserve").map_err(fail)?;
             let mut handle: sys::CUmemGenericAllocationHandle = 0;
             // SAFETY: prop is initialised; handle receives the allocation.
             let rc = unsafe { sys::cuMemCreate(&mut handle, size, &self.prop, 0) };
             if let Err(e) = check(rc, "cuMemCreate") {
+                // SAFETY: ptr was reserved above with this size and holds no mapping.
+                unsafe { sys::cuMemAddressFree(ptr, size) };
                 if e.is_out_of_memory() {
                     return Err(self.refuse(format!(
                         "GPU {} ({}) is out of memory",
@@ -188,8 +162,7 @@ impl GpuMemory {
                 }
                 return Err(fail(e));
             }
-            // SAFETY: ptr..ptr+size lies inside our reservation and is unmapped (the slot is
-            // empty: the chunk map allocates each index once at a time); handle is fresh.
+            // SAFETY: ptr..ptr+size is our fresh reservation; handle is fresh.
             let mapped = unsafe {
                 check(sys::cuMemMap(ptr, size, 0, handle, 0), "cuMemMap").and_then(|_| {
                     check(
@@ -202,11 +175,15 @@ impl GpuMemory {
             // SAFETY: handle came from cuMemCreate above.
             unsafe { sys::cuMemRelease(handle) };
             if let Err(e) = mapped {
-                // SAFETY: unmapping a range we may have mapped above; harmless if not mapped.
-                unsafe { sys::cuMemUnmap(ptr, size) };
+                // SAFETY: our own reservation; unmapping is harmless if the map failed.
+                unsafe {
+                    sys::cuMemUnmap(ptr, size);
+                    sys::cuMemAddressFree(ptr, size);
+                }
                 return Err(fail(e));
             }
-        }
+            ptr
+        };
         self.warned.store(false, Ordering::Relaxed);
         let chunk = GpuChunk {
             mem: self.clone(),
@@ -238,11 +215,8 @@ impl GpuMemory {
 impl Drop for GpuMemory {
     fn drop(&mut self) {
         if self.gpu.bind().is_ok() {
-            // SAFETY: every chunk holds an Arc to this, so all are unmapped by now.
-            unsafe {
-                sys::cuStreamDestroy_v2(self.zero_stream);
-                sys::cuMemAddressFree(self.base, self.reserved);
-            }
+            // SAFETY: the stream is ours; every chunk holds an Arc to this, so none is left.
+            unsafe { sys::cuStreamDestroy_v2(self.zero_stream) };
         }
     }
 }
@@ -289,8 +263,11 @@ impl GpuChunk {
 impl Drop for GpuChunk {
     fn drop(&mut self) {
         if self.mem.gpu.bind().is_ok() {
-            // SAFETY: ptr..ptr+size was mapped by alloc and nothing uses it any more.
+            // SAFETY: ptr..ptr+size was reserved and mapped by alloc and nothing uses it any
+            // more.
             let rc = unsafe { sys::cuMemUnmap(self.ptr, self.size) };
+            // SAFETY: as above; the range is unmapped now.
+            unsafe { sys::cuMemAddressFree(self.ptr, self.size) };
             if let Err(e) = check(rc, "cuMemUnmap") {
                 tracing::debug!(
                     "freeing chunk {} on GPU {}: {e}",

@@ -142,8 +142,8 @@ pub fn open(copts: &CudaOptions, opts: SparseOptions) -> Result<Arc<SparseDevice
     if opts.preallocate {
         check_preallocate(&gpus, &opts, keep_free, gran)?;
     }
-    let backend = CudaBackend::new(&gpus, opts.size, opts.chunk_size, keep_free, copts.queue)
-        .map_err(|e| anyhow!(e))?;
+    let backend =
+        CudaBackend::new(&gpus, opts.chunk_size, keep_free, copts.queue).map_err(|e| anyhow!(e))?;
     let preallocate = opts.preallocate;
     let device = SparseDevice::new(backend, opts).map_err(|e| {
         if preallocate {

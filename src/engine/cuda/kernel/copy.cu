@@ -6,7 +6,7 @@
 // the GPU does not fetch them over PCIe. One thread block copies one descriptor; host memory
 // is read or written directly through its device mapping.
 //
-// Built on the GPU machine with:  nvcc -ptx -arch=compute_70 -O3 copy.cu -o copy.ptx
+// Built on the GPU machine with:  nvcc -ptx -arch=compute_75 -O3 copy.cu -o copy.ptx
 // (compute_70 PTX is compiled for the actual GPU by the driver when the module loads).
 
 #define MAX_DESCS 128
