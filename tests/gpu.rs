@@ -547,3 +547,93 @@ fn without_a_driver_cuda_fails_with_one_sentence() {
         assert!(out.stdout.is_empty(), "{args:?} printed {:?}", out.stdout);
     }
 }
+
+/// A CUDA error fails the request with EIO and a message naming the GPU; a non-sticky one
+/// leaves the device serving, a sticky one (a faulting kernel) makes every later request
+/// fail with EIO, promptly. The fault ruins the process's GPU context, so it runs in a child
+/// process (this test binary again, running only `sticky_error_child`).
+#[test]
+fn gpu_errors_fail_requests_with_eio() {
+    if !gpu_enabled("gpu_errors_fail_requests_with_eio") {
+        return;
+    }
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "sticky_error_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("VRAMDISK_FAULT_CHILD", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(90) {
+            child.kill().unwrap();
+            panic!("requests after a GPU fault hung");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("CHILD OK"), "{text}");
+}
+
+#[test]
+fn sticky_error_child() {
+    if std::env::var("VRAMDISK_FAULT_CHILD").as_deref() != Ok("1") {
+        return; // a helper: runs only as the child of gpu_errors_fail_requests_with_eio
+    }
+    let dev = open(64 * MIB);
+    runtime().block_on(async {
+        write(&dev, 0, &[7u8; 8192], true).await;
+        // A refused copy fails that request alone.
+        let err = dev.backend().bad_copy().await.unwrap_err();
+        assert_eq!(err.errno(), libc::EIO);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("cuda:0") && msg.contains("CUDA_ERROR"),
+            "{msg}"
+        );
+        println!("non-sticky error: {msg}");
+        assert_eq!(read(&dev, 0, 8192, true).await, vec![7u8; 8192]);
+        write(&dev, 4096, &[8u8; 4096], false).await;
+        // A faulting kernel ruins the context: every request fails with EIO, none hangs.
+        dev.backend().queue(0).inject_sticky_fault().unwrap();
+        let mut saw_sticky = false;
+        for i in 0..50u64 {
+            let buf = dev.buffers().get(4096).await.unwrap();
+            let r = if i % 2 == 0 {
+                dev.write(i * 4096, &buf, false).await
+            } else {
+                let mut buf = buf;
+                dev.read(0, &mut buf).await
+            };
+            let err = r.expect_err("a request succeeded on a faulted GPU");
+            assert_eq!(err.errno(), libc::EIO, "{err}");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("cuda:0") && msg.contains("CUDA_ERROR"),
+                "{msg}"
+            );
+            if dev.backend().queue(0).broken().is_some() {
+                saw_sticky = true;
+            }
+            if i == 0 {
+                println!("after the fault: {msg}");
+            }
+        }
+        assert!(saw_sticky, "the fault was not recognised as sticky");
+        // Writes that need a new chunk fail too (allocation goes through the context).
+        let err = dev.write(40 * MIB, &[1u8; 4096], false).await.unwrap_err();
+        assert_eq!(err.errno(), libc::EIO, "{err}");
+    });
+    println!("CHILD OK");
+}

@@ -66,6 +66,15 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64K")]
     small_max: u64,
 
+    /// Microseconds a task whose small request went out alone watches for its completion
+    /// before yielding (0: never).
+    #[arg(long, default_value_t = QueueOptions::default().spin.as_micros() as u64)]
+    spin_us: u64,
+
+    /// Also time chunk allocation and freeing, step by step (cuda backend).
+    #[arg(long)]
+    alloc_costs: bool,
+
     /// Only run tests whose name contains this text (e.g. "4K", "seq", "QD1 ").
     #[arg(long)]
     only: Option<String>,
@@ -141,6 +150,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ceiling_r / 1e9
     );
 
+    if args.alloc_costs && backend == BackendKind::Cuda {
+        let gpu = cuda::gpus(&args.gpu)?.remove(0);
+        let c = cuda::ceiling::alloc_costs(&gpu, args.chunk_size as usize, 256)
+            .map_err(|e| anyhow!("timing allocations: {e}"))?;
+        println!(
+            "chunk of {}, mean us: reserve {:.1} + create {:.1} + map {:.1} + access {:.1} + \
+             zero {:.1}; unmap+free {:.1} | cuMemAlloc {:.1}, cuMemFree {:.1}",
+            format_size(args.chunk_size),
+            c.reserve,
+            c.create,
+            c.map,
+            c.access,
+            c.zero,
+            c.unmap,
+            c.alloc,
+            c.free
+        );
+    }
     let modes: Vec<Option<BatchMode>> = match (backend, args.batch) {
         (BackendKind::Host, _) => vec![None],
         (_, BatchArg::Kernel) => vec![Some(BatchMode::Kernel)],
@@ -184,12 +211,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         lanes: args.lanes,
                         batch: *batch,
                         small_max: args.small_max as usize,
+                        spin: Duration::from_micros(args.spin_us),
                         ..QueueOptions::default()
                     },
                 };
                 let dev = cuda::open(&copts, sparse)?;
-                if *batch == BatchMode::Kernel && !dev.backend().kernel_loaded() {
-                    println!("(gather kernel not available: small copies go one by one)");
+                let actual = dev.backend().effective_batch();
+                if actual != *batch {
+                    println!("({batch:?} batching is not available here: using {actual:?})");
                 }
                 dev
             }

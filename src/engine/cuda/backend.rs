@@ -82,9 +82,30 @@ impl CudaBackend {
         })
     }
 
-    /// True when small copies are batched through the gather kernel on every GPU.
-    pub fn kernel_loaded(&self) -> bool {
-        self.queues.iter().all(|q| q.kernel_loaded())
+    /// How small copies are actually batched (on the first GPU).
+    pub fn effective_batch(&self) -> super::queue::BatchMode {
+        self.queues[0].effective_batch()
+    }
+
+    /// The copy queue of the GPU at `position` in the device's list (for fault tests).
+    #[doc(hidden)]
+    pub fn queue(&self, position: usize) -> &CopyQueue {
+        &self.queues[position]
+    }
+
+    /// Issues a copy to device address 0, which the driver refuses at once with a
+    /// non-sticky error, formatted as a request error (for fault tests).
+    #[doc(hidden)]
+    pub async fn bad_copy(&self) -> IoResult<()> {
+        let slot = self.staging.get().await?;
+        let op = Op::new(OpKind::Write, 0, slot.ptr(), 4096, false);
+        let gpu = &self.memories[0].gpu;
+        self.queues[0].run(op).await.map_err(|e| {
+            IoError::Backend(format!(
+                "cuda:{} ({}): write of 4096 bytes at device address 0 failed: {e}",
+                gpu.index, gpu.name
+            ))
+        })
     }
 
     fn error(

@@ -142,3 +142,104 @@ fn measure(
     let td = timed(reps, d2h)?;
     Ok((th, td))
 }
+
+/// Mean microseconds per step of allocating and freeing one chunk, both ways the driver
+/// offers (for choosing between them; printed by `vramdisk bench --alloc-costs`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AllocCosts {
+    /// `cuMemAddressReserve`.
+    pub reserve: f64,
+    /// `cuMemCreate`.
+    pub create: f64,
+    /// `cuMemMap`.
+    pub map: f64,
+    /// `cuMemSetAccess`.
+    pub access: f64,
+    /// `cuMemsetD8Async` + `cuStreamSynchronize` of the chunk.
+    pub zero: f64,
+    /// `cuMemUnmap` + `cuMemAddressFree`.
+    pub unmap: f64,
+    /// `cuMemAlloc`.
+    pub alloc: f64,
+    /// `cuMemFree`.
+    pub free: f64,
+}
+
+/// Times `n` allocations of `size` bytes on `gpu` each way.
+pub fn alloc_costs(gpu: &Gpu, size: usize, n: usize) -> Result<AllocCosts, CuError> {
+    gpu.bind()?;
+    let mut c = AllocCosts::default();
+    // SAFETY: plain C struct; zero is a valid start.
+    let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+    prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = gpu.device;
+    // SAFETY: plain C struct; zero is a valid start.
+    let mut access: sys::CUmemAccessDesc = unsafe { std::mem::zeroed() };
+    access.location = prop.location;
+    access.flags = sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    let mut stream: CUstream = std::ptr::null_mut();
+    let us = |t: Instant| t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    let mut ptrs = vec![0u64; n];
+    // SAFETY: driver calls on memory this function allocates and frees itself.
+    unsafe {
+        check(
+            sys::cuStreamCreate(
+                &mut stream,
+                sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+            ),
+            "cuStreamCreate",
+        )?;
+        let mut handles = vec![0u64; n];
+        let t = Instant::now();
+        for p in ptrs.iter_mut() {
+            check(
+                sys::cuMemAddressReserve(p, size, 0, 0, 0),
+                "cuMemAddressReserve",
+            )?;
+        }
+        c.reserve = us(t);
+        let t = Instant::now();
+        for h in handles.iter_mut() {
+            check(sys::cuMemCreate(h, size, &prop, 0), "cuMemCreate")?;
+        }
+        c.create = us(t);
+        let t = Instant::now();
+        for (p, h) in ptrs.iter().zip(&handles) {
+            check(sys::cuMemMap(*p, size, 0, *h, 0), "cuMemMap")?;
+        }
+        c.map = us(t);
+        let t = Instant::now();
+        for p in &ptrs {
+            check(sys::cuMemSetAccess(*p, size, &access, 1), "cuMemSetAccess")?;
+        }
+        c.access = us(t);
+        for h in &handles {
+            sys::cuMemRelease(*h);
+        }
+        let t = Instant::now();
+        for p in &ptrs {
+            check(sys::cuMemsetD8Async(*p, 0, size, stream), "cuMemsetD8Async")?;
+            check(sys::cuStreamSynchronize(stream), "cuStreamSynchronize")?;
+        }
+        c.zero = us(t);
+        let t = Instant::now();
+        for p in &ptrs {
+            check(sys::cuMemUnmap(*p, size), "cuMemUnmap")?;
+            check(sys::cuMemAddressFree(*p, size), "cuMemAddressFree")?;
+        }
+        c.unmap = us(t);
+        let t = Instant::now();
+        for p in ptrs.iter_mut() {
+            check(sys::cuMemAlloc_v2(p, size), "cuMemAlloc")?;
+        }
+        c.alloc = us(t);
+        let t = Instant::now();
+        for p in &ptrs {
+            check(sys::cuMemFree_v2(*p), "cuMemFree")?;
+        }
+        c.free = us(t);
+        sys::cuStreamDestroy_v2(stream);
+    }
+    Ok(c)
+}

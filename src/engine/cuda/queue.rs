@@ -58,6 +58,11 @@ pub struct QueueOptions {
     /// Fewer small copies than this in one round go out as plain copies (a launch costs
     /// more than one DMA setup).
     pub batch_min: usize,
+    /// How long a task whose small op went out alone (nothing else in flight) watches for its
+    /// completion before yielding to the runtime. Waking a parked tokio worker costs about as
+    /// much as a 4 KiB copy, so at queue depth 1 a short watch halves the latency; under load
+    /// ops never go out alone and nobody watches.
+    pub spin: Duration,
 }
 
 impl Default for QueueOptions {
@@ -67,6 +72,7 @@ impl Default for QueueOptions {
             batch: BatchMode::Kernel,
             small_max: 64 << 10,
             batch_min: 2,
+            spin: Duration::ZERO,
         }
     }
 }
@@ -262,18 +268,18 @@ impl CopyQueue {
             BatchMode::Kernel => match CopyKernel::load(&gpu) {
                 Ok(k) => Some(k),
                 Err(e) => {
-                    tracing::info!(
-                        "GPU {}: gather kernel unavailable ({e}); small copies go one by one",
-                        gpu.index
-                    );
+                    tracing::info!("GPU {}: gather kernel unavailable ({e})", gpu.index);
                     None
                 }
             },
             _ => None,
         };
-        let memcpy_batch =
-            opts.batch == BatchMode::MemcpyBatch && super::driver::has_symbol("cuMemcpyBatchAsync");
-        if opts.batch == BatchMode::MemcpyBatch && !memcpy_batch {
+        // Without the kernel (an older driver cannot load PTX this new), batch by
+        // cuMemcpyBatchAsync where the driver has it.
+        let want_memcpy_batch = opts.batch == BatchMode::MemcpyBatch
+            || (opts.batch == BatchMode::Kernel && kernel.is_none());
+        let memcpy_batch = want_memcpy_batch && super::driver::has_symbol("cuMemcpyBatchAsync");
+        if want_memcpy_batch && !memcpy_batch {
             tracing::info!(
                 "GPU {}: the driver has no cuMemcpyBatchAsync; small copies go one by one",
                 gpu.index
@@ -319,9 +325,41 @@ impl CopyQueue {
         self.shared.broken.get().copied()
     }
 
-    /// True when small copies go through the gather kernel.
-    pub fn kernel_loaded(&self) -> bool {
-        self.shared.kernel.is_some()
+    /// How small copies are actually batched (the kernel or `cuMemcpyBatchAsync` may be
+    /// unavailable).
+    pub fn effective_batch(&self) -> BatchMode {
+        if self.shared.kernel.is_some() {
+            BatchMode::Kernel
+        } else if self.shared.memcpy_batch {
+            BatchMode::MemcpyBatch
+        } else {
+            BatchMode::Off
+        }
+    }
+
+    /// Launches the gather kernel on a bad address, which leaves the context unusable (a
+    /// sticky error), to test that requests then fail with EIO instead of hanging.
+    #[doc(hidden)]
+    pub fn inject_sticky_fault(&self) -> Result<(), String> {
+        let kernel = self
+            .shared
+            .kernel
+            .as_ref()
+            .ok_or("the gather kernel is not loaded")?;
+        let mut batch = Box::<Batch>::default();
+        batch.count = 1;
+        batch.descs[0] = Desc {
+            src: 64,
+            dst: 128,
+            len: 4096,
+        };
+        self.shared.gpu.bind().map_err(|e| e.to_string())?;
+        let lane = &self.shared.lanes[0];
+        // SAFETY: deliberately faulting; the addresses are never valid, so no memory of ours
+        // is touched.
+        unsafe { kernel.launch(lane.stream, &batch) }.map_err(|e| e.to_string())?;
+        self.shared.track(lane, ptr::null());
+        Ok(())
     }
 
     /// Runs one op to completion.
@@ -331,7 +369,17 @@ impl CopyQueue {
         }
         let op = op;
         let guard = WaitOnDrop(&op);
-        self.shared.submit(&op);
+        let solo = self.shared.submit(&op);
+        if solo && !self.shared.opts.spin.is_zero() && op.len <= self.shared.opts.small_max {
+            let start = Instant::now();
+            while start.elapsed() < self.shared.opts.spin {
+                if let Some(r) = op.result() {
+                    drop(guard);
+                    return r;
+                }
+                std::hint::spin_loop();
+            }
+        }
         let result = OpDone(&op).await;
         drop(guard);
         result
@@ -394,7 +442,9 @@ impl Future for OpDone<'_> {
 }
 
 impl Shared {
-    fn submit(&self, op: &Op) {
+    /// Pushes `op` and combines; true when this thread issued `op` alone in its round, with
+    /// nothing else in flight.
+    fn submit(&self, op: &Op) -> bool {
         let p = op as *const Op as *mut Op;
         let mut head = self.pending.load(Ordering::Relaxed);
         loop {
@@ -407,16 +457,18 @@ impl Shared {
                 Err(h) => head = h,
             }
         }
-        self.combine();
+        self.combine() == 1 && self.inflight.load(Ordering::Relaxed) <= 1
     }
 
     /// Issues everything pending unless another thread is already doing so. The combiner
     /// re-checks the stack after letting go, so an op pushed just as it finished is never
     /// left behind (SeqCst on both sides: push-then-try versus release-then-check).
-    fn combine(&self) {
+    /// Returns how many ops this thread issued.
+    fn combine(&self) -> usize {
+        let mut issued = 0;
         loop {
             if self.combining.swap(true, Ordering::SeqCst) {
-                return;
+                return issued;
             }
             loop {
                 let list = self.pending.swap(ptr::null_mut(), Ordering::SeqCst);
@@ -424,36 +476,40 @@ impl Shared {
                     break;
                 }
                 // SAFETY: we hold `combining`, and the drained ops are ours to issue.
-                unsafe { self.issue(list) };
+                issued += unsafe { self.issue(list) };
             }
             self.combining.store(false, Ordering::SeqCst);
             if self.pending.load(Ordering::SeqCst).is_null() {
-                return;
+                return issued;
             }
         }
     }
 
-    fn fail_all(&self, mut list: *const Op, e: CuError) {
+    fn fail_all(&self, mut list: *const Op, e: CuError) -> usize {
+        let mut count = 0;
         while !list.is_null() {
+            count += 1;
             // SAFETY: drained ops are alive until completed.
             let next = unsafe { &*list }.next.load(Ordering::Relaxed);
             // SAFETY: each op is completed once, here.
             unsafe { complete(list, Some(e)) };
             list = next;
         }
+        count
     }
 
-    /// Issues a drained stack of ops (newest first).
+    /// Issues a drained stack of ops (newest first); returns how many.
     ///
     /// # Safety
     /// The caller holds `combining`; every op in `list` is submitted and not yet issued.
-    unsafe fn issue(&self, list: *mut Op) {
+    unsafe fn issue(&self, list: *mut Op) -> usize {
         if let Some(e) = self.broken.get() {
             return self.fail_all(list, *e);
         }
         if let Err(e) = self.gpu.bind() {
             return self.fail_all(list, e);
         }
+        let mut count = 0;
         // SAFETY: only the combiner touches scratch.
         let scratch = unsafe { &mut *self.scratch.get() };
         let batching = self.kernel.is_some() || self.memcpy_batch;
@@ -462,6 +518,7 @@ impl Shared {
             // SAFETY: drained ops are alive until completed.
             let o = unsafe { &*op };
             let next = o.next.load(Ordering::Relaxed);
+            count += 1;
             if batching && o.kind != OpKind::Zero && o.len <= self.opts.small_max && o.mapped {
                 scratch.small.push(op);
                 if scratch.small.len() == MAX_DESCS {
@@ -473,6 +530,7 @@ impl Shared {
             op = next;
         }
         self.flush_small(scratch);
+        count
     }
 
     fn next_lane(&self, scratch: &mut Scratch) -> &Lane {
