@@ -584,6 +584,9 @@ fn gpu_errors_fail_requests_with_eio() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success() && text.contains("CHILD OK"), "{text}");
+    for line in text.lines().filter(|l| l.contains("error")) {
+        println!("child: {line}");
+    }
 }
 
 #[test]

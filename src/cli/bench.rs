@@ -75,7 +75,8 @@ pub struct BenchArgs {
     #[arg(long)]
     alloc_costs: bool,
 
-    /// Only run tests whose name contains this text (e.g. "4K", "seq", "QD1 ").
+    /// Only run tests whose name followed by a space contains this text ("4K", "seq",
+    /// "QD1 " for queue depth 1 alone).
     #[arg(long)]
     only: Option<String>,
 }
@@ -201,6 +202,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for (i, mode) in modes.iter().enumerate() {
         let mut sparse = SparseOptions::new(args.size);
         sparse.chunk_size = args.chunk_size as usize;
+        let mut gpu_dev = None;
         let device: Arc<dyn BlockDevice> = match mode {
             None => Arc::new(SparseDevice::new(HostBackend::new(), sparse)?),
             Some(batch) => {
@@ -220,6 +222,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 if actual != *batch {
                     println!("({batch:?} batching is not available here: using {actual:?})");
                 }
+                gpu_dev = Some(dev.clone());
                 dev
             }
         };
@@ -255,10 +258,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
             let name = t.name();
             if let Some(only) = &args.only
-                && !name.contains(only.as_str())
+                && !format!("{name} ").contains(only.as_str())
             {
                 continue;
             }
+            let before = gpu_dev.as_ref().map(|d| d.backend().queue_stats());
             let dev = device.clone();
             let t2 = *t;
             let out =
@@ -274,6 +278,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 out.p99_us,
                 bps / ceil
             );
+            if let (Some(d), Some(b)) = (&gpu_dev, before) {
+                let a = d.backend().queue_stats();
+                let rounds = (a.rounds - b.rounds).max(1);
+                let batches = a.batches - b.batches;
+                println!(
+                    "{:<22} {:.1} ops per round; {} batches of {:.1} ops; completion thread \
+                     waking tasks {:.0}% of the time",
+                    "",
+                    (a.ops - b.ops) as f64 / rounds as f64,
+                    batches,
+                    (a.batched_ops - b.batched_ops) as f64 / batches.max(1) as f64,
+                    (a.complete_ns - b.complete_ns) as f64 / 1e7 / out.secs
+                );
+            }
         }
         let stats = device.stats();
         println!(

@@ -87,6 +87,20 @@ impl CudaBackend {
         self.queues[0].effective_batch()
     }
 
+    /// Counters of every GPU's copy queue, summed.
+    pub fn queue_stats(&self) -> super::queue::QueueStats {
+        let mut t = super::queue::QueueStats::default();
+        for q in &self.queues {
+            let s = q.stats();
+            t.ops += s.ops;
+            t.rounds += s.rounds;
+            t.batches += s.batches;
+            t.batched_ops += s.batched_ops;
+            t.complete_ns += s.complete_ns;
+        }
+        t
+    }
+
     /// The copy queue of the GPU at `position` in the device's list (for fault tests).
     #[doc(hidden)]
     pub fn queue(&self, position: usize) -> &CopyQueue {

@@ -29,7 +29,7 @@ use std::future::Future;
 use std::marker::PhantomPinned;
 use std::pin::Pin;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::thread::{JoinHandle, Thread};
@@ -75,6 +75,31 @@ impl Default for QueueOptions {
             spin: Duration::ZERO,
         }
     }
+}
+
+/// Counters of a copy queue, for the benchmark: how requests were grouped, and how busy the
+/// completion thread was. Updated once per round or batch, not per request.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QueueStats {
+    /// Ops issued.
+    pub ops: u64,
+    /// Combining rounds (drains of the pending stack).
+    pub rounds: u64,
+    /// Batched submissions (kernel launches or `cuMemcpyBatchAsync` calls).
+    pub batches: u64,
+    /// Ops carried by those batches.
+    pub batched_ops: u64,
+    /// Nanoseconds the completion thread spent completing ops (waking tasks).
+    pub complete_ns: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    ops: AtomicU64,
+    rounds: AtomicU64,
+    batches: AtomicU64,
+    batched_ops: AtomicU64,
+    complete_ns: AtomicU64,
 }
 
 /// What an op does.
@@ -225,6 +250,7 @@ struct Shared {
     poller: OnceLock<Thread>,
     shutdown: AtomicBool,
     broken: OnceLock<CuError>,
+    counters: Counters,
 }
 
 // SAFETY: raw driver handles are thread-agnostic; `scratch` is touched only by the thread
@@ -307,6 +333,7 @@ impl CopyQueue {
             poller: OnceLock::new(),
             shutdown: AtomicBool::new(false),
             broken: OnceLock::new(),
+            counters: Counters::default(),
         });
         let poll_shared = shared.clone();
         let handle = std::thread::Builder::new()
@@ -323,6 +350,18 @@ impl CopyQueue {
     /// The sticky error that made this GPU unusable, if one happened.
     pub fn broken(&self) -> Option<CuError> {
         self.shared.broken.get().copied()
+    }
+
+    /// The queue's counters so far.
+    pub fn stats(&self) -> QueueStats {
+        let c = &self.shared.counters;
+        QueueStats {
+            ops: c.ops.load(Ordering::Relaxed),
+            rounds: c.rounds.load(Ordering::Relaxed),
+            batches: c.batches.load(Ordering::Relaxed),
+            batched_ops: c.batched_ops.load(Ordering::Relaxed),
+            complete_ns: c.complete_ns.load(Ordering::Relaxed),
+        }
     }
 
     /// How small copies are actually batched (the kernel or `cuMemcpyBatchAsync` may be
@@ -530,6 +569,8 @@ impl Shared {
             op = next;
         }
         self.flush_small(scratch);
+        self.counters.ops.fetch_add(count as u64, Ordering::Relaxed);
+        self.counters.rounds.fetch_add(1, Ordering::Relaxed);
         count
     }
 
@@ -655,6 +696,10 @@ impl Shared {
                 .store(next as *mut Op, Ordering::Relaxed);
         }
         let head = scratch.small[0];
+        self.counters.batches.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .batched_ops
+            .fetch_add(n as u64, Ordering::Relaxed);
         let rc = if let Some(kernel) = &self.kernel {
             let batch = &mut *scratch.batch;
             batch.count = n as u64;
@@ -764,8 +809,11 @@ fn poll_loop(shared: &Shared) {
                         unsafe { sys::cuEventDestroy_v2(event) };
                     }
                 }
+                let t = Instant::now();
                 // SAFETY: the chain was tracked by this event and is completed only here.
                 unsafe { complete_chain(inflight.ops, error) };
+                let ns = t.elapsed().as_nanos() as u64;
+                shared.counters.complete_ns.fetch_add(ns, Ordering::Relaxed);
                 shared.inflight.fetch_sub(1, Ordering::SeqCst);
                 completed = true;
             }
