@@ -31,6 +31,15 @@ pub enum BatchArg {
     All,
 }
 
+/// Who reaps completions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Reaper {
+    /// Submitting tasks and the completion thread.
+    Tasks,
+    /// The completion thread alone.
+    Poller,
+}
+
 /// Arguments of `vramdisk bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -70,6 +79,11 @@ pub struct BenchArgs {
     /// before yielding (0: never).
     #[arg(long, default_value_t = QueueOptions::default().spin.as_micros() as u64)]
     spin_us: u64,
+
+    /// Who reaps completions under load: the submitting tasks as well as the completion
+    /// thread (tasks), or the completion thread alone (poller).
+    #[arg(long, value_enum, default_value = "tasks")]
+    reaper: Reaper,
 
     /// Also time chunk allocation and freeing, step by step (cuda backend).
     #[arg(long)]
@@ -214,6 +228,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         batch: *batch,
                         small_max: args.small_max as usize,
                         spin: Duration::from_micros(args.spin_us),
+                        task_reap: args.reaper == Reaper::Tasks,
                         ..QueueOptions::default()
                     },
                 };
@@ -284,12 +299,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 let batches = a.batches - b.batches;
                 println!(
                     "{:<22} {:.1} ops per round; {} batches of {:.1} ops; completion thread \
-                     waking tasks {:.0}% of the time",
+                     reaping {:.0}% of the time; {} completions reaped by tasks",
                     "",
                     (a.ops - b.ops) as f64 / rounds as f64,
                     batches,
                     (a.batched_ops - b.batched_ops) as f64 / batches.max(1) as f64,
-                    (a.complete_ns - b.complete_ns) as f64 / 1e7 / out.secs
+                    (a.complete_ns - b.complete_ns) as f64 / 1e7 / out.secs,
+                    a.task_reaped - b.task_reaped
                 );
             }
         }
