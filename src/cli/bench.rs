@@ -31,15 +31,6 @@ pub enum BatchArg {
     All,
 }
 
-/// Who reaps completions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Reaper {
-    /// Submitting tasks and the completion thread.
-    Tasks,
-    /// The completion thread alone.
-    Poller,
-}
-
 /// Arguments of `vramdisk bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -80,10 +71,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = QueueOptions::default().spin.as_micros() as u64)]
     spin_us: u64,
 
-    /// Who reaps completions under load: the submitting tasks as well as the completion
-    /// thread (tasks), or the completion thread alone (poller).
-    #[arg(long, value_enum, default_value = "tasks")]
-    reaper: Reaper,
+    /// Completion threads per GPU.
+    #[arg(long, default_value_t = QueueOptions::default().completion_threads)]
+    completion_threads: usize,
 
     /// Also time chunk allocation and freeing, step by step (cuda backend).
     #[arg(long)]
@@ -228,7 +218,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         batch: *batch,
                         small_max: args.small_max as usize,
                         spin: Duration::from_micros(args.spin_us),
-                        task_reap: args.reaper == Reaper::Tasks,
+                        completion_threads: args.completion_threads,
                         ..QueueOptions::default()
                     },
                 };
@@ -298,14 +288,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 let rounds = (a.rounds - b.rounds).max(1);
                 let batches = a.batches - b.batches;
                 println!(
-                    "{:<22} {:.1} ops per round; {} batches of {:.1} ops; completion thread \
-                     reaping {:.0}% of the time; {} completions reaped by tasks",
+                    "{:<22} {:.1} ops per round; {} batches of {:.1} ops; completion threads \
+                     busy {:.0}% of the time (summed)",
                     "",
                     (a.ops - b.ops) as f64 / rounds as f64,
                     batches,
                     (a.batched_ops - b.batched_ops) as f64 / batches.max(1) as f64,
-                    (a.complete_ns - b.complete_ns) as f64 / 1e7 / out.secs,
-                    a.task_reaped - b.task_reaped
+                    (a.complete_ns - b.complete_ns) as f64 / 1e7 / out.secs
                 );
             }
         }

@@ -97,7 +97,6 @@ impl CudaBackend {
             t.batches += s.batches;
             t.batched_ops += s.batched_ops;
             t.complete_ns += s.complete_ns;
-            t.task_reaped += s.task_reaped;
         }
         t
     }
