@@ -31,6 +31,40 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Log lines of this test process, captured (for checking how often a warning is given).
+static LOG: Mutex<String> = Mutex::new(String::new());
+
+struct Capture;
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        LOG.lock().unwrap().push_str(&String::from_utf8_lossy(b));
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(|| Capture)
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+    });
+}
+
+fn count_log_lines(text: &str) -> usize {
+    LOG.lock()
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(text))
+        .count()
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
@@ -333,6 +367,7 @@ fn keep_free_refuses_with_enospc() {
         return;
     }
     let _g = serial();
+    capture_logs();
     // The first copies and launches make the driver take memory for the context; let that
     // happen before measuring what is free.
     let warm = open(64 * MIB);
@@ -360,11 +395,27 @@ fn keep_free_refuses_with_enospc() {
             written >= room - 16 * MIB && written <= room + 8 * MIB,
             "wrote {written} bytes with {room} to spare"
         );
+        // Refused again and again, but warned about once.
+        for i in 1..10 {
+            let err = dev
+                .write(written + i * 2 * MIB, &data, false)
+                .await
+                .unwrap_err();
+            assert_eq!(err.errno(), libc::ENOSPC, "error was {err}");
+        }
+        let warning = "--keep-free asks to leave";
+        assert_eq!(count_log_lines(warning), 1, "log:\n{}", LOG.lock().unwrap());
         // The refusal is clean: what was written reads back, and freeing makes room again.
         assert_eq!(read(&dev, 0, MIB as usize, true).await, data);
-        assert!(dev.write(written, &data, false).await.is_err());
         dev.trim(0, 4 * MIB).await.unwrap();
         dev.write(written, &data, false).await.unwrap();
+        // A new episode of a full GPU gets a new warning.
+        let mut off = written + MIB;
+        while dev.write(off, &data, false).await.is_ok() {
+            off += MIB;
+            assert!(off < 512 * MIB, "--keep-free did not stop the writes");
+        }
+        assert_eq!(count_log_lines(warning), 2, "log:\n{}", LOG.lock().unwrap());
     });
 }
 
@@ -629,8 +680,8 @@ fn sticky_error_child() {
             if dev.backend().queue(0).broken().is_some() {
                 saw_sticky = true;
             }
-            if i == 0 {
-                println!("after the fault: {msg}");
+            if i < 2 {
+                println!("error after the fault: {msg}");
             }
         }
         assert!(saw_sticky, "the fault was not recognised as sticky");

@@ -15,15 +15,16 @@
 //! - [`kernel`]: the gather/scatter kernel that carries a batch of small copies.
 //! - [`ceiling`]: the raw copy rate the benchmark compares against.
 //!
-//! **Memory: virtual memory management rather than `cuMemAlloc`.** Each GPU reserves one
-//! address range for its share of the device, and a chunk is physical memory created with
-//! `cuMemCreate` and mapped into its slot. Three reasons: freeing a chunk (TRIM) is an unmap,
-//! which the driver documents without the implicit device synchronisation that `cuMemFree`
-//! may perform, so a TRIM does not stall copies running on other chunks; the physical
-//! memory is exactly the chunk rounded to the 2 MiB granularity, so `cuMemGetInfo` (what
-//! `--keep-free` checks) moves by exactly what we take and give back, with no allocator
-//! caching in between; and a chunk's address is a pure function of its index. The cost is
-//! that chunks smaller than the granularity would waste memory, so the backend refuses them.
+//! **Memory: virtual memory management rather than `cuMemAlloc`.** A chunk is physical memory
+//! created with `cuMemCreate` and mapped into an address range of its own. Reasons: freeing a
+//! chunk (TRIM) is an unmap, which the driver documents without the implicit device
+//! synchronisation that `cuMemFree` may perform, so a TRIM need not stall copies running on
+//! other chunks; the physical memory is exactly the chunk rounded to the 2 MiB granularity,
+//! so `cuMemGetInfo` (what `--keep-free` checks) moves by exactly what we take and give back,
+//! with no allocator caching in between; and it costs no more (measured on an H200, 2 MiB
+//! chunks: reserve + create + map + set access 34 µs, unmap + free 25 µs; `cuMemAlloc` 35 µs,
+//! `cuMemFree` 29 µs). The cost is that chunks smaller than the granularity would waste
+//! memory, so the backend refuses them.
 //!
 //! **Data path.** The device's I/O buffers are pinned and mapped (`cuMemHostAlloc`), so a
 //! payload read off a socket into one is copied by DMA with no staging. Other buffers are

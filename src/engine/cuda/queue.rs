@@ -11,11 +11,12 @@
 //! each submission an event is recorded on its lane.
 //!
 //! Completion is reaping: query the oldest event of each lane and wake the tasks whose ops it
-//! covered. Completion threads (two per GPU by default, each owning half the lanes) reap
-//! while work is in flight, spinning, and park when idle. Waking a task from outside the
-//! runtime costs about 0.6 µs (tokio's shared injection queue and often a thread wake-up), so
-//! one thread saturates near 1.6 M wakes/s; having the submitting tasks reap instead was
-//! measured and was no faster. No tokio worker ever waits in a GPU synchronisation. The one bounded exception: a task whose
+//! covered. A completion thread per GPU reaps while work is in flight, spinning, and parks
+//! when idle. Waking a task from outside the runtime costs about 0.6 µs (tokio's shared
+//! injection queue and often a thread wake-up), so one thread saturates near 1.6 M wakes/s,
+//! which is what bounds 4 KiB I/O at high depth; more completion threads (each reaping a
+//! share of the lanes) and reaping by the submitting tasks were both measured and were
+//! slower (see bench/notes-gpu.md). No tokio worker ever waits in a GPU synchronisation. The one bounded exception: a task whose
 //! small op went out alone, with nothing else in flight, watches its op for up to
 //! [`QueueOptions::spin`] (20 µs) before yielding, since waking a parked worker costs about as
 //! much as the copy itself (4 KiB at queue depth 1: 20 µs median without the watch, 10 with).
@@ -69,8 +70,9 @@ pub struct QueueOptions {
     /// much as a 4 KiB copy, so at queue depth 1 a short watch halves the latency; under load
     /// ops never go out alone and nobody watches.
     pub spin: Duration,
-    /// Completion threads per GPU; each reaps its share of the lanes. One thread saturates
-    /// near 1.6 M wakes/s (measured), so small I/O at depth wants more than one.
+    /// Completion threads per GPU; each reaps its share of the lanes. One is best: the cost
+    /// of waking tasks from outside the runtime grows with more (measured at 4 KiB QD128:
+    /// 1.6 M IOPS with one thread, 1.2 M with two, 0.7 M with four).
     pub completion_threads: usize,
 }
 
@@ -82,7 +84,7 @@ impl Default for QueueOptions {
             small_max: 64 << 10,
             batch_min: 2,
             spin: Duration::from_micros(20),
-            completion_threads: 2,
+            completion_threads: 1,
         }
     }
 }
