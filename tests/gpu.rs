@@ -507,6 +507,8 @@ fn devices_lists_gpus_as_json() {
     if !gpu_enabled("devices_lists_gpus_as_json") {
         return;
     }
+    // The child process takes GPU memory too; keep it away from tests that measure it.
+    let _g = serial();
     let out = Command::new(bin())
         .args(["devices", "--json"])
         .output()
@@ -540,6 +542,7 @@ fn bench_runs_on_the_gpu() {
     if !gpu_enabled("bench_runs_on_the_gpu") {
         return;
     }
+    let _g = serial();
     let out = Command::new(bin())
         .args([
             "bench",
@@ -608,6 +611,7 @@ fn gpu_errors_fail_requests_with_eio() {
     if !gpu_enabled("gpu_errors_fail_requests_with_eio") {
         return;
     }
+    let _g = serial();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
