@@ -112,7 +112,9 @@ impl CudaBackend {
     #[doc(hidden)]
     pub async fn bad_copy(&self) -> IoResult<()> {
         let slot = self.staging.get().await?;
-        let op = Op::new(OpKind::Write, 0, slot.ptr(), 4096, false);
+        // SAFETY: the slot is pinned and 4096 bytes long; address 0 is refused by the driver
+        // before any copy starts.
+        let op = unsafe { Op::new(OpKind::Write, 0, slot.ptr(), 4096, false) };
         let gpu = &self.memories[0].gpu;
         self.queues[0].run(op).await.map_err(|e| {
             IoError::Backend(format!(
@@ -150,14 +152,13 @@ impl CudaBackend {
         }
     }
 
+    /// An op on `chunk`. Every caller passes a pinned host buffer of `len` bytes (its own
+    /// borrowed slice, found in the pinned registry, or a staging slot) that stays borrowed
+    /// until the op's `run` resolves, and a range already checked against the chunk.
     fn op(&self, chunk: &GpuChunk, kind: OpKind, offset: usize, host: *mut u8, len: usize) -> Op {
-        Op::new(
-            kind,
-            chunk.ptr() + offset as u64,
-            host,
-            len,
-            kind != OpKind::Zero,
-        )
+        let dev = chunk.ptr() + offset as u64;
+        // SAFETY: as above; the chunk stays mapped while the caller holds it.
+        unsafe { Op::new(kind, dev, host, len, kind != OpKind::Zero) }
     }
 
     async fn run(&self, chunk: &GpuChunk, offset: usize, op: Op) -> IoResult<()> {

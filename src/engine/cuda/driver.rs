@@ -303,15 +303,4 @@ impl Gpu {
         )?;
         Ok((free as u64, total as u64))
     }
-
-    /// An integer device attribute.
-    pub fn attribute(&self, attr: sys::CUdevice_attribute) -> Result<i32, CuError> {
-        let mut v = 0;
-        // SAFETY: plain driver call.
-        check(
-            unsafe { sys::cuDeviceGetAttribute(&mut v, attr, self.device) },
-            "cuDeviceGetAttribute",
-        )?;
-        Ok(v)
-    }
 }

@@ -16,10 +16,11 @@
 //! injection queue and often a thread wake-up), so one thread saturates near 1.6 M wakes/s,
 //! which is what bounds 4 KiB I/O at high depth; more completion threads (each reaping a
 //! share of the lanes) and reaping by the submitting tasks were both measured and were
-//! slower (see bench/notes-gpu.md). No tokio worker ever waits in a GPU synchronisation. The one bounded exception: a task whose
-//! small op went out alone, with nothing else in flight, watches its op for up to
-//! [`QueueOptions::spin`] (20 µs) before yielding, since waking a parked worker costs about as
-//! much as the copy itself (4 KiB at queue depth 1: 20 µs median without the watch, 10 with).
+//! slower (see bench/notes-gpu.md). No tokio worker ever waits in a GPU synchronisation. The
+//! one bounded exception: a task whose small op went out alone, with nothing else in flight,
+//! watches its op for up to [`QueueOptions::spin`] (20 µs) before yielding, since waking a
+//! parked worker costs about as much as the copy itself (4 KiB at queue depth 1: 20 µs
+//! median without the watch, 10 with).
 //!
 //! An op lives inside the requesting future (no allocation per request). The future must not
 //! go away while the GPU may still touch the op or its buffer, so dropping it before
@@ -153,8 +154,20 @@ unsafe impl Send for Op {}
 unsafe impl Sync for Op {}
 
 impl Op {
-    /// An op of `kind` on `len` bytes at device address `dev` and host address `host`.
-    pub fn new(kind: OpKind, dev: CUdeviceptr, host: *mut u8, len: usize, mapped: bool) -> Op {
+    /// An op of `kind` on `len` bytes at device address `dev` and host address `host`
+    /// (`mapped`: pinned and mapped into the GPU, so the gather kernel may touch it).
+    ///
+    /// # Safety
+    /// Until the op completes (its `run` future resolves or is dropped), `host` must be valid
+    /// for `len` bytes in the op's direction and pinned, and `dev` must be GPU memory of this
+    /// queue's context valid for `len` bytes; for `Zero`, `host` is unused.
+    pub unsafe fn new(
+        kind: OpKind,
+        dev: CUdeviceptr,
+        host: *mut u8,
+        len: usize,
+        mapped: bool,
+    ) -> Op {
         Op {
             next: AtomicPtr::new(ptr::null_mut()),
             kind,
