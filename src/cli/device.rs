@@ -180,6 +180,10 @@ impl DeviceArgs {
         if backend == BackendKind::Host && (!self.gpu.is_empty() || self.keep_free.is_some()) {
             bail!("--gpu and --keep-free apply to GPU memory: drop them or use --backend cuda");
         }
+        if backend == BackendKind::Cuda {
+            // Driver and GPU problems are one sentence, not one per export.
+            crate::engine::cuda::gpus(&self.gpu)?;
+        }
         let mut devices = Vec::new();
         for spec in specs {
             let opts = self.options(spec.size)?;

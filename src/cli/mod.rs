@@ -1,7 +1,9 @@
 //! The command line: argument definitions shared by every subcommand, and dispatch.
 
+mod bench;
 mod config;
 mod device;
+mod devices;
 mod ops;
 mod serve;
 pub mod size;
@@ -60,6 +62,10 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<std::path::PathBuf>,
     },
+    /// List the NVIDIA GPUs: index, name, total and free memory, PCI bus id.
+    Devices(devices::DevicesArgs),
+    /// Measure the engine in process (no network) against the machine's copy ceiling.
+    Bench(bench::BenchArgs),
 }
 
 /// Parses the command line, runs the subcommand, and turns its error into one plain line.
@@ -76,6 +82,8 @@ pub fn main() -> ExitCode {
         Command::Save(args) => ops::save(args),
         Command::Completions { shell } => ops::completions(shell),
         Command::Manpage { dir } => ops::manpage(dir),
+        Command::Devices(args) => devices::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
