@@ -124,6 +124,7 @@ pub fn clients_available(tools: &[&str]) -> bool {
 }
 
 /// Returns from the calling test (skipping it loudly) unless every named client is installed.
+#[allow(unused_macros)]
 macro_rules! require_clients {
     ($($tool:expr),+ $(,)?) => {
         if !$crate::common::clients_available(&[$($tool),+]) {
@@ -133,6 +134,7 @@ macro_rules! require_clients {
 }
 
 /// Generates one `#[test]` per transport calling `body(Transport)`.
+#[allow(unused_macros)]
 macro_rules! over_both_transports {
     ($($name:ident => $body:ident;)+) => {
         $(
