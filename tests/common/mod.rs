@@ -67,11 +67,21 @@ pub fn server_kind() -> ServerKind {
 /// True when the stand-in serves: the caller skips a vramdisk-only check and says so.
 pub fn standin_skips(what: &str) -> bool {
     if server_kind() == ServerKind::Nbdkit {
-        eprintln!("SKIPPED under VRAMDISK_TEST_SERVER=nbdkit: {what} (vramdisk-only behaviour)");
+        loud(&format!(
+            "SKIPPED under VRAMDISK_TEST_SERVER=nbdkit: {what} (vramdisk-only behaviour)"
+        ));
         true
     } else {
         false
     }
+}
+
+/// Prints a line on stderr past the test harness's output capture, so that a skip is seen
+/// even when the test passes.
+pub fn loud(line: &str) {
+    use std::io::Write;
+    let name = std::thread::current().name().unwrap_or("test").to_string();
+    let _ = writeln!(std::io::stderr(), "{name}: {line}");
 }
 
 /// The vramdisk binary under test.
@@ -114,9 +124,9 @@ pub fn clients_available(tools: &[&str]) -> bool {
             if clients_required() {
                 panic!("{tool} is not installed, and VRAMDISK_REQUIRE_CLIENTS=1 requires it");
             }
-            eprintln!(
-                "\n*** SKIPPED: {tool} not installed (set VRAMDISK_REQUIRE_CLIENTS=1 to fail instead) ***\n"
-            );
+            loud(&format!(
+                "*** SKIPPED: {tool} not installed (set VRAMDISK_REQUIRE_CLIENTS=1 to fail instead) ***"
+            ));
             return false;
         }
     }
