@@ -7,6 +7,7 @@ mod common;
 
 use common::{MIB, Server, ServerConfig, Transport, run, run_ok};
 use serde_json::Value;
+use std::path::Path;
 use std::process::Command;
 
 fn server(size: u64, transport: Transport) -> Server {
@@ -15,8 +16,10 @@ fn server(size: u64, transport: Transport) -> Server {
 
 /// Runs fio with the nbd engine on `uri`; returns its exit code, its JSON report (when it
 /// printed one) and everything it printed.
-fn fio(uri: &str, args: &[&str]) -> (i32, Option<Value>, String) {
+fn fio(dir: &Path, uri: &str, args: &[&str]) -> (i32, Option<Value>, String) {
+    // fio leaves verify state files in its working directory: keep them in the test's.
     let out = run(Command::new("fio")
+        .current_dir(dir)
         .args([
             "--name=vramdisk-test",
             "--ioengine=nbd",
@@ -34,8 +37,8 @@ fn fio(uri: &str, args: &[&str]) -> (i32, Option<Value>, String) {
     (out.code(), json, out.all())
 }
 
-fn fio_ok(uri: &str, args: &[&str]) -> Value {
-    let (code, json, all) = fio(uri, args);
+fn fio_ok(dir: &Path, uri: &str, args: &[&str]) -> Value {
+    let (code, json, all) = fio(dir, uri, args);
     assert_eq!(code, 0, "fio failed:\n{all}");
     let json = json.unwrap_or_else(|| panic!("fio printed no JSON report:\n{all}"));
     for job in json["jobs"].as_array().expect("jobs") {
@@ -58,6 +61,7 @@ fn random_write_verify(transport: Transport) {
     let mut srv = server(256 * MIB, transport);
     let size = 128 * MIB;
     let json = fio_ok(
+        srv.dir(),
         &srv.uri(),
         &[
             "--rw=randwrite",
@@ -80,6 +84,7 @@ fn sequential_large_verify(transport: Transport) {
     let size = 256 * MIB;
     // 1 MiB blocks starting 512 KiB into the device: every request spans two chunks.
     let json = fio_ok(
+        srv.dir(),
         &srv.uri(),
         &[
             "--rw=write",
@@ -112,13 +117,13 @@ fn verify_in_separate_run(transport: Transport) {
     ];
     let mut write = common_args.to_vec();
     write.push("--do_verify=0");
-    let json = fio_ok(&srv.uri(), &write);
+    let json = fio_ok(srv.dir(), &srv.uri(), &write);
     assert_eq!(bytes(&json, "write"), 192 * MIB);
     assert_eq!(bytes(&json, "read"), 0, "do_verify=0 still read");
 
     let mut verify = common_args.to_vec();
     verify.extend(["--verify_only", "--do_verify=1", "--verify_fatal=1"]);
-    let json = fio_ok(&srv.uri(), &verify);
+    let json = fio_ok(srv.dir(), &srv.uri(), &verify);
     assert_eq!(bytes(&json, "read"), 192 * MIB, "verify_only read");
 
     // Zero one 64 KiB block inside the written range: verification must now fail.
@@ -130,7 +135,7 @@ fn verify_in_separate_run(transport: Transport) {
         &format!("write -z {} 65536", 100 * MIB),
     ]));
     assert!(!out.all().contains("failed"), "{}", out.all());
-    let (code, _, all) = fio(&srv.uri(), &verify);
+    let (code, _, all) = fio(srv.dir(), &srv.uri(), &verify);
     assert_ne!(code, 0, "fio verified a corrupted device:\n{all}");
     // e.g. "verify: bad magic header 0, wanted acca at file ... offset 104857600, ..."
     assert!(
@@ -145,6 +150,7 @@ fn sixty_four_jobs(transport: Transport) {
     require_clients!("fio-nbd");
     let mut srv = server(256 * MIB, transport);
     let json = fio_ok(
+        srv.dir(),
         &srv.uri(),
         &[
             "--numjobs=64",
