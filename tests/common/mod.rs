@@ -809,6 +809,12 @@ impl Drop for Server {
             "the server did not die by the SIGKILL sent at the end of the test:\n{}",
             self.log()
         );
+        // A panic in one connection's task leaves the process running; its log shows it.
+        let log = self.log();
+        assert!(
+            !log.contains("panicked at"),
+            "the server panicked during the test:\n{log}"
+        );
     }
 }
 
