@@ -8,9 +8,6 @@ mod common;
 
 use common::{MIB, Server, ServerConfig, Transport};
 use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::os::unix::net::UnixStream;
-use std::time::Duration;
 
 const NBDMAGIC: &[u8; 8] = b"NBDMAGIC";
 const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
@@ -32,39 +29,16 @@ const CMD_FLUSH: u16 = 3;
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
 
-trait Stream: Read + Write + Send {
-    fn set_timeout(&self, t: Duration);
-}
-
-impl Stream for TcpStream {
-    fn set_timeout(&self, t: Duration) {
-        self.set_read_timeout(Some(t)).unwrap();
-        self.set_write_timeout(Some(t)).unwrap();
-    }
-}
-
-impl Stream for UnixStream {
-    fn set_timeout(&self, t: Duration) {
-        self.set_read_timeout(Some(t)).unwrap();
-        self.set_write_timeout(Some(t)).unwrap();
-    }
-}
-
 /// A hand-driven NBD connection.
 struct Conn {
-    s: Box<dyn Stream>,
+    s: Box<dyn common::RawStream>,
 }
 
 impl Conn {
     fn open(srv: &Server) -> Conn {
-        let s: Box<dyn Stream> = match srv.endpoint() {
-            common::Endpoint::Tcp(port) => {
-                Box::new(TcpStream::connect(("127.0.0.1", *port)).unwrap())
-            }
-            common::Endpoint::Unix(path) => Box::new(UnixStream::connect(path).unwrap()),
-        };
-        s.set_timeout(Duration::from_secs(10));
-        Conn { s }
+        Conn {
+            s: srv.connect_raw(),
+        }
     }
 
     fn bytes(&mut self, n: usize) -> Vec<u8> {

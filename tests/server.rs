@@ -62,7 +62,7 @@ fn sigterm_with_clients(transport: Transport) {
     let mut srv = Server::start(ServerConfig::sized(64 * MIB), transport);
     let mut client = Background::spawn(nbd_checks(&["hold", &srv.uri(), "--seconds", "60"]));
     client.wait_for_line("CONNECTED");
-    let _half_open = connect_raw(&srv);
+    let _half_open = srv.connect_raw();
     assert_clean_exit(&mut srv);
     let line = client.wait_for_line("DISCONNECTED");
     eprintln!("the idle client saw: {line}");
@@ -84,16 +84,6 @@ fn sigterm_under_load(transport: Transport) {
         status.is_some_and(|s| !s.success()),
         "the flooding client did not notice the server going away: {status:?}"
     );
-}
-
-/// An open connection that sends nothing (stuck before the handshake's first reply).
-fn connect_raw(srv: &Server) -> Box<dyn Read> {
-    match srv.endpoint() {
-        common::Endpoint::Tcp(port) => {
-            Box::new(TcpStream::connect(("127.0.0.1", *port)).expect("connecting"))
-        }
-        common::Endpoint::Unix(path) => Box::new(UnixStream::connect(path).expect("connecting")),
-    }
 }
 
 /// One sentence on stderr naming the mistake, a non-zero exit, no panic, and quickly.

@@ -498,6 +498,10 @@ pub enum Endpoint {
     Unix(PathBuf),
 }
 
+/// A connected socket of either kind.
+pub trait RawStream: Read + std::io::Write + Send {}
+impl<T: Read + std::io::Write + Send> RawStream for T {}
+
 /// A running NBD server, killed (and checked not to have crashed) when dropped.
 pub struct Server {
     child: Option<Child>,
@@ -696,6 +700,26 @@ impl Server {
             }
         }
         panic!("the server did not start: {failure}");
+    }
+
+    /// A plain byte stream to the server, for tests that speak NBD by hand; reads and writes
+    /// time out after 10 s.
+    pub fn connect_raw(&self) -> Box<dyn RawStream> {
+        let timeout = Some(Duration::from_secs(10));
+        match &self.endpoint {
+            Endpoint::Tcp(port) => {
+                let s = TcpStream::connect(("127.0.0.1", *port)).expect("connecting over TCP");
+                s.set_read_timeout(timeout).unwrap();
+                s.set_write_timeout(timeout).unwrap();
+                Box::new(s)
+            }
+            Endpoint::Unix(path) => {
+                let s = UnixStream::connect(path).expect("connecting to the Unix socket");
+                s.set_read_timeout(timeout).unwrap();
+                s.set_write_timeout(timeout).unwrap();
+                Box::new(s)
+            }
+        }
     }
 
     /// What the server has logged so far.
