@@ -1,5 +1,6 @@
 //! The command line: argument definitions shared by every subcommand, and dispatch.
 
+mod attach;
 mod device;
 mod serve;
 pub mod size;
@@ -39,6 +40,10 @@ enum Command {
     /// Serve one or more devices over the NBD protocol (TCP and/or Unix socket).
     #[command(after_help = EXAMPLES)]
     Serve(serve::ServeArgs),
+    /// Make a local block device (/dev/loopN) you can mkfs, mount or swapon; prints its path.
+    Attach(attach::AttachArgs),
+    /// Detach a device made by `attach` (also cleans up after a daemon that died).
+    Detach(attach::DetachArgs),
 }
 
 /// Parses the command line, runs the subcommand, and turns its error into one plain line.
@@ -47,6 +52,8 @@ pub fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Attach(args) => attach::run(args),
+        Command::Detach(args) => attach::detach(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
