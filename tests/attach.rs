@@ -279,6 +279,7 @@ fn ext4_tree_survives_remount_and_fsck() {
     let sums = run_ok("sha256sum", &names);
     let sums_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(sums_file.path(), &sums).unwrap();
+    let mut files = files;
 
     // Detach must refuse while the filesystem is mounted, and leave it working.
     let mut d = d;
@@ -290,6 +291,32 @@ fn ext4_tree_survives_remount_and_fsck() {
     let why = String::from_utf8_lossy(&refused.stderr);
     assert!(why.contains("mounted at"), "unexpected refusal: {why}");
 
+    // So must SIGTERM to the daemon: it keeps serving and says why.
+    let pid = d.child.as_ref().unwrap().id() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let refused_file = PathBuf::from(d.state()["mountpoint"].as_str().unwrap())
+        .parent()
+        .unwrap()
+        .join("refused");
+    let start = Instant::now();
+    while !refused_file.exists() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let why = std::fs::read_to_string(&refused_file).expect("the daemon wrote no refusal");
+    assert!(why.contains("mounted at"), "{why}");
+    assert!(
+        d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "daemon exited"
+    );
+    std::fs::write(mnt.path().join("after-sigterm"), b"still here").unwrap();
+    files.push(mnt.path().join("after-sigterm"));
+
+    let extra = run_ok("sha256sum", &[files.last().unwrap().to_str().unwrap()]);
+    std::fs::write(sums_file.path(), sums.clone() + &extra).unwrap();
     run_ok("umount", &[m]);
     // The data came back from the device, not from a cache: drop caches and remount.
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
@@ -311,6 +338,67 @@ fn ext4_tree_survives_remount_and_fsck() {
         String::from_utf8_lossy(&fsck.stdout)
     );
     d.detach_clean();
+}
+
+#[test]
+fn forced_detach_of_mounted_device() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !capable("forced_detach_of_mounted_device") {
+        return;
+    }
+    let mut d = Attached::start(&["--size", "64M"]);
+    let state = d.state();
+    run_ok("mkfs.ext4", &["-q", "-F", d.dev()]);
+    let mnt = tempfile::tempdir().unwrap();
+    let m = mnt.path().to_str().unwrap();
+    run_ok("mount", &[d.dev(), m]);
+    std::fs::write(mnt.path().join("f"), pattern(1, 1 << 20)).unwrap();
+    run_ok("sync", &[]);
+
+    // --force: the daemon goes although the filesystem is mounted; its users get errors.
+    let out = d.detach(&["--force"]);
+    assert!(
+        out.status.success(),
+        "detach --force failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut child = d.child.take().unwrap();
+    assert!(
+        wait_timeout(&mut child, Duration::from_secs(10)).is_some(),
+        "daemon still runs"
+    );
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    let read = run(
+        "timeout",
+        &["10", "cat", mnt.path().join("f").to_str().unwrap()],
+    );
+    assert_ne!(
+        read.status.code(),
+        Some(124),
+        "reading the orphaned filesystem hung"
+    );
+    assert!(
+        !read.status.success(),
+        "read from a detached device succeeded"
+    );
+    // Unmounting releases the loop device, which then detaches itself.
+    let um = run("timeout", &["20", "umount", m]);
+    if !um.status.success() {
+        run_ok("umount", &["-l", m]);
+    }
+    let n = state["loop_number"].as_u64().unwrap();
+    let image = state["image"].as_str().unwrap().to_string();
+    let start = Instant::now();
+    while std::fs::read_to_string(format!("/sys/block/loop{n}/loop/backing_file"))
+        .is_ok_and(|b| b.trim() == image)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "loop{n} stays bound"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_nothing_left(&state, d.run_dir.path());
 }
 
 #[test]

@@ -41,6 +41,7 @@ enum Command {
     #[command(after_help = EXAMPLES)]
     Serve(serve::ServeArgs),
     /// Make a local block device (/dev/loopN) you can mkfs, mount or swapon; prints its path.
+    #[command(after_help = attach::EXAMPLES)]
     Attach(attach::AttachArgs),
     /// Detach a device made by `attach` (also cleans up after a daemon that died).
     Detach(attach::DetachArgs),
