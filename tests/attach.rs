@@ -279,7 +279,6 @@ fn ext4_tree_survives_remount_and_fsck() {
     let sums = run_ok("sha256sum", &names);
     let sums_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(sums_file.path(), &sums).unwrap();
-    let mut files = files;
 
     // Detach must refuse while the filesystem is mounted, and leave it working.
     let mut d = d;
