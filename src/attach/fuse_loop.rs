@@ -116,6 +116,22 @@ fn errno_of(e: &IoError) -> Errno {
 }
 
 impl DiskFs {
+    /// Runs a device call to completion on this (FUSE) thread.
+    ///
+    /// Most calls never wait (host memory: a memcpy), so the future is first polled once,
+    /// inside the runtime's context, with a waker that does nothing; only if it is not ready
+    /// does the thread park in the runtime's `block_on` until it is. That skips the park
+    /// machinery on the common path.
+    fn complete<F: std::future::Future>(&self, fut: F) -> F::Output {
+        let _context = self.runtime.enter();
+        let mut fut = std::pin::pin!(fut);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+            return out;
+        }
+        self.runtime.block_on(fut)
+    }
+
     fn attr(&self, ino: u64) -> Option<FileAttr> {
         let (kind, size, perm, nlink) = match ino {
             ROOT_INO => (FileType::Directory, 0, 0o500, 2),
@@ -284,7 +300,7 @@ impl Filesystem for DiskFs {
             return reply.data(&[]);
         }
         let device = &self.device;
-        let result = self.runtime.block_on(async {
+        let result = self.complete(async {
             let mut buf = device.buffers().get(len).await?;
             device.read(offset, &mut buf[..len]).await?;
             Ok::<_, IoError>(buf)
@@ -319,7 +335,7 @@ impl Filesystem for DiskFs {
         }
         // FUSE passes the kiocb's O_DSYNC/O_SYNC in the flags: the loop's FUA writes.
         let fua = flags.0 & (libc::O_DSYNC | libc::O_SYNC) != 0;
-        match self.runtime.block_on(self.device.write(offset, data, fua)) {
+        match self.complete(self.device.write(offset, data, fua)) {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(self.failed(&e)),
         }
@@ -336,7 +352,7 @@ impl Filesystem for DiskFs {
         if ino.0 != DISK_INO {
             return reply.ok();
         }
-        match self.runtime.block_on(self.device.flush()) {
+        match self.complete(self.device.flush()) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.failed(&e)),
         }
@@ -353,7 +369,7 @@ impl Filesystem for DiskFs {
         if ino.0 != DISK_INO {
             return reply.ok();
         }
-        match self.runtime.block_on(self.device.flush()) {
+        match self.complete(self.device.flush()) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.failed(&e)),
         }
@@ -386,7 +402,7 @@ impl Filesystem for DiskFs {
             if len == 0 {
                 return reply.ok();
             }
-            self.runtime.block_on(device.trim(offset, len))
+            self.complete(device.trim(offset, len))
         } else if mode & FALLOC_FL_ZERO_RANGE != 0 {
             if len == 0 {
                 return reply.ok();
@@ -398,8 +414,7 @@ impl Filesystem for DiskFs {
                 fast: false,
                 fua: false,
             };
-            self.runtime
-                .block_on(device.write_zeroes(offset, len, flags))
+            self.complete(device.write_zeroes(offset, len, flags))
         } else {
             // Plain preallocation would promise that later writes cannot fail for lack of
             // memory, which a sparse device cannot promise without zeroing live data.

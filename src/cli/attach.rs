@@ -82,12 +82,13 @@ detach refuses while the device is mounted or swap (unless --force) and also cle
 a daemon that was killed.";
 
 fn default_threads() -> usize {
-    // Each thread serves one request at a time. With host memory one thread already reaches
-    // a queue depth of 32 at 4 KiB here; GPU copies wait on the device, so more threads
-    // hide that latency. Each thread also holds fuser's 16 MiB receive buffer, locked in
-    // RAM, so the count is capped.
+    // Each thread serves one request at a time. With host memory, one thread per core was
+    // best on the 2-core machine we measured (bench/attach: more threads only add context
+    // switches at 4 KiB, fewer leave a core idle at 1 MiB). GPU copies wait on the device,
+    // so more cores get more threads to hide that. Each thread also holds fuser's 16 MiB
+    // receive buffer, locked in RAM, so the count is capped.
     std::thread::available_parallelism()
-        .map(|n| n.get().clamp(4, 8))
+        .map(|n| n.get().clamp(2, 8))
         .unwrap_or(4)
 }
 
