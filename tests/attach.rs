@@ -494,6 +494,92 @@ fn swap_on_attached_device() {
     d.detach_clean();
 }
 
+/// A memory cgroup limited to `limit` bytes that may swap: (directory, v1?). None where
+/// neither a v1 memory hierarchy nor a v2 one with the memory controller is writable.
+fn swap_cgroup(limit: u64) -> Option<(PathBuf, bool)> {
+    let name = format!("vramdisk-test-{}", std::process::id());
+    let v1 = Path::new("/sys/fs/cgroup/memory");
+    if v1.join("memory.limit_in_bytes").exists() {
+        let dir = v1.join(&name);
+        std::fs::create_dir(&dir).ok()?;
+        std::fs::write(dir.join("memory.limit_in_bytes"), limit.to_string()).ok()?;
+        let _ = std::fs::write(dir.join("memory.swappiness"), "100");
+        return Some((dir, true));
+    }
+    let v2 = Path::new("/sys/fs/cgroup");
+    let controllers = std::fs::read_to_string(v2.join("cgroup.controllers")).ok()?;
+    if !controllers.split_whitespace().any(|c| c == "memory") {
+        return None;
+    }
+    let _ = std::fs::write(v2.join("cgroup.subtree_control"), "+memory");
+    let dir = v2.join(&name);
+    std::fs::create_dir(&dir).ok()?;
+    std::fs::write(dir.join("memory.max"), limit.to_string()).ok()?;
+    let _ = std::fs::write(dir.join("memory.swap.max"), "max");
+    Some((dir, false))
+}
+
+#[test]
+fn swap_holds_pages_under_memory_pressure() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !capable("swap_holds_pages_under_memory_pressure") {
+        return;
+    }
+    if Command::new("python3").arg("-c").arg("1").output().is_err() {
+        eprintln!("SKIPPED swap_holds_pages_under_memory_pressure: no python3");
+        return;
+    }
+    // A process limited to 32 MiB of RAM fills 128 MiB with random bytes and checks them:
+    // most of it must go out to our swap device and come back intact.
+    let Some((cg, _v1)) = swap_cgroup(32 << 20) else {
+        eprintln!("SKIPPED swap_holds_pages_under_memory_pressure: no writable memory cgroup");
+        return;
+    };
+    let d = Attached::start(&["--size", "256M", "--swap"]);
+    let script = r#"
+import hashlib, os
+b = bytearray(os.urandom(1 << 20)) * 128
+h = hashlib.sha256(b).hexdigest()
+used = 0
+for line in open("/proc/swaps").read().splitlines()[1:]:
+    f = line.split()
+    if f[0] == os.environ["DEV"]:
+        used = int(f[3]) * 1024
+print(used)
+print("match" if hashlib.sha256(b).hexdigest() == h else "MISMATCH")
+"#;
+    let out = Command::new("timeout")
+        .args([
+            "60",
+            "sh",
+            "-c",
+            "echo $$ > \"$CG/cgroup.procs\" && exec python3 -c \"$SCRIPT\"",
+        ])
+        .env("CG", &cg)
+        .env("SCRIPT", script)
+        .env("DEV", d.dev())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir(&cg);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "the memory hog failed ({}): {stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines = stdout.lines();
+    let used: u64 = lines.next().unwrap().trim().parse().unwrap();
+    assert_eq!(
+        lines.next(),
+        Some("match"),
+        "swapped pages came back corrupted"
+    );
+    assert!(used >= 64 << 20, "only {used} bytes went to swap");
+    eprintln!("swapped out {} MiB through {}", used >> 20, d.dev());
+    d.detach_clean();
+}
+
 #[test]
 fn daemon_mode_with_pid_file() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
