@@ -115,7 +115,9 @@ pub fn create_dir(pid: u32) -> Result<PathBuf> {
         .mode(0o700)
         .create(&dir)
         .with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
+    // The kernel reports the loop device's backing file by its canonical path; every path
+    // derived from this directory must match it, whatever symlinks lead here.
+    std::fs::canonicalize(&dir).with_context(|| format!("resolving {}", dir.display()))
 }
 
 /// Writes `state` into `dir` atomically (readers never see half a file).

@@ -213,6 +213,7 @@ pub fn run(args: AttachArgs) -> Result<()> {
             Ok(d) => d,
             Err(e) => {
                 notify.failed(&e);
+                let _ = std::fs::remove_file(&tmp_log);
                 return Err(e);
             }
         };
