@@ -70,10 +70,11 @@ pub fn harden(required: bool) -> Result<Hardening> {
     Ok(h)
 }
 
-/// Bytes of this process's memory that are locked (VmLck), for logs and tests.
-pub fn locked_bytes() -> Option<u64> {
+/// Bytes of this process's memory that are resident (VmRSS); with [`harden`] all of it is
+/// locked. (VmLck overstates: it counts whole locked mappings, reserved or not.)
+pub fn resident_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmLck:"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }

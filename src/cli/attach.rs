@@ -195,6 +195,12 @@ pub fn run(args: AttachArgs) -> Result<()> {
         bail!("--pid-file goes with --daemon: add --daemon, or drop --pid-file");
     }
     let (method, why) = attach::choose(args.via)?;
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "attach needs root (it mounts a FUSE filesystem and sets up a block device): \
+             run it as root or with sudo"
+        );
+    }
     let mut device_args = args.device.clone();
     if args.swap {
         device_args.preallocate = true;
@@ -328,8 +334,8 @@ fn serve_attached(
         device.describe(),
         dir.display()
     );
-    if let Some(locked) = attach::safety::locked_bytes() {
-        info!("locked memory: {}", format_size(locked));
+    if let Some(rss) = attach::safety::resident_bytes() {
+        info!("daemon memory: {} resident (locked)", format_size(rss));
     }
 
     let nbd_shutdown = tokio_util::sync::CancellationToken::new();
