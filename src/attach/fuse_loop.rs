@@ -573,9 +573,8 @@ impl FuseLoop {
             let _ = loop_dev.set_direct_io(true);
             if !loop_dev.direct_io() {
                 warn!(
-                    "{}: the kernel would not do direct I/O to the FUSE file; requests go \
-                     through the page cache (slower, and writes are acknowledged before they \
-                     reach the device)",
+                    "{}: the kernel would not do direct I/O to the FUSE file; the loop \
+                     driver then serves one request at a time (correct, but slower)",
                     loop_dev.path().display()
                 );
             }
