@@ -1,2 +1,223 @@
 //! Local attach methods: turn a [`crate::engine::BlockDevice`] into `/dev/...`.
-//! (To be written.)
+//!
+//! Three methods, chosen at run time by what the kernel offers (`--via auto`) or by name:
+//!
+//! - [`fuse_loop`]: a FUSE file with a loop device on it. Needs only FUSE and loop, which
+//!   every machine we have offers; this is what `auto` picks today.
+//! - [`kernel_nbd`]: the kernel's nbd driver, given socketpairs to the in-process NBD server
+//!   over generic netlink. Where `/dev/nbd0` exists and the NBD server provides its
+//!   transmission entry point.
+//! - [`ublk`]: not built (see that module).
+//!
+//! Around them: [`state`] (per-device state files, recovery after a dead daemon),
+//! [`usage`] (is the device mounted or swap?), [`safety`] (memory locking and friends for
+//! swap), [`loop_dev`] (loop ioctls).
+
+pub mod fuse_loop;
+pub mod kernel_nbd;
+pub mod loop_dev;
+pub mod safety;
+pub mod state;
+pub mod ublk;
+pub mod usage;
+
+use crate::engine::BlockDevice;
+use anyhow::{Context, Result, bail};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Which attach method to use, as given on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    /// The best method this kernel and build offer.
+    Auto,
+    /// FUSE file + loop device.
+    Fuse,
+    /// The kernel's nbd driver over netlink.
+    Nbd,
+    /// ublk.
+    Ublk,
+}
+
+/// An attach method that can actually be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// FUSE file + loop device.
+    FuseLoop,
+    /// The kernel's nbd driver.
+    KernelNbd,
+}
+
+impl Method {
+    /// Short name for logs and state files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::FuseLoop => "fuse",
+            Method::KernelNbd => "nbd",
+        }
+    }
+}
+
+/// The method `via` asks for, or one sentence saying why it cannot be used here.
+/// `auto` prefers ublk, then kernel nbd (no FUSE round trip), then FUSE + loop.
+pub fn choose(via: Via) -> Result<(Method, String)> {
+    match via {
+        Via::Fuse => match fuse_loop::unavailable() {
+            None => Ok((Method::FuseLoop, "FUSE + loop (--via fuse)".into())),
+            Some(why) => bail!(why),
+        },
+        Via::Nbd => match kernel_nbd::unavailable() {
+            None => Ok((Method::KernelNbd, "kernel nbd (--via nbd)".into())),
+            Some(why) => bail!(why),
+        },
+        Via::Ublk => bail!(ublk::unavailable().unwrap_or_default()),
+        Via::Auto => {
+            let mut why_not = Vec::new();
+            if let Some(w) = ublk::unavailable() {
+                why_not.push(format!("not ublk: {w}"));
+            }
+            match kernel_nbd::unavailable() {
+                None => return Ok((Method::KernelNbd, "kernel nbd".into())),
+                Some(w) => why_not.push(format!("not nbd: {w}")),
+            }
+            match fuse_loop::unavailable() {
+                None => Ok((
+                    Method::FuseLoop,
+                    format!("FUSE + loop ({})", why_not.join("; ")),
+                )),
+                Some(w) => bail!(
+                    "no attach method works on this machine: {w}; {}",
+                    why_not.join("; ")
+                ),
+            }
+        }
+    }
+}
+
+/// Tunables of an attachment.
+#[derive(Clone, Debug)]
+pub struct AttachOptions {
+    /// Where the FUSE filesystem is mounted.
+    pub mountpoint: std::path::PathBuf,
+    /// Threads serving requests (FUSE method).
+    pub threads: usize,
+    /// Kernel nbd connections.
+    pub connections: usize,
+}
+
+/// A device attached by one of the methods.
+pub enum Attachment {
+    /// FUSE + loop.
+    FuseLoop(fuse_loop::FuseLoop),
+    /// Kernel nbd.
+    KernelNbd(kernel_nbd::KernelNbd),
+}
+
+impl Attachment {
+    /// Attaches `device` with `method`. All threads and buffers of the I/O path are created
+    /// before the block device appears.
+    pub fn attach(
+        method: Method,
+        device: Arc<dyn BlockDevice>,
+        runtime: &tokio::runtime::Handle,
+        opts: &AttachOptions,
+    ) -> Result<Attachment> {
+        match method {
+            Method::FuseLoop => {
+                let fo = fuse_loop::FuseLoopOptions {
+                    mountpoint: opts.mountpoint.clone(),
+                    threads: opts.threads,
+                    max_background: 128,
+                };
+                Ok(Attachment::FuseLoop(fuse_loop::FuseLoop::attach(
+                    device,
+                    runtime.clone(),
+                    &fo,
+                )?))
+            }
+            Method::KernelNbd => {
+                let server = kernel_nbd::transmission_server()
+                    .context(kernel_nbd::unavailable().unwrap_or_default())?;
+                Ok(Attachment::KernelNbd(kernel_nbd::KernelNbd::attach(
+                    device,
+                    runtime,
+                    server,
+                    opts.connections,
+                )?))
+            }
+        }
+    }
+
+    /// The block device path, e.g. `/dev/loop3`.
+    pub fn device_path(&self) -> &Path {
+        match self {
+            Attachment::FuseLoop(f) => f.device_path(),
+            Attachment::KernelNbd(n) => n.device_path(),
+        }
+    }
+
+    /// Whether the attachment is still in place (someone may have detached the loop device
+    /// behind our back with `losetup -d`).
+    pub fn is_intact(&self) -> bool {
+        match self {
+            Attachment::FuseLoop(f) => {
+                loop_dev::backing_file(f.loop_number()).as_deref() == Some(f.image())
+            }
+            Attachment::KernelNbd(_) => true,
+        }
+    }
+
+    /// Tears the attachment down; see [`fuse_loop::FuseLoop::detach`] for `force`.
+    pub fn detach(&mut self, force: bool, timeout: Duration) -> Result<()> {
+        match self {
+            Attachment::FuseLoop(f) => f.detach(force, timeout),
+            Attachment::KernelNbd(n) => n.detach(),
+        }
+    }
+}
+
+fn c_path(path: &Path) -> Result<std::ffi::CString> {
+    std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .with_context(|| format!("{} has a NUL byte", path.display()))
+}
+
+/// Writes a swap signature on `dev` with mkswap.
+pub fn mkswap(dev: &Path) -> Result<()> {
+    let out = std::process::Command::new("mkswap")
+        .arg(dev)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running mkswap (util-linux): is it installed?")?;
+    if !out.status.success() {
+        bail!(
+            "mkswap {} failed: {}",
+            dev.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Enables swap on `dev` (the swapon(2) system call).
+pub fn swapon(dev: &Path) -> Result<()> {
+    let c = c_path(dev)?;
+    // SAFETY: c is a valid NUL-terminated path.
+    if unsafe { libc::swapon(c.as_ptr(), 0) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("swapon {}", dev.display()));
+    }
+    Ok(())
+}
+
+/// Disables swap on `dev` (the swapoff(2) system call); the kernel reads every swapped page
+/// back first, which fails with ENOMEM when RAM cannot hold them.
+pub fn swapoff(dev: &Path) -> Result<()> {
+    let c = c_path(dev)?;
+    // SAFETY: c is a valid NUL-terminated path.
+    if unsafe { libc::swapoff(c.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("swapoff {}", dev.display()));
+    }
+    Ok(())
+}

@@ -1,5 +1,6 @@
 //! The command line: argument definitions shared by every subcommand, and dispatch.
 
+mod attach;
 mod bench;
 mod config;
 mod device;
@@ -66,6 +67,11 @@ enum Command {
     Devices(devices::DevicesArgs),
     /// Measure the engine in process (no network) against the machine's copy ceiling.
     Bench(bench::BenchArgs),
+    /// Make a local block device (/dev/loopN) you can mkfs, mount or swapon; prints its path.
+    #[command(after_help = attach::EXAMPLES)]
+    Attach(attach::AttachArgs),
+    /// Detach a device made by `attach` (also cleans up after a daemon that died).
+    Detach(attach::DetachArgs),
 }
 
 /// Parses the command line, runs the subcommand, and turns its error into one plain line.
@@ -84,6 +90,8 @@ pub fn main() -> ExitCode {
         Command::Manpage { dir } => ops::manpage(dir),
         Command::Devices(args) => devices::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Attach(args) => attach::run(args),
+        Command::Detach(args) => attach::detach(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

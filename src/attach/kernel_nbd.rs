@@ -1,0 +1,730 @@
+//! Attach through the kernel's NBD driver, where it exists (`/dev/nbd0`).
+//!
+//! No nbd-client and no TCP: the daemon makes one Unix socketpair per connection, serves the
+//! NBD transmission phase on one end with the in-process server, and hands the other ends to
+//! the kernel with the generic-netlink `NBD_CMD_CONNECT` (the interface nbd-client uses with
+//! `-L`/netlink). The kernel skips the handshake for sockets it is given, so the server end
+//! starts directly in the transmission phase, with the flags sent here.
+//!
+//! The netlink messages are built and parsed here by hand (they are a few attributes); the
+//! encoders are pure functions, tested byte for byte. The transmission phase itself belongs
+//! to the NBD server (`crate::nbd`), reached through [`TransmissionServer`]; until the server
+//! provides one, [`unavailable`] says so and `--via nbd` fails with that sentence.
+
+use crate::engine::{BlockDevice, Capabilities};
+use anyhow::{Context, Result, bail};
+use futures::future::BoxFuture;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The generic netlink family of the NBD driver.
+pub const NBD_GENL_FAMILY_NAME: &str = "nbd";
+const NBD_GENL_VERSION: u8 = 1;
+
+const NBD_CMD_CONNECT: u8 = 1;
+const NBD_CMD_DISCONNECT: u8 = 2;
+
+const NBD_ATTR_INDEX: u16 = 1;
+const NBD_ATTR_SIZE_BYTES: u16 = 2;
+const NBD_ATTR_BLOCK_SIZE_BYTES: u16 = 3;
+const NBD_ATTR_TIMEOUT: u16 = 4;
+const NBD_ATTR_SERVER_FLAGS: u16 = 5;
+const NBD_ATTR_CLIENT_FLAGS: u16 = 6;
+const NBD_ATTR_SOCKETS: u16 = 7;
+const NBD_ATTR_DEAD_CONN_TIMEOUT: u16 = 8;
+const NBD_ATTR_BACKEND_IDENTIFIER: u16 = 10;
+const NBD_SOCK_ITEM: u16 = 1;
+const NBD_SOCK_FD: u16 = 1;
+
+/// Client flag: remove the device when the last connection goes away.
+pub const NBD_CFLAG_DESTROY_ON_DISCONNECT: u64 = 1;
+
+// NBD transmission flags (NetworkBlockDevice/nbd doc/proto.md).
+const NBD_FLAG_HAS_FLAGS: u64 = 1 << 0;
+const NBD_FLAG_READ_ONLY: u64 = 1 << 1;
+const NBD_FLAG_SEND_FLUSH: u64 = 1 << 2;
+const NBD_FLAG_SEND_FUA: u64 = 1 << 3;
+const NBD_FLAG_SEND_TRIM: u64 = 1 << 5;
+const NBD_FLAG_SEND_WRITE_ZEROES: u64 = 1 << 6;
+const NBD_FLAG_CAN_MULTI_CONN: u64 = 1 << 8;
+
+const NETLINK_GENERIC: libc::c_int = 16;
+const GENL_ID_CTRL: u16 = 0x10;
+const CTRL_CMD_GETFAMILY: u8 = 3;
+const CTRL_ATTR_FAMILY_ID: u16 = 1;
+const CTRL_ATTR_FAMILY_NAME: u16 = 2;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLA_F_NESTED: u16 = 1 << 15;
+const NLA_TYPE_MASK: u16 = !(1 << 15 | 1 << 14);
+const NLMSG_HDRLEN: usize = 16;
+const GENL_HDRLEN: usize = 4;
+
+/// Serves the NBD transmission phase (no handshake) of `device` on one connected socket,
+/// with the transmission flags [`transmission_flags`] gave the kernel. Implemented by the
+/// NBD server; the future ends when the kernel disconnects.
+pub trait TransmissionServer: Send + Sync + 'static {
+    /// Serves one connection until it closes.
+    fn serve(
+        &self,
+        socket: tokio::net::UnixStream,
+        device: Arc<dyn BlockDevice>,
+        flags: u16,
+    ) -> BoxFuture<'static, Result<()>>;
+}
+
+/// The in-process NBD server's transmission entry point, once it exists.
+///
+/// HOOK for the NBD server (src/nbd/server.rs): return `Some(Arc::new(...))` of a type that
+/// runs `crate::nbd::server`'s transmission loop on the given socket. Until then kernel NBD
+/// attach is unavailable (FUSE + loop is used instead).
+pub fn transmission_server() -> Option<Arc<dyn TransmissionServer>> {
+    None
+}
+
+/// Where this method cannot work, one sentence saying why.
+pub fn unavailable() -> Option<String> {
+    if !Path::new("/dev/nbd0").exists() {
+        return Some(
+            "this kernel has no nbd driver (/dev/nbd0 missing): use --via fuse \
+             (or 'modprobe nbd' where the module exists)"
+                .into(),
+        );
+    }
+    if transmission_server().is_none() {
+        return Some(
+            "kernel nbd attach needs the in-process NBD server, which this build does not \
+             have yet: use --via fuse"
+                .into(),
+        );
+    }
+    None
+}
+
+/// The NBD transmission flags for a device with `caps`.
+pub fn transmission_flags(caps: &Capabilities) -> u16 {
+    let mut f = NBD_FLAG_HAS_FLAGS;
+    if caps.read_only {
+        f |= NBD_FLAG_READ_ONLY;
+    }
+    if caps.can_flush {
+        f |= NBD_FLAG_SEND_FLUSH;
+    }
+    if caps.can_fua {
+        f |= NBD_FLAG_SEND_FUA;
+    }
+    if caps.can_trim {
+        f |= NBD_FLAG_SEND_TRIM;
+    }
+    if caps.can_zero {
+        f |= NBD_FLAG_SEND_WRITE_ZEROES;
+    }
+    if caps.can_multi_conn {
+        f |= NBD_FLAG_CAN_MULTI_CONN;
+    }
+    f as u16
+}
+
+/// The parameters of one `NBD_CMD_CONNECT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectRequest {
+    /// Device index to use (`/dev/nbdN`); `None` lets the kernel pick a free one.
+    pub index: Option<u32>,
+    /// Size in bytes.
+    pub size: u64,
+    /// Logical block size in bytes.
+    pub block_size: u64,
+    /// NBD transmission flags.
+    pub server_flags: u64,
+    /// NBD_CFLAG_* bits.
+    pub client_flags: u64,
+    /// Seconds before a request times out (None: the kernel's default).
+    pub timeout_secs: Option<u64>,
+    /// Seconds to wait for a reconnect after every connection died.
+    pub dead_conn_timeout_secs: Option<u64>,
+    /// Identifier shown in /sys/block/nbdN/backend.
+    pub backend_identifier: Option<String>,
+}
+
+fn put_header(buf: &mut Vec<u8>, msg_type: u16, flags: u16, seq: u32, cmd: u8, version: u8) {
+    buf.extend_from_slice(&0u32.to_ne_bytes()); // length, patched by finish()
+    buf.extend_from_slice(&msg_type.to_ne_bytes());
+    buf.extend_from_slice(&flags.to_ne_bytes());
+    buf.extend_from_slice(&seq.to_ne_bytes());
+    buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
+    buf.extend_from_slice(&[cmd, version, 0, 0]);
+}
+
+fn pad(buf: &mut Vec<u8>) {
+    while !buf.len().is_multiple_of(4) {
+        buf.push(0);
+    }
+}
+
+fn put_attr(buf: &mut Vec<u8>, attr_type: u16, payload: &[u8]) {
+    let len = (4 + payload.len()) as u16;
+    buf.extend_from_slice(&len.to_ne_bytes());
+    buf.extend_from_slice(&attr_type.to_ne_bytes());
+    buf.extend_from_slice(payload);
+    pad(buf);
+}
+
+/// Opens a nested attribute; returns where its length goes for [`end_nest`].
+fn begin_nest(buf: &mut Vec<u8>, attr_type: u16) -> usize {
+    let at = buf.len();
+    buf.extend_from_slice(&0u16.to_ne_bytes());
+    buf.extend_from_slice(&(attr_type | NLA_F_NESTED).to_ne_bytes());
+    at
+}
+
+fn end_nest(buf: &mut [u8], at: usize) {
+    let len = (buf.len() - at) as u16;
+    buf[at..at + 2].copy_from_slice(&len.to_ne_bytes());
+}
+
+fn finish(mut buf: Vec<u8>) -> Vec<u8> {
+    let len = buf.len() as u32;
+    buf[..4].copy_from_slice(&len.to_ne_bytes());
+    buf
+}
+
+/// The `CTRL_CMD_GETFAMILY` request that resolves a generic netlink family name to its id.
+pub fn encode_get_family(seq: u32, name: &str) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(64);
+    put_header(
+        &mut buf,
+        GENL_ID_CTRL,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        CTRL_CMD_GETFAMILY,
+        1,
+    );
+    let mut name_z = name.as_bytes().to_vec();
+    name_z.push(0);
+    put_attr(&mut buf, CTRL_ATTR_FAMILY_NAME, &name_z);
+    finish(buf)
+}
+
+/// The `NBD_CMD_CONNECT` request handing `fds` (connected sockets) to the kernel.
+pub fn encode_connect(family: u16, seq: u32, req: &ConnectRequest, fds: &[RawFd]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(128 + 16 * fds.len());
+    put_header(
+        &mut buf,
+        family,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        NBD_CMD_CONNECT,
+        NBD_GENL_VERSION,
+    );
+    if let Some(i) = req.index {
+        put_attr(&mut buf, NBD_ATTR_INDEX, &i.to_ne_bytes());
+    }
+    put_attr(&mut buf, NBD_ATTR_SIZE_BYTES, &req.size.to_ne_bytes());
+    put_attr(
+        &mut buf,
+        NBD_ATTR_BLOCK_SIZE_BYTES,
+        &req.block_size.to_ne_bytes(),
+    );
+    put_attr(
+        &mut buf,
+        NBD_ATTR_SERVER_FLAGS,
+        &req.server_flags.to_ne_bytes(),
+    );
+    put_attr(
+        &mut buf,
+        NBD_ATTR_CLIENT_FLAGS,
+        &req.client_flags.to_ne_bytes(),
+    );
+    if let Some(t) = req.timeout_secs {
+        put_attr(&mut buf, NBD_ATTR_TIMEOUT, &t.to_ne_bytes());
+    }
+    if let Some(t) = req.dead_conn_timeout_secs {
+        put_attr(&mut buf, NBD_ATTR_DEAD_CONN_TIMEOUT, &t.to_ne_bytes());
+    }
+    if let Some(id) = &req.backend_identifier {
+        let mut z = id.as_bytes().to_vec();
+        z.push(0);
+        put_attr(&mut buf, NBD_ATTR_BACKEND_IDENTIFIER, &z);
+    }
+    let sockets = begin_nest(&mut buf, NBD_ATTR_SOCKETS);
+    for fd in fds {
+        let item = begin_nest(&mut buf, NBD_SOCK_ITEM);
+        put_attr(&mut buf, NBD_SOCK_FD, &(*fd as u32).to_ne_bytes());
+        end_nest(&mut buf, item);
+    }
+    end_nest(&mut buf, sockets);
+    finish(buf)
+}
+
+/// The `NBD_CMD_DISCONNECT` request for `/dev/nbd<index>`.
+pub fn encode_disconnect(family: u16, seq: u32, index: u32) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(32);
+    put_header(
+        &mut buf,
+        family,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        NBD_CMD_DISCONNECT,
+        NBD_GENL_VERSION,
+    );
+    put_attr(&mut buf, NBD_ATTR_INDEX, &index.to_ne_bytes());
+    finish(buf)
+}
+
+/// One message of a netlink reply.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply<'a> {
+    /// NLMSG_ERROR: 0 is an ack, otherwise a negative errno.
+    Error(i32),
+    /// NLMSG_DONE.
+    Done,
+    /// A generic netlink message: its command and attribute bytes.
+    Genl {
+        /// The message type (family id).
+        msg_type: u16,
+        /// The genl command.
+        cmd: u8,
+        /// The attributes, undecoded.
+        attrs: &'a [u8],
+    },
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Splits a datagram from a netlink socket into its messages; fails on a malformed one.
+pub fn parse_replies(mut data: &[u8]) -> Result<Vec<Reply<'_>>> {
+    let mut out = Vec::new();
+    while data.len() >= NLMSG_HDRLEN {
+        let len = u32_at(data, 0).unwrap() as usize;
+        let msg_type = u16_at(data, 4).unwrap();
+        if len < NLMSG_HDRLEN || len > data.len() {
+            bail!("malformed netlink reply (length {len} of {})", data.len());
+        }
+        let body = &data[NLMSG_HDRLEN..len];
+        out.push(match msg_type {
+            NLMSG_ERROR => {
+                Reply::Error(u32_at(body, 0).context("short netlink error message")? as i32)
+            }
+            NLMSG_DONE => Reply::Done,
+            _ => {
+                if body.len() < GENL_HDRLEN {
+                    bail!("short generic netlink message");
+                }
+                Reply::Genl {
+                    msg_type,
+                    cmd: body[0],
+                    attrs: &body[GENL_HDRLEN..],
+                }
+            }
+        });
+        let aligned = len.div_ceil(4) * 4;
+        data = &data[aligned.min(data.len())..];
+    }
+    Ok(out)
+}
+
+/// The payload of attribute `want` among `attrs` (top level only).
+pub fn find_attr(mut attrs: &[u8], want: u16) -> Option<&[u8]> {
+    while attrs.len() >= 4 {
+        let len = u16_at(attrs, 0)? as usize;
+        let ty = u16_at(attrs, 2)? & NLA_TYPE_MASK;
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        if ty == want {
+            return Some(&attrs[4..len]);
+        }
+        attrs = &attrs[(len.div_ceil(4) * 4).min(attrs.len())..];
+    }
+    None
+}
+
+/// A generic netlink socket.
+pub struct GenlSocket {
+    fd: OwnedFd,
+    seq: u32,
+}
+
+impl GenlSocket {
+    /// Opens and binds a generic netlink socket.
+    pub fn open() -> Result<GenlSocket> {
+        // SAFETY: plain syscall.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                NETLINK_GENERIC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("opening a netlink socket");
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: zeroed sockaddr_nl is valid; we set the family.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: addr is a valid sockaddr_nl of the given size.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &addr as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error()).context("binding a netlink socket");
+        }
+        Ok(GenlSocket { fd, seq: 1 })
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    /// Sends `msg` and collects the replies up to the ack; fails with the kernel's errno.
+    fn transact(&mut self, msg: &[u8]) -> Result<Vec<Vec<u8>>> {
+        // SAFETY: msg is a valid buffer; the kernel is the default destination.
+        let rc = unsafe { libc::send(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error()).context("sending a netlink request");
+        }
+        let mut messages = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            // SAFETY: buf is valid for its length.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e).context("reading a netlink reply");
+            }
+            let data = &buf[..n as usize];
+            for reply in parse_replies(data)? {
+                match reply {
+                    Reply::Error(0) | Reply::Done => return Ok(messages),
+                    Reply::Error(e) => {
+                        return Err(std::io::Error::from_raw_os_error(-e).into());
+                    }
+                    Reply::Genl { attrs, .. } => messages.push(attrs.to_vec()),
+                }
+            }
+        }
+    }
+
+    /// The id of generic netlink family `name`; fails with a sentence when absent.
+    pub fn family(&mut self, name: &str) -> Result<u16> {
+        let seq = self.next_seq();
+        let replies = self
+            .transact(&encode_get_family(seq, name))
+            .with_context(|| {
+                format!("the kernel has no '{name}' netlink family (module loaded?)")
+            })?;
+        replies
+            .iter()
+            .find_map(|a| find_attr(a, CTRL_ATTR_FAMILY_ID).and_then(|v| u16_at(v, 0)))
+            .with_context(|| format!("no id in the kernel's reply for netlink family '{name}'"))
+    }
+}
+
+/// Connects `fds` to an NBD device; returns the device index N of `/dev/nbdN`.
+pub fn connect(req: &ConnectRequest, fds: &[RawFd]) -> Result<u32> {
+    let mut sock = GenlSocket::open()?;
+    let family = sock.family(NBD_GENL_FAMILY_NAME)?;
+    let seq = sock.next_seq();
+    let replies = sock
+        .transact(&encode_connect(family, seq, req, fds))
+        .context("NBD_CMD_CONNECT")?;
+    replies
+        .iter()
+        .find_map(|a| find_attr(a, NBD_ATTR_INDEX).and_then(|v| u32_at(v, 0)))
+        .or(req.index)
+        .context("the kernel did not say which nbd device it connected")
+}
+
+/// Disconnects `/dev/nbd<index>`.
+pub fn disconnect(index: u32) -> Result<()> {
+    let mut sock = GenlSocket::open()?;
+    let family = sock.family(NBD_GENL_FAMILY_NAME)?;
+    let seq = sock.next_seq();
+    sock.transact(&encode_disconnect(family, seq, index))
+        .with_context(|| format!("NBD_CMD_DISCONNECT of /dev/nbd{index}"))
+        .map(drop)
+}
+
+/// A device attached through the kernel's nbd driver.
+pub struct KernelNbd {
+    index: u32,
+    path: PathBuf,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl KernelNbd {
+    /// Makes `connections` socketpairs, serves the transmission phase of `device` on one end
+    /// of each with `server`, and connects the other ends to a kernel nbd device.
+    pub fn attach(
+        device: Arc<dyn BlockDevice>,
+        runtime: &tokio::runtime::Handle,
+        server: Arc<dyn TransmissionServer>,
+        connections: usize,
+    ) -> Result<KernelNbd> {
+        if !Path::new("/dev/nbd0").exists() {
+            bail!(unavailable().unwrap_or_default());
+        }
+        let caps = device.capabilities();
+        let flags = transmission_flags(&caps);
+        let mut kernel_ends = Vec::new();
+        let mut tasks = Vec::new();
+        for _ in 0..connections.max(1) {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+                .context("creating a socketpair for kernel nbd")?;
+            ours.set_nonblocking(true)?;
+            let _guard = runtime.enter();
+            let stream = tokio::net::UnixStream::from_std(ours)?;
+            let fut = server.serve(stream, device.clone(), flags);
+            tasks.push(runtime.spawn(async move {
+                if let Err(e) = fut.await {
+                    tracing::warn!("kernel nbd connection ended: {e:#}");
+                }
+            }));
+            kernel_ends.push(theirs);
+        }
+        let fds: Vec<RawFd> = kernel_ends.iter().map(|s| s.as_raw_fd()).collect();
+        let req = ConnectRequest {
+            index: None,
+            size: device.size(),
+            block_size: 4096,
+            server_flags: flags as u64,
+            client_flags: NBD_CFLAG_DESTROY_ON_DISCONNECT,
+            timeout_secs: Some(30),
+            dead_conn_timeout_secs: None,
+            backend_identifier: Some(format!("vramdisk-{}", std::process::id())),
+        };
+        let index = match connect(&req, &fds) {
+            Ok(i) => i,
+            Err(e) => {
+                tasks.iter().for_each(|t| t.abort());
+                return Err(e);
+            }
+        };
+        // The kernel holds its own references to the sockets now.
+        drop(kernel_ends);
+        Ok(KernelNbd {
+            index,
+            path: PathBuf::from(format!("/dev/nbd{index}")),
+            tasks,
+        })
+    }
+
+    /// `/dev/nbdN`.
+    pub fn device_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Disconnects the device and stops serving it.
+    pub fn detach(&mut self) -> Result<()> {
+        let r = disconnect(self.index);
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs_of(msg: &[u8]) -> &[u8] {
+        &msg[NLMSG_HDRLEN + GENL_HDRLEN..]
+    }
+
+    #[test]
+    fn get_family_message_layout() {
+        let m = encode_get_family(7, "nbd");
+        assert_eq!(m.len(), 16 + 4 + 8);
+        assert_eq!(u32_at(&m, 0), Some(m.len() as u32));
+        assert_eq!(u16_at(&m, 4), Some(GENL_ID_CTRL));
+        assert_eq!(u16_at(&m, 6), Some(NLM_F_REQUEST | NLM_F_ACK));
+        assert_eq!(u32_at(&m, 8), Some(7));
+        assert_eq!(m[16], CTRL_CMD_GETFAMILY);
+        // "nbd\0" in a 4+4 byte attribute.
+        assert_eq!(u16_at(&m, 20), Some(8));
+        assert_eq!(u16_at(&m, 22), Some(CTRL_ATTR_FAMILY_NAME));
+        assert_eq!(&m[24..28], b"nbd\0");
+    }
+
+    #[test]
+    fn connect_message_carries_every_attribute() {
+        let req = ConnectRequest {
+            index: Some(3),
+            size: 16 << 30,
+            block_size: 4096,
+            server_flags: 0x16d,
+            client_flags: NBD_CFLAG_DESTROY_ON_DISCONNECT,
+            timeout_secs: Some(30),
+            dead_conn_timeout_secs: None,
+            backend_identifier: Some("vd".into()),
+        };
+        let m = encode_connect(0x1c, 9, &req, &[5, 6]);
+        assert_eq!(u32_at(&m, 0), Some(m.len() as u32));
+        assert!(m.len().is_multiple_of(4));
+        assert_eq!(u16_at(&m, 4), Some(0x1c));
+        assert_eq!(m[16], NBD_CMD_CONNECT);
+        assert_eq!(m[17], NBD_GENL_VERSION);
+        let a = attrs_of(&m);
+        let u64_of = |t| u64::from_ne_bytes(find_attr(a, t).unwrap().try_into().unwrap());
+        assert_eq!(u32_at(find_attr(a, NBD_ATTR_INDEX).unwrap(), 0), Some(3));
+        assert_eq!(u64_of(NBD_ATTR_SIZE_BYTES), 16 << 30);
+        assert_eq!(u64_of(NBD_ATTR_BLOCK_SIZE_BYTES), 4096);
+        assert_eq!(u64_of(NBD_ATTR_SERVER_FLAGS), 0x16d);
+        assert_eq!(u64_of(NBD_ATTR_CLIENT_FLAGS), 1);
+        assert_eq!(u64_of(NBD_ATTR_TIMEOUT), 30);
+        assert!(find_attr(a, NBD_ATTR_DEAD_CONN_TIMEOUT).is_none());
+        assert_eq!(
+            find_attr(a, NBD_ATTR_BACKEND_IDENTIFIER),
+            Some(&b"vd\0"[..])
+        );
+        // Sockets: a nested list of nested items, each holding one fd.
+        let sockets_at = a.len() - (4 + 2 * 12);
+        assert_eq!(
+            u16_at(a, sockets_at + 2),
+            Some(NBD_ATTR_SOCKETS | NLA_F_NESTED)
+        );
+        let sockets = find_attr(a, NBD_ATTR_SOCKETS).unwrap();
+        assert_eq!(sockets.len(), 24);
+        let mut fds = Vec::new();
+        let mut rest = sockets;
+        while !rest.is_empty() {
+            assert_eq!(u16_at(rest, 2), Some(NBD_SOCK_ITEM | NLA_F_NESTED));
+            let len = u16_at(rest, 0).unwrap() as usize;
+            let item = &rest[4..len];
+            fds.push(u32_at(find_attr(item, NBD_SOCK_FD).unwrap(), 0).unwrap());
+            rest = &rest[len..];
+        }
+        assert_eq!(fds, vec![5, 6]);
+    }
+
+    #[test]
+    fn disconnect_message() {
+        let m = encode_disconnect(0x1c, 1, 4);
+        assert_eq!(m.len(), 28);
+        assert_eq!(m[16], NBD_CMD_DISCONNECT);
+        assert_eq!(
+            u32_at(find_attr(attrs_of(&m), NBD_ATTR_INDEX).unwrap(), 0),
+            Some(4)
+        );
+    }
+
+    #[test]
+    fn parses_replies_and_errors() {
+        // A genl reply with NBD_ATTR_INDEX = 2, then an ack, in one datagram.
+        let mut reply = Vec::new();
+        put_header(&mut reply, 0x1c, 0, 9, NBD_CMD_CONNECT, 1);
+        put_attr(&mut reply, NBD_ATTR_INDEX, &2u32.to_ne_bytes());
+        let reply = finish(reply);
+        let mut ack = vec![0u8; 16 + 4 + 16];
+        let ack_len = ack.len() as u32;
+        ack[..4].copy_from_slice(&ack_len.to_ne_bytes());
+        ack[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        let mut both = reply.clone();
+        both.extend_from_slice(&ack);
+        let parsed = parse_replies(&both).unwrap();
+        assert_eq!(parsed.len(), 2);
+        match &parsed[0] {
+            Reply::Genl {
+                msg_type,
+                cmd,
+                attrs,
+            } => {
+                assert_eq!((*msg_type, *cmd), (0x1c, NBD_CMD_CONNECT));
+                assert_eq!(
+                    u32_at(find_attr(attrs, NBD_ATTR_INDEX).unwrap(), 0),
+                    Some(2)
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(parsed[1], Reply::Error(0));
+        // An error reply carries a negative errno.
+        ack[16..20].copy_from_slice(&(-libc::EBUSY).to_ne_bytes());
+        assert_eq!(
+            parse_replies(&ack).unwrap(),
+            vec![Reply::Error(-libc::EBUSY)]
+        );
+        // A length past the end is malformed, not a crash.
+        let mut bad = ack.clone();
+        bad[..4].copy_from_slice(&1000u32.to_ne_bytes());
+        assert!(parse_replies(&bad).is_err());
+    }
+
+    #[test]
+    fn flags_follow_capabilities() {
+        let caps = Capabilities {
+            read_only: false,
+            can_flush: true,
+            can_fua: true,
+            can_trim: true,
+            can_zero: true,
+            can_fast_zero: true,
+            can_multi_conn: true,
+            can_cache: true,
+            can_extents: true,
+            min_block: 1,
+            preferred_block: 4096,
+            max_block: 32 << 20,
+        };
+        assert_eq!(transmission_flags(&caps), 0x16d);
+        let ro = Capabilities {
+            read_only: true,
+            can_trim: false,
+            can_zero: false,
+            ..caps
+        };
+        assert_eq!(transmission_flags(&ro), 0x10f);
+    }
+
+    #[test]
+    fn says_why_unavailable_here() {
+        if Path::new("/dev/nbd0").exists() {
+            eprintln!("SKIPPED says_why_unavailable_here: this kernel has nbd");
+            return;
+        }
+        let why = unavailable().unwrap();
+        assert!(why.contains("/dev/nbd0 missing"), "{why}");
+        assert!(why.contains("--via fuse"), "{why}");
+    }
+
+    #[test]
+    fn netlink_family_resolves_where_nbd_exists() {
+        if !Path::new("/dev/nbd0").exists() {
+            eprintln!("SKIPPED netlink_family_resolves_where_nbd_exists: no /dev/nbd0");
+            return;
+        }
+        let mut s = GenlSocket::open().unwrap();
+        assert!(s.family(NBD_GENL_FAMILY_NAME).unwrap() > 0);
+    }
+
+    #[test]
+    fn netlink_controller_answers() {
+        // The controller family itself always exists: a real round trip through the kernel.
+        let mut s = GenlSocket::open().unwrap();
+        assert_eq!(s.family("nlctrl").unwrap(), GENL_ID_CTRL);
+        // A family that does not exist fails with a sentence, not a hang.
+        let e = s.family("no-such-family-vd").unwrap_err();
+        assert!(format!("{e:#}").contains("no 'no-such-family-vd' netlink family"));
+    }
+}

@@ -1,0 +1,824 @@
+//! End-to-end tests of `vramdisk attach` / `vramdisk detach` with real tools: mkfs.ext4,
+//! mount, e2fsck, blkdiscard, mkswap/swapon, dd.
+//!
+//! They need root, /dev/fuse and /dev/loop-control (CI has them). Where those are missing
+//! each test prints a SKIPPED line and passes, unless VRAMDISK_REQUIRE_ATTACH=1.
+//! Tests take a global lock: they share the machine's loop devices and swap table.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn bin() -> PathBuf {
+    std::env::var_os("VRAMDISK_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_vramdisk")))
+}
+
+/// Whether this machine can run attach tests; prints why not.
+fn capable(test: &str) -> bool {
+    let mut missing = Vec::new();
+    for p in ["/dev/fuse", "/dev/loop-control"] {
+        if !Path::new(p).exists() {
+            missing.push(format!("{p} missing"));
+        }
+    }
+    if !nix_is_root() {
+        missing.push("not root".into());
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let why = missing.join(", ");
+    if std::env::var_os("VRAMDISK_REQUIRE_ATTACH").is_some() {
+        panic!("{test}: cannot run ({why}) but VRAMDISK_REQUIRE_ATTACH is set");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+    false
+}
+
+fn nix_is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"))
+}
+
+fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let out = run(cmd, args);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One attached device: the daemon (foreground child) and its private run directory.
+struct Attached {
+    child: Option<Child>,
+    dev: PathBuf,
+    run_dir: tempfile::TempDir,
+}
+
+impl Attached {
+    fn start(extra: &[&str]) -> Attached {
+        let run_dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(bin())
+            .arg("attach")
+            .args(["--backend", "host"])
+            .args(extra)
+            .env("VRAMDISK_RUN_DIR", run_dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting vramdisk attach");
+        let stdout = child.stdout.take().unwrap();
+        // The daemon prints the device path once attached; bound the wait.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
+            let mut l = String::new();
+            let _ = r.read_line(&mut l);
+            let _ = tx.send(l);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
+        let dev = PathBuf::from(line.trim());
+        if !dev.starts_with("/dev/") {
+            let _ = child.kill();
+            let status = child.wait().unwrap();
+            panic!("attach printed {line:?} instead of a device path ({status})");
+        }
+        Attached {
+            child: Some(child),
+            dev,
+            run_dir,
+        }
+    }
+
+    fn dev(&self) -> &str {
+        self.dev.to_str().unwrap()
+    }
+
+    fn vramdisk(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(args)
+            .env("VRAMDISK_RUN_DIR", self.run_dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// The daemon's state, as written in its state directory.
+    fn state(&self) -> serde_json::Value {
+        for e in std::fs::read_dir(self.run_dir.path()).unwrap() {
+            let p = e.unwrap().path().join("state.json");
+            if let Ok(text) = std::fs::read_to_string(&p) {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                if v["device"] == self.dev() {
+                    return v;
+                }
+            }
+        }
+        panic!("no state for {}", self.dev.display());
+    }
+
+    /// Bytes of memory the device holds, read from the daemon's stats file.
+    fn allocated(&self) -> u64 {
+        let stats = self.state()["stats"].as_str().unwrap().to_string();
+        let text = std::fs::read_to_string(&stats).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["allocated"].as_u64().unwrap()
+    }
+
+    fn detach(&mut self, extra: &[&str]) -> Output {
+        let mut args = vec!["detach"];
+        args.extend_from_slice(extra);
+        args.push(self.dev());
+        self.vramdisk(&args)
+    }
+
+    /// Detaches and checks that nothing is left behind.
+    fn detach_clean(mut self) {
+        let state = self.state();
+        let out = self.detach(&[]);
+        assert!(
+            out.status.success(),
+            "detach failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut child = self.child.take().unwrap();
+        let status = wait_timeout(&mut child, Duration::from_secs(10)).expect("daemon exits");
+        assert!(status.success(), "daemon exited with {status}");
+        assert_nothing_left(&state, self.run_dir.path());
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // A failed test: tear down as best we can so later tests find a clean machine.
+            let _ = Command::new(bin())
+                .args(["detach", "--force", self.dev.to_str().unwrap()])
+                .env("VRAMDISK_RUN_DIR", self.run_dir.path())
+                .output();
+            let _ = c.kill();
+            let _ = c.wait();
+            let _ = Command::new(bin())
+                .args(["detach", "--force", self.dev.to_str().unwrap()])
+                .env("VRAMDISK_RUN_DIR", self.run_dir.path())
+                .output();
+        }
+    }
+}
+
+/// The process is gone or a zombie (an orphaned daemon is reaped by whatever init this
+/// container has, maybe late).
+fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => {
+            let after = &stat[stat.rfind(')').unwrap() + 1..];
+            matches!(after.split_whitespace().next(), Some("Z") | Some("X"))
+        }
+    }
+}
+
+fn wait_timeout(child: &mut Child, t: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if start.elapsed() > t {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// No loop device bound to the image, no FUSE mount, no state directory.
+fn assert_nothing_left(state: &serde_json::Value, run_dir: &Path) {
+    let n = state["loop_number"].as_u64().unwrap();
+    let image = state["image"].as_str().unwrap();
+    let backing = std::fs::read_to_string(format!("/sys/block/loop{n}/loop/backing_file"))
+        .unwrap_or_default();
+    assert_ne!(backing.trim(), image, "loop{n} is still bound to {image}");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let run = run_dir.to_str().unwrap();
+    assert!(
+        !mountinfo.contains(run),
+        "a mount under {run} is left:\n{mountinfo}"
+    );
+    let left: Vec<_> = std::fs::read_dir(run_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "left in the run directory: {left:?}");
+}
+
+/// Deterministic pseudo-random bytes.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn ext4_tree_survives_remount_and_fsck() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !capable("ext4_tree_survives_remount_and_fsck") {
+        return;
+    }
+    let d = Attached::start(&["--size", "256M"]);
+    // The device looks like a disk with 4 KiB sectors.
+    let name = d.dev.file_name().unwrap().to_str().unwrap().to_string();
+    let lbs =
+        std::fs::read_to_string(format!("/sys/block/{name}/queue/logical_block_size")).unwrap();
+    assert_eq!(lbs.trim(), "4096");
+    let dio = std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).unwrap();
+    assert_eq!(dio.trim(), "1", "loop direct I/O is off");
+
+    run_ok("mkfs.ext4", &["-q", "-F", d.dev()]);
+    let mnt = tempfile::tempdir().unwrap();
+    let m = mnt.path().to_str().unwrap();
+    run_ok("mount", &[d.dev(), m]);
+
+    // A tree of files of varied sizes, some unaligned, with known checksums.
+    let mut files = Vec::new();
+    for dir in 0..4 {
+        let sub = mnt.path().join(format!("d{dir}/e{dir}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        for f in 0..8u64 {
+            let len = [0usize, 1, 4095, 4096, 65_537, 1 << 20, 3 << 20, 777][f as usize];
+            let path = sub.join(format!("f{f}.bin"));
+            std::fs::write(&path, pattern(dir * 100 + f, len)).unwrap();
+            files.push(path);
+        }
+    }
+    let names: Vec<&str> = files.iter().map(|p| p.to_str().unwrap()).collect();
+    let sums = run_ok("sha256sum", &names);
+    let sums_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(sums_file.path(), &sums).unwrap();
+
+    // Detach must refuse while the filesystem is mounted, and leave it working.
+    let mut d = d;
+    let refused = d.detach(&[]);
+    assert!(
+        !refused.status.success(),
+        "detach of a mounted device succeeded"
+    );
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("mounted at"), "unexpected refusal: {why}");
+
+    // So must SIGTERM to the daemon: it keeps serving and says why.
+    let pid = d.child.as_ref().unwrap().id() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let refused_file = PathBuf::from(d.state()["mountpoint"].as_str().unwrap())
+        .parent()
+        .unwrap()
+        .join("refused");
+    let start = Instant::now();
+    while !refused_file.exists() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let why = std::fs::read_to_string(&refused_file).expect("the daemon wrote no refusal");
+    assert!(why.contains("mounted at"), "{why}");
+    assert!(
+        d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "daemon exited"
+    );
+    std::fs::write(mnt.path().join("after-sigterm"), b"still here").unwrap();
+    files.push(mnt.path().join("after-sigterm"));
+
+    let extra = run_ok("sha256sum", &[files.last().unwrap().to_str().unwrap()]);
+    std::fs::write(sums_file.path(), sums.clone() + &extra).unwrap();
+    run_ok("umount", &[m]);
+    // The data came back from the device, not from a cache: drop caches and remount.
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    run_ok("mount", &[d.dev(), m]);
+    let check = run(
+        "sha256sum",
+        &["-c", "--quiet", sums_file.path().to_str().unwrap()],
+    );
+    assert!(
+        check.status.success(),
+        "checksums differ after remount:\n{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    run_ok("umount", &[m]);
+    let fsck = run("e2fsck", &["-fn", d.dev()]);
+    assert!(
+        fsck.status.success(),
+        "e2fsck -fn found problems:\n{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    d.detach_clean();
+}
+
+#[test]
+fn forced_detach_of_mounted_device() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !capable("forced_detach_of_mounted_device") {
+        return;
+    }
+    let mut d = Attached::start(&["--size", "64M"]);
+    let state = d.state();
+    run_ok("mkfs.ext4", &["-q", "-F", d.dev()]);
+    let mnt = tempfile::tempdir().unwrap();
+    let m = mnt.path().to_str().unwrap();
+    run_ok("mount", &[d.dev(), m]);
+    std::fs::write(mnt.path().join("f"), pattern(1, 1 << 20)).unwrap();
+    run_ok("sync", &[]);
+
+    // --force: the daemon goes although the filesystem is mounted; its users get errors.
+    let out = d.detach(&["--force"]);
+    assert!(
+        out.status.success(),
+        "detach --force failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut child = d.child.take().unwrap();
+    assert!(
+        wait_timeout(&mut child, Duration::from_secs(10)).is_some(),
+        "daemon still runs"
+    );
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    let read = run(
+        "timeout",
+        &["10", "cat", mnt.path().join("f").to_str().unwrap()],
+    );
+    assert_ne!(
+        read.status.code(),
+        Some(124),
+        "reading the orphaned filesystem hung"
+    );
+    assert!(
+        !read.status.success(),
+        "read from a detached device succeeded"
+    );
+    // Unmounting releases the loop device, which then detaches itself.
+    let um = run("timeout", &["20", "umount", m]);
+    if !um.status.success() {
+        run_ok("umount", &["-l", m]);
+    }
+    let n = state["loop_number"].as_u64().unwrap();
+    let image = state["image"].as_str().unwrap().to_string();
+    let start = Instant::now();
+    while std::fs::read_to_string(format!("/sys/block/loop{n}/loop/backing_file"))
+        .is_ok_and(|b| b.trim() == image)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "loop{n} stays bound"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_nothing_left(&state, d.run_dir.path());
+}
+
+#[test]
+fn discard_frees_memory_and_reads_zeros() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !capable("discard_frees_memory_and_reads_zeros") {
+        return;
+    }
+    // 2 MiB chunks: a 64 MiB write takes 32 of them.
+    let d = Attached::start(&["--size", "128M", "--chunk-size", "2M"]);
+    assert_eq!(d.allocated(), 0, "a fresh device holds memory");
+    let data = pattern(7, 64 << 20);
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc_o_direct())
+            .open(&d.dev)
+            .unwrap();
+        // O_DIRECT needs an aligned buffer: copy into one.
+        let buf = AlignedBuf::from(&data);
+        use std::io::Write;
+        f.write_all(buf.as_slice()).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert_eq!(d.allocated(), 64 << 20);
+
+    // Discard the first 32 MiB: the memory goes back, the range reads as zeros.
+    run_ok(
+        "blkdiscard",
+        &["-o", "0", "-l", &(32u64 << 20).to_string(), d.dev()],
+    );
+    assert_eq!(d.allocated(), 32 << 20, "blkdiscard did not free memory");
+    let back = read_direct(&d.dev, 0, 64 << 20);
+    assert!(
+        back[..32 << 20].iter().all(|&b| b == 0),
+        "discarded range is not zero"
+    );
+    assert!(
+        back[32 << 20..] == data[32 << 20..],
+        "data after the discard changed"
+    );
+
+    // Write-zeroes (blkdiscard -z) zeroes too.
+    run_ok(
+        "blkdiscard",
+        &[
+            "-z",
+            "-o",
+            &(40u64 << 20).to_string(),
+            "-l",
+            "4096",
+            d.dev(),
+        ],
+    );
+    let back = read_direct(&d.dev, 40 << 20, 8192);
+    assert!(back[..4096].iter().all(|&b| b == 0));
+    assert_eq!(back[4096..], data[(40 << 20) + 4096..(40 << 20) + 8192]);
+
+    // The whole device, past the written part too.
+    run_ok("blkdiscard", &[d.dev()]);
+    assert_eq!(d.allocated(), 0, "a full discard left memory allocated");
+    d.detach_clean();
+}
+
+#[test]
+fn swap_on_attached_device() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !capable("swap_on_attached_device") {
+        return;
+    }
+    // --swap: the daemon runs mkswap and swapon, and swapoff on detach.
+    let d = Attached::start(&["--size", "64M", "--swap"]);
+    let swaps = std::fs::read_to_string("/proc/swaps").unwrap();
+    assert!(swaps.contains(d.dev()), "not in /proc/swaps:\n{swaps}");
+    // Preallocated: swap never waits for an allocation.
+    assert_eq!(d.allocated(), 64 << 20);
+    let state = d.state();
+    d.detach_clean();
+    let swaps = std::fs::read_to_string("/proc/swaps").unwrap();
+    assert!(
+        !swaps.contains(state["device"].as_str().unwrap()),
+        "still swap after detach:\n{swaps}"
+    );
+
+    // Someone else's swap on the device blocks detach until it is turned off.
+    let mut d = Attached::start(&["--size", "64M"]);
+    run_ok("mkswap", &[d.dev()]);
+    run_ok("swapon", &[d.dev()]);
+    let refused = d.detach(&[]);
+    let why = String::from_utf8_lossy(&refused.stderr).into_owned();
+    run_ok("swapoff", &[d.dev()]);
+    assert!(!refused.status.success(), "detach of active swap succeeded");
+    assert!(why.contains("swap"), "unexpected refusal: {why}");
+    d.detach_clean();
+}
+
+/// A memory cgroup limited to `limit` bytes that may swap: (directory, v1?). None where
+/// neither a v1 memory hierarchy nor a v2 one with the memory controller is writable.
+fn swap_cgroup(limit: u64) -> Option<(PathBuf, bool)> {
+    let name = format!("vramdisk-test-{}", std::process::id());
+    let v1 = Path::new("/sys/fs/cgroup/memory");
+    if v1.join("memory.limit_in_bytes").exists() {
+        let dir = v1.join(&name);
+        std::fs::create_dir(&dir).ok()?;
+        std::fs::write(dir.join("memory.limit_in_bytes"), limit.to_string()).ok()?;
+        let _ = std::fs::write(dir.join("memory.swappiness"), "100");
+        return Some((dir, true));
+    }
+    let v2 = Path::new("/sys/fs/cgroup");
+    let controllers = std::fs::read_to_string(v2.join("cgroup.controllers")).ok()?;
+    if !controllers.split_whitespace().any(|c| c == "memory") {
+        return None;
+    }
+    let _ = std::fs::write(v2.join("cgroup.subtree_control"), "+memory");
+    let dir = v2.join(&name);
+    std::fs::create_dir(&dir).ok()?;
+    std::fs::write(dir.join("memory.max"), limit.to_string()).ok()?;
+    let _ = std::fs::write(dir.join("memory.swap.max"), "max");
+    Some((dir, false))
+}
+
+#[test]
+fn swap_holds_pages_under_memory_pressure() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !capable("swap_holds_pages_under_memory_pressure") {
+        return;
+    }
+    if Command::new("python3").arg("-c").arg("1").output().is_err() {
+        eprintln!("SKIPPED swap_holds_pages_under_memory_pressure: no python3");
+        return;
+    }
+    // A process limited to 32 MiB of RAM fills 128 MiB with random bytes and checks them:
+    // most of it must go out to our swap device and come back intact.
+    let Some((cg, _v1)) = swap_cgroup(32 << 20) else {
+        eprintln!("SKIPPED swap_holds_pages_under_memory_pressure: no writable memory cgroup");
+        return;
+    };
+    let d = Attached::start(&["--size", "256M", "--swap"]);
+    let script = r#"
+import hashlib, os
+b = bytearray(os.urandom(1 << 20)) * 128
+h = hashlib.sha256(b).hexdigest()
+used = 0
+for line in open("/proc/swaps").read().splitlines()[1:]:
+    f = line.split()
+    if f[0] == os.environ["DEV"]:
+        used = int(f[3]) * 1024
+print(used)
+print("match" if hashlib.sha256(b).hexdigest() == h else "MISMATCH")
+"#;
+    let out = Command::new("timeout")
+        .args([
+            "60",
+            "sh",
+            "-c",
+            "echo $$ > \"$CG/cgroup.procs\" && exec python3 -c \"$SCRIPT\"",
+        ])
+        .env("CG", &cg)
+        .env("SCRIPT", script)
+        .env("DEV", d.dev())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir(&cg);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "the memory hog failed ({}): {stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines = stdout.lines();
+    let used: u64 = lines.next().unwrap().trim().parse().unwrap();
+    assert_eq!(
+        lines.next(),
+        Some("match"),
+        "swapped pages came back corrupted"
+    );
+    assert!(used >= 64 << 20, "only {used} bytes went to swap");
+    eprintln!("swapped out {} MiB through {}", used >> 20, d.dev());
+    d.detach_clean();
+}
+
+#[test]
+fn daemon_mode_with_pid_file() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !capable("daemon_mode_with_pid_file") {
+        return;
+    }
+    let run_dir = tempfile::tempdir().unwrap();
+    let pid_file = run_dir.path().join("vd.pid");
+    let start = Instant::now();
+    let out = Command::new(bin())
+        .args([
+            "attach",
+            "--backend",
+            "host",
+            "--size",
+            "32M",
+            "--daemon",
+            "--pid-file",
+        ])
+        .arg(&pid_file)
+        .env("VRAMDISK_RUN_DIR", run_dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    // output() returning at all means the daemon let go of our stdout and stderr.
+    assert!(
+        out.status.success(),
+        "attach --daemon failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(start.elapsed() < Duration::from_secs(20));
+    let dev = String::from_utf8(out.stdout).unwrap();
+    let dev = dev.trim();
+    assert!(dev.starts_with("/dev/loop"), "printed {dev:?}");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(!process_gone(pid), "the daemon is not running");
+    // The device works.
+    run_ok(
+        "dd",
+        &[
+            "if=/dev/zero",
+            &format!("of={dev}"),
+            "bs=1M",
+            "count=4",
+            "oflag=direct",
+        ],
+    );
+    let out = Command::new(bin())
+        .args(["detach", dev])
+        .env("VRAMDISK_RUN_DIR", run_dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(process_gone(pid), "daemon still runs");
+    assert!(!pid_file.exists(), "pid file left behind");
+    let left: Vec<_> = std::fs::read_dir(run_dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "left in the run directory: {left:?}");
+}
+
+#[test]
+fn killed_daemon_fails_io_and_detach_recovers() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !capable("killed_daemon_fails_io_and_detach_recovers") {
+        return;
+    }
+    let mut d = Attached::start(&["--size", "64M"]);
+    let state = d.state();
+    // Hold the device open across the kill, like a mounted filesystem would, so that the
+    // loop device stays bound and I/O reaches the dead connection.
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_o_direct())
+        .open(&d.dev)
+        .unwrap();
+    assert!(read_fd_direct(&held, 0, 4096).is_ok());
+
+    let mut child = d.child.take().unwrap();
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(9));
+
+    // I/O fails within seconds: run it on a thread and bound the wait.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = held.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let _ = tx.send(read_fd_direct(&h, 1 << 20, 4096));
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a read after the daemon died hung");
+    let err = r.expect_err("a read after the daemon died succeeded");
+    eprintln!("read after kill -9: {err}");
+    // Another program too (a fresh open of the still-bound device).
+    let dd = run(
+        "timeout",
+        &[
+            "10",
+            "dd",
+            &format!("if={}", d.dev()),
+            "of=/dev/null",
+            "bs=4k",
+            "count=1",
+            "iflag=direct",
+        ],
+    );
+    assert_ne!(dd.status.code(), Some(124), "dd hung on the dead device");
+    assert!(!dd.status.success(), "dd read from a dead device");
+
+    // Last opener gone: the loop device detaches itself (autoclear).
+    drop(held);
+    // detach cleans up after the dead daemon: stale FUSE mount and state directory.
+    let out = d.detach(&[]);
+    assert!(
+        out.status.success(),
+        "detach after kill -9 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_nothing_left(&state, d.run_dir.path());
+
+    // And a new attach works right away.
+    let d2 = Attached::start(&["--size", "16M"]);
+    run_ok(
+        "dd",
+        &[
+            "if=/dev/zero",
+            &format!("of={}", d2.dev()),
+            "bs=1M",
+            "count=1",
+            "oflag=direct",
+        ],
+    );
+    d2.detach_clean();
+}
+
+#[test]
+fn unavailable_methods_say_why() {
+    // No root or FUSE needed: these fail before touching anything.
+    let run_dir = tempfile::tempdir().unwrap();
+    let try_via = |via: &str| {
+        Command::new(bin())
+            .args(["attach", "--backend", "host", "--size", "16M", "--via", via])
+            .env("VRAMDISK_RUN_DIR", run_dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    if !Path::new("/dev/nbd0").exists() {
+        let out = try_via("nbd");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("this kernel has no nbd driver (/dev/nbd0 missing): use --via fuse"),
+            "{err}"
+        );
+    } else {
+        eprintln!("SKIPPED nbd part of unavailable_methods_say_why: this kernel has nbd");
+    }
+    let out = try_via("ublk");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ublk") && err.contains("--via fuse"), "{err}");
+
+    let out = Command::new(bin())
+        .args(["detach", "/dev/loop250"])
+        .env("VRAMDISK_RUN_DIR", run_dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no vramdisk device is attached"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn libc_o_direct() -> i32 {
+    libc::O_DIRECT
+}
+
+struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len.max(4096), 4096).unwrap();
+        // SAFETY: non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null());
+        AlignedBuf { ptr, len }
+    }
+    fn from(data: &[u8]) -> Self {
+        let b = Self::new(data.len());
+        // SAFETY: b has data.len() bytes.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), b.ptr, data.len()) };
+        b
+    }
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr holds len bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr holds len bytes, and &mut self is exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.len.max(4096), 4096).unwrap();
+        // SAFETY: allocated in new() with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, layout) };
+    }
+}
+
+// SAFETY: AlignedBuf owns its memory like a Vec.
+unsafe impl Send for AlignedBuf {}
+
+fn read_fd_direct(f: &std::fs::File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = AlignedBuf::new(len);
+    f.read_exact_at(buf.as_mut_slice(), offset)?;
+    Ok(buf.as_slice().to_vec())
+}
+
+fn read_direct(dev: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_o_direct())
+        .open(dev)
+        .unwrap();
+    read_fd_direct(&f, offset, len).unwrap()
+}
