@@ -15,6 +15,17 @@ use std::time::{Duration, Instant};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// The backend the attached devices use: GPU memory where the GPU tests are switched on
+/// (`VRAMDISK_TEST_GPU=1`, set by the GPU machine's test runner), host RAM elsewhere, so the
+/// same mkfs/mount/discard/swap/kill tests cover both data paths.
+fn backend() -> &'static str {
+    if std::env::var("VRAMDISK_TEST_GPU").as_deref() == Ok("1") {
+        "cuda"
+    } else {
+        "host"
+    }
+}
+
 fn bin() -> PathBuf {
     std::env::var_os("VRAMDISK_BIN")
         .map(PathBuf::from)
@@ -78,7 +89,7 @@ impl Attached {
         let run_dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(bin())
             .arg("attach")
-            .args(["--backend", "host"])
+            .args(["--backend", backend()])
             .args(extra)
             .env("VRAMDISK_RUN_DIR", run_dir.path())
             .stdin(Stdio::null())
@@ -593,7 +604,7 @@ fn daemon_mode_with_pid_file() {
         .args([
             "attach",
             "--backend",
-            "host",
+            backend(),
             "--size",
             "32M",
             "--daemon",
@@ -728,7 +739,7 @@ fn unavailable_methods_say_why() {
     let run_dir = tempfile::tempdir().unwrap();
     let try_via = |via: &str| {
         Command::new(bin())
-            .args(["attach", "--backend", "host", "--size", "16M", "--via", via])
+            .args(["attach", "--backend", backend(), "--size", "16M", "--via", via])
             .env("VRAMDISK_RUN_DIR", run_dir.path())
             .stdin(Stdio::null())
             .output()
