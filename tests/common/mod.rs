@@ -527,7 +527,10 @@ fn server_command(kind: ServerKind, c: &ServerConfig, endpoint: &Endpoint) -> Co
             let mut cmd = Command::new(vramdisk_bin());
             // Plain log lines, readable in a failed test's output.
             cmd.env("NO_COLOR", "1");
-            cmd.args(["serve", "--backend", "host"]);
+            // Where the GPU tests are switched on (the GPU machine's runner), every
+            // end-to-end test also runs against GPU memory.
+            let gpu = std::env::var("VRAMDISK_TEST_GPU").as_deref() == Ok("1");
+            cmd.args(["serve", "--backend", if gpu { "cuda" } else { "host" }]);
             if let Some(s) = c.size {
                 cmd.args(["--size", &s.to_string()]);
             }
