@@ -264,7 +264,7 @@ fn handle_option(
                 return Step::Continue;
             }
             for e in exports {
-                put_rep_server(out, &e.name);
+                put_rep_server(out, &e.name, &e.description);
             }
             put_option_reply(out, option, REP_ACK, &[]);
             Step::Continue
@@ -584,8 +584,9 @@ mod tests {
         handle_option(OPT_LIST, &[], &ex, &mut Options::default(), &mut out);
         let r = replies(&out);
         assert_eq!(r.len(), 3);
-        assert_eq!(r[0], (OPT_LIST, REP_SERVER, vec![0, 0, 0, 0]));
-        assert_eq!(r[1], (OPT_LIST, REP_SERVER, vec![0, 0, 0, 1, b'b']));
+        assert_eq!(&r[0].2[..], b"\0\0\0\0desc of ");
+        assert_eq!(&r[1].2[..], b"\0\0\0\x01bdesc of b");
+        assert_eq!((r[1].0, r[1].1), (OPT_LIST, REP_SERVER));
         assert_eq!(r[2].1, REP_ACK);
         out.clear();
         handle_option(OPT_LIST, &[1], &ex, &mut Options::default(), &mut out);

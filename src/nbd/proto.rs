@@ -428,12 +428,15 @@ pub fn put_option_error(out: &mut Vec<u8>, option: u32, reply: u32, message: &st
     );
 }
 
-/// Appends an `NBD_REP_SERVER` reply for `NBD_OPT_LIST`.
-pub fn put_rep_server(out: &mut Vec<u8>, name: &str) {
+/// Appends an `NBD_REP_SERVER` reply for `NBD_OPT_LIST`: the name, then the description
+/// (the spec leaves the rest of the reply to a string for humans).
+pub fn put_rep_server(out: &mut Vec<u8>, name: &str, description: &str) {
     let name = truncate_str(name, MAX_STRING);
-    let mut payload = Vec::with_capacity(4 + name.len());
+    let description = truncate_str(description, MAX_STRING);
+    let mut payload = Vec::with_capacity(4 + name.len() + description.len());
     payload.extend_from_slice(&(name.len() as u32).to_be_bytes());
     payload.extend_from_slice(name.as_bytes());
+    payload.extend_from_slice(description.as_bytes());
     put_option_reply(out, OPT_LIST, REP_SERVER, &payload);
 }
 
@@ -1029,10 +1032,16 @@ mod tests {
         );
 
         out.clear();
-        put_rep_server(&mut out, "ab");
+        put_rep_server(&mut out, "ab", "");
         assert_eq!(
             &out[8..],
             [0, 0, 0, 3, 0, 0, 0, 2, 0, 0, 0, 6, 0, 0, 0, 2, b'a', b'b']
+        );
+        out.clear();
+        put_rep_server(&mut out, "a", "d");
+        assert_eq!(
+            &out[8..],
+            [0, 0, 0, 3, 0, 0, 0, 2, 0, 0, 0, 6, 0, 0, 0, 1, b'a', b'd']
         );
 
         out.clear();

@@ -12,6 +12,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -101,7 +102,97 @@ struct Shared {
     limits: Limits,
     slots: Arc<Semaphore>,
     shutdown: CancellationToken,
+    workers: Workers,
 }
+
+/// The threads connections run on: one single-threaded runtime per core. A connection
+/// lives on one of them from accept to close, so its reader, its writer and its operations
+/// wake each other on one thread. A work-stealing runtime would instead wake an idle
+/// worker on another CPU for every event, and on a small machine those cross-CPU wakeups
+/// cost more than serving the request. Connections go to the thread with the fewest.
+struct Workers {
+    threads: Vec<Worker>,
+}
+
+struct Worker {
+    handle: tokio::runtime::Handle,
+    connections: Arc<AtomicUsize>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    fn start() -> Result<Workers> {
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, MAX_WORKERS);
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting a connection thread's runtime")?;
+            let handle = rt.handle().clone();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let thread = std::thread::Builder::new()
+                .name(format!("vramdisk-nbd-{i}"))
+                .spawn(move || {
+                    rt.block_on(async {
+                        let _ = stopped.await;
+                    });
+                })
+                .context("starting a connection thread")?;
+            threads.push(Worker {
+                handle,
+                connections: Arc::new(AtomicUsize::new(0)),
+                stop: Some(stop),
+                thread: Some(thread),
+            });
+        }
+        Ok(Workers { threads })
+    }
+
+    /// The least busy thread, and its connection count to hold while a connection lives.
+    fn pick(&self) -> (&tokio::runtime::Handle, Load) {
+        let w = self
+            .threads
+            .iter()
+            .min_by_key(|w| w.connections.load(Ordering::Relaxed))
+            .expect("at least one worker");
+        w.connections.fetch_add(1, Ordering::Relaxed);
+        (&w.handle, Load(w.connections.clone()))
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for w in &mut self.threads {
+            drop(w.stop.take());
+        }
+        let me = std::thread::current().id();
+        for w in &mut self.threads {
+            if let Some(t) = w.thread.take() {
+                // Never wait for ourselves (if the last reference went away on a worker).
+                if t.thread().id() != me {
+                    let _ = t.join();
+                }
+            }
+        }
+    }
+}
+
+/// One connection counted against a worker thread.
+struct Load(Arc<AtomicUsize>);
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Most connection threads, whatever the core count.
+const MAX_WORKERS: usize = 16;
 
 /// Serves `exports` on `listeners` until `shutdown` is cancelled. Then it stops accepting,
 /// gives in-flight requests up to [`SHUTDOWN_GRACE`] to finish, closes every connection,
@@ -123,6 +214,7 @@ pub async fn serve(
         slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
         limits,
         shutdown: shutdown.clone(),
+        workers: Workers::start()?,
     });
     let mut accepting = JoinSet::new();
     let mut sockets = Vec::new();
@@ -150,29 +242,54 @@ pub async fn serve(
             warn!("cannot remove socket {}: {e}", path.display());
         }
     }
+    // The connection threads stop (and are joined) when the last reference goes; the
+    // accept loops, which held the others, are done.
+    tokio::task::spawn_blocking(move || drop(shared))
+        .await
+        .context("stopping the connection threads")?;
     Ok(())
 }
 
-/// A connected byte stream that splits into independently owned halves.
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+/// A connected byte stream that splits into independently owned halves, and moves
+/// between runtimes through its std form (it belongs to the reactor of the runtime it was
+/// made on).
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
     type Read: AsyncRead + Unpin + Send + Sync + 'static;
-    type Write: AsyncWrite + Unpin + Send + 'static;
+    type Write: transmission::Sink;
+    type Std: Send + 'static;
     fn into_halves(self) -> (Self::Read, Self::Write);
+    fn into_std(self) -> io::Result<Self::Std>;
+    /// Registers with the current runtime.
+    fn from_std(s: Self::Std) -> io::Result<Self>;
 }
 
 impl Stream for TcpStream {
     type Read = tokio::net::tcp::OwnedReadHalf;
     type Write = tokio::net::tcp::OwnedWriteHalf;
+    type Std = std::net::TcpStream;
     fn into_halves(self) -> (Self::Read, Self::Write) {
         self.into_split()
+    }
+    fn into_std(self) -> io::Result<Self::Std> {
+        TcpStream::into_std(self)
+    }
+    fn from_std(s: Self::Std) -> io::Result<Self> {
+        TcpStream::from_std(s)
     }
 }
 
 impl Stream for UnixStream {
     type Read = tokio::net::unix::OwnedReadHalf;
     type Write = tokio::net::unix::OwnedWriteHalf;
+    type Std = std::os::unix::net::UnixStream;
     fn into_halves(self) -> (Self::Read, Self::Write) {
         self.into_split()
+    }
+    fn into_std(self) -> io::Result<Self::Std> {
+        UnixStream::into_std(self)
+    }
+    fn from_std(s: Self::Std) -> io::Result<Self> {
+        UnixStream::from_std(s)
     }
 }
 
@@ -237,9 +354,20 @@ async fn accept_loop<A: Acceptor>(listener: A, shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => break,
             r = listener.accept() => r,
         };
-        match accepted {
+        match accepted.and_then(|(s, peer)| Ok((s.into_std()?, peer))) {
             Ok((stream, peer)) => {
-                conns.spawn(connection(stream, peer, shared.clone(), slot));
+                let (rt, load) = shared.workers.pick();
+                let shared = shared.clone();
+                conns.spawn_on(
+                    async move {
+                        let _load = load;
+                        match A::Conn::from_std(stream) {
+                            Ok(s) => connection(s, peer, shared, slot).await,
+                            Err(e) => error!("client {peer}: cannot set up its socket: {e}"),
+                        }
+                    },
+                    rt,
+                );
             }
             Err(e) => {
                 // EMFILE and the like: back off instead of spinning.

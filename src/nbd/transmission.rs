@@ -1,19 +1,23 @@
 //! The transmission phase of one connection.
 //!
-//! Three kinds of work, no locks between them:
+//! The connection's task is the **reader**. It reads requests through a buffer, so one
+//! `read` syscall takes in as many pipelined headers as the client has sent. A write's
+//! payload goes straight into an [`IoBuf`] from the device's pool (pinned memory for the
+//! GPU backend): whatever already sits in the read buffer is copied, the rest is read from
+//! the socket directly into the `IoBuf`.
 //!
-//! - The **reader** (the connection's own task) reads requests through a buffer, so one
-//!   `read` syscall takes in as many pipelined headers as the client has sent. A write's
-//!   payload goes straight into an [`IoBuf`] from the device's pool (pinned memory for the
-//!   GPU backend): whatever already sits in the read buffer is copied, the rest is read from
-//!   the socket directly into the `IoBuf`.
-//! - Each request's **operation** is a future polled once, inline, by the reader: the host
-//!   backend completes there and then, with no task spawn and no cross-thread wakeup. Only
-//!   an operation that has to wait (a GPU copy) is spawned as its own task, so slow requests
-//!   never hold up the ones behind them and replies go out as they complete, in any order.
-//! - The **writer** task owns the socket's write half. It takes every reply that is ready
-//!   ([`mpsc::UnboundedReceiver::recv_many`]) and sends them with one vectored write, so
-//!   small replies cost a fraction of a syscall each.
+//! Each request's operation is a future polled once, inline: the host backend completes
+//! there and then, with no task spawn and no cross-thread wakeup. Only an operation that has
+//! to wait (a GPU copy) is spawned as its own task, so slow requests never hold up the ones
+//! behind them and replies go out as they complete, in any order.
+//!
+//! Replies of operations that completed inline collect in the reader's batch. Before the
+//! reader would wait for the socket (or any other resource), it writes the whole batch with
+//! one non-blocking vectored write: for pipelined small requests that is one `read` and one
+//! `writev` per batch, whatever the queue depth, and no other thread is involved. Whatever
+//! the socket does not take at once, and the replies of spawned operations, go to the
+//! **writer** task, which waits for the socket to drain. One holder of the socket at a time
+//! (the `busy` flag of [`Outbox`]) keeps the byte stream in order.
 //!
 //! Backpressure: every request holds permits of a per-connection semaphore sized by
 //! [`Limits::inflight_bytes`] (its data bytes plus a fixed overhead) until its reply is
@@ -24,13 +28,15 @@ use super::handshake::{BlockSizes, Negotiated};
 use super::proto::{self, Frame, Framing, NbdError, Request, StatusDescriptor};
 use super::server::{Export, Limits};
 use crate::engine::{BlockDevice, Capabilities, Extent, IoBuf, IoError, ZeroFlags};
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::io::{self, IoSlice};
-use std::sync::Arc;
+use std::pin::pin;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, trace, warn};
 
@@ -42,8 +48,12 @@ const READ_MIN_ROOM: usize = 16 << 10;
 /// Budget charged to every request on top of its data: bounds the number of queued
 /// replies even for requests without data.
 const REQUEST_OVERHEAD: u64 = 256;
-/// Most replies the writer gathers into one vectored write.
-const WRITE_BATCH: usize = 256;
+/// The reader writes its batch of replies once it holds this many...
+const BATCH_REPLIES: usize = 128;
+/// ...or this many bytes of data.
+const BATCH_BYTES: usize = 256 << 10;
+/// Most buffers handed to one `writev` (Linux takes at most 1024).
+const MAX_IOV: usize = 1024;
 /// Block status looks at most this much of the device per request; clients ask again for
 /// the rest, as the spec expects.
 const BLOCK_STATUS_SCAN: u64 = 4 << 30;
@@ -123,6 +133,7 @@ enum Body {
     },
 }
 
+#[derive(Clone, Copy)]
 enum Part {
     Head(usize, usize),
     Data(usize, usize),
@@ -133,6 +144,21 @@ impl Reply {
         Reply {
             body,
             _permit: permit,
+        }
+    }
+
+    /// Bytes this reply puts on the wire.
+    fn len(&self) -> usize {
+        match &self.body {
+            Body::Frame(f) => f.len(),
+            Body::Data(f, buf) => f.len() + buf.len(),
+            Body::Bytes(v) => v.len(),
+            Body::Chunks { parts, .. } => parts
+                .iter()
+                .map(|p| match *p {
+                    Part::Head(a, b) | Part::Data(a, b) => b - a,
+                })
+                .sum(),
         }
     }
 
@@ -158,13 +184,6 @@ impl Reply {
         }
     }
 }
-
-impl Clone for Part {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl Copy for Part {}
 
 /// How one request's reply is framed; copied into operation futures.
 #[derive(Clone, Copy)]
@@ -223,43 +242,198 @@ impl ReplyTo {
     }
 }
 
-// ---- Writer -------------------------------------------------------------------------------
+// ---- Writing ------------------------------------------------------------------------------
 
-/// Sends replies until every sender is gone; on a write error, cancels `dead` so the
-/// reader stops too.
-async fn writer<W: AsyncWrite + Unpin>(
-    mut w: W,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
-    dead: CancellationToken,
-) {
-    let mut batch = Vec::with_capacity(WRITE_BATCH);
-    while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
-        let res = write_batch(&mut w, &batch).await;
-        // Dropping the replies returns their buffers and budget.
-        batch.clear();
-        if let Err(e) = res {
-            debug!("writing replies: {e}");
-            dead.cancel();
-            return;
-        }
-    }
-    let _ = w.shutdown().await;
+/// The write half of a connection, shared by the reader (which writes without waiting)
+/// and the writer task (which waits for the socket to drain).
+pub(crate) trait Sink: Send + Sync + 'static {
+    /// Writes what the socket takes now; `WouldBlock` if nothing.
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// Waits until the socket may take more.
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
 }
 
-async fn write_batch<W: AsyncWrite + Unpin>(w: &mut W, batch: &[Reply]) -> io::Result<()> {
-    let mut slices = Vec::with_capacity(batch.len() * 2);
-    for r in batch {
+impl Sink for tokio::net::tcp::OwnedWriteHalf {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        tokio::net::tcp::OwnedWriteHalf::try_write_vectored(self, bufs)
+    }
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        tokio::net::tcp::OwnedWriteHalf::writable(self)
+    }
+}
+
+impl Sink for tokio::net::unix::OwnedWriteHalf {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        tokio::net::unix::OwnedWriteHalf::try_write_vectored(self, bufs)
+    }
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        tokio::net::unix::OwnedWriteHalf::writable(self)
+    }
+}
+
+/// Writes as much of `queue` as the socket takes without waiting, starting `skip` bytes
+/// into its first reply. Written replies are dropped (returning their buffers and budget).
+/// `Ok(true)` when the queue is empty.
+fn write_now<S: Sink + ?Sized>(
+    sink: &S,
+    queue: &mut VecDeque<Reply>,
+    skip: &mut usize,
+) -> io::Result<bool> {
+    while !queue.is_empty() {
+        let n = match write_once(sink, queue, *skip) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let mut done = *skip + n;
+        while let Some(r) = queue.front() {
+            let len = r.len();
+            if done < len {
+                break;
+            }
+            done -= len;
+            queue.pop_front();
+        }
+        *skip = done;
+    }
+    Ok(true)
+}
+
+/// One `writev` of the front of `queue`, `skip` bytes into its first reply.
+fn write_once<S: Sink + ?Sized>(
+    sink: &S,
+    queue: &VecDeque<Reply>,
+    skip: usize,
+) -> io::Result<usize> {
+    let mut slices = Vec::with_capacity((queue.len() * 2).min(MAX_IOV));
+    for r in queue.iter() {
+        // Every reply takes at most a few slices, except multi-chunk reads.
+        if slices.len() + 4 > MAX_IOV {
+            break;
+        }
         r.slices(&mut slices);
     }
-    let mut rest = &mut slices[..];
-    while !rest.is_empty() {
-        let n = w.write_vectored(rest).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut rest, n);
+    let mut view = &mut slices[..];
+    IoSlice::advance_slices(&mut view, skip);
+    sink.try_write_vectored(view)
+}
+
+/// Replies on their way to the socket, shared by the reader, spawned operations and the
+/// writer task.
+struct Outbox {
+    state: Mutex<OutState>,
+    /// Wakes the writer task; it owns the socket (`busy`) when woken.
+    wake: Notify,
+    /// Cancelled when writing fails: the reader stops.
+    dead: CancellationToken,
+}
+
+#[derive(Default)]
+struct OutState {
+    /// Replies waiting for the writer task, in wire order.
+    queue: VecDeque<Reply>,
+    /// Bytes of `queue[0]` already written.
+    skip: usize,
+    /// The reader or the writer task is writing: nobody else may.
+    busy: bool,
+    /// Spawned operations not yet finished.
+    ops: usize,
+    /// The reader has stopped producing replies.
+    reader_done: bool,
+    /// Writing failed or the connection is being dropped: replies are thrown away.
+    closed: bool,
+}
+
+impl Outbox {
+    fn lock(&self) -> MutexGuard<'_, OutState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
-    Ok(())
+
+    /// Queues a reply of a spawned operation, waking the writer task if the socket is free.
+    fn deliver(&self, reply: Reply) {
+        let mut st = self.lock();
+        if st.closed {
+            return;
+        }
+        st.queue.push_back(reply);
+        if !st.busy {
+            st.busy = true;
+            drop(st);
+            self.wake.notify_one();
+        }
+    }
+
+    fn fail(&self, st: &mut OutState, e: &io::Error) {
+        debug!("writing replies: {e}");
+        st.closed = true;
+        st.queue.clear();
+        self.dead.cancel();
+    }
+
+    /// Wakes the writer if it should look at the state (work queued, or time to exit).
+    fn kick(&self, mut st: MutexGuard<'_, OutState>) {
+        if !st.busy {
+            st.busy = true;
+            drop(st);
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// Counts a spawned operation; when it ends (delivered, or dropped on a forced shutdown)
+/// the writer learns whether it was the last.
+struct OpGuard(Arc<Outbox>);
+
+impl Drop for OpGuard {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.ops -= 1;
+        if st.ops == 0 && st.reader_done {
+            self.0.kick(st);
+        }
+    }
+}
+
+/// The writer task: whenever woken it owns the socket, writes everything queued (waiting
+/// for the socket to drain as needed), and gives the socket back when the queue is empty.
+/// Ends once the reader is done and no spawned operation is left.
+async fn writer<S: Sink>(sink: Arc<S>, out: Arc<Outbox>) {
+    loop {
+        out.wake.notified().await;
+        loop {
+            let (mut batch, mut skip) = {
+                let mut st = out.lock();
+                if st.closed {
+                    return;
+                }
+                if st.queue.is_empty() {
+                    if st.reader_done && st.ops == 0 {
+                        return;
+                    }
+                    st.busy = false;
+                    break;
+                }
+                (std::mem::take(&mut st.queue), std::mem::take(&mut st.skip))
+            };
+            loop {
+                match write_now(&*sink, &mut batch, &mut skip) {
+                    Ok(true) => break,
+                    Ok(false) => {
+                        if let Err(e) = sink.writable().await {
+                            out.fail(&mut out.lock(), &e);
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        out.fail(&mut out.lock(), &e);
+                        return;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Aborts the writer if the connection task is dropped (a forced shutdown), so the socket
@@ -322,9 +496,14 @@ impl InBuf {
 }
 
 /// Per-connection state of the reader.
-struct Conn<R> {
+struct Conn<R, S> {
     rd: R,
     inbuf: InBuf,
+    sink: Arc<S>,
+    out: Arc<Outbox>,
+    /// Replies of operations completed inline, not yet written.
+    batch: VecDeque<Reply>,
+    batch_bytes: usize,
     dev: Arc<dyn BlockDevice>,
     size: u64,
     caps: Capabilities,
@@ -333,7 +512,6 @@ struct Conn<R> {
     allocation_context: Option<u32>,
     max_payload: u64,
     discard_limit: u64,
-    tx: mpsc::UnboundedSender<Reply>,
     budget: Arc<Semaphore>,
     budget_max: u64,
     extents: Vec<Extent>,
@@ -341,9 +519,9 @@ struct Conn<R> {
 }
 
 /// Runs the transmission phase on a connection whose handshake chose `export`.
-pub(crate) async fn run<R, W>(
+pub(crate) async fn run<R, S>(
     rd: R,
-    wr: W,
+    sink: S,
     export: &Export,
     neg: &Negotiated,
     limits: &Limits,
@@ -351,17 +529,25 @@ pub(crate) async fn run<R, W>(
 ) -> Summary
 where
     R: AsyncRead + Unpin + Send + Sync + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    S: Sink,
 {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let dead = CancellationToken::new();
-    let mut writer = AbortOnDrop(tokio::spawn(writer(wr, rx, dead.clone())));
+    let sink = Arc::new(sink);
+    let out = Arc::new(Outbox {
+        state: Mutex::new(OutState::default()),
+        wake: Notify::new(),
+        dead: CancellationToken::new(),
+    });
+    let mut writer = AbortOnDrop(tokio::spawn(writer(sink.clone(), out.clone())));
     let caps = export.device.capabilities();
     let max_payload = BlockSizes::of(&caps).max as u64;
     let budget_max = (limits.inflight_bytes as u64).clamp(1 << 20, Semaphore::MAX_PERMITS as u64);
     let mut conn = Conn {
         rd,
         inbuf: InBuf::new(),
+        sink,
+        out: out.clone(),
+        batch: VecDeque::with_capacity(BATCH_REPLIES),
+        batch_bytes: 0,
         dev: export.device.clone(),
         size: export.device.size(),
         caps,
@@ -370,18 +556,30 @@ where
         allocation_context: neg.allocation_context,
         max_payload,
         discard_limit: (2 * max_payload).max(MIN_DISCARD_LIMIT),
-        tx,
         budget: Arc::new(Semaphore::new(budget_max as usize)),
         budget_max,
         extents: Vec::new(),
         requests: 0,
     };
-    let ended = conn.serve(shutdown, &dead).await;
+    let ended = conn.serve(shutdown).await;
+    let hard = ended.is_violation() || matches!(ended, Ended::ReadFailed(_));
+    if !hard {
+        conn.flush_replies();
+    }
     let requests = conn.requests;
     drop(conn);
-    if !ended.is_violation() && !matches!(ended, Ended::ReadFailed(_)) {
+    {
+        let mut st = out.lock();
+        st.reader_done = true;
+        if hard {
+            st.closed = true;
+            st.queue.clear();
+        }
+        out.kick(st);
+    }
+    if !hard {
         // Let operations still running finish and their replies go out; the writer ends
-        // when the last of them drops its sender. A forced shutdown aborts it (on drop).
+        // after the last one. A forced shutdown aborts it (on drop).
         let _ = (&mut writer.0).await;
     }
     Summary { ended, requests }
@@ -396,15 +594,20 @@ enum Next {
 type OpResult = Result<(), Ended>;
 type Permit = OwnedSemaphorePermit;
 
-impl<R: AsyncRead + Unpin> Conn<R> {
+impl<R: AsyncRead + Unpin, S: Sink> Conn<R, S> {
     fn extended(&self) -> bool {
         self.framing == Framing::Extended
     }
 
-    async fn serve(&mut self, shutdown: &CancellationToken, dead: &CancellationToken) -> Ended {
+    async fn serve(&mut self, shutdown: &CancellationToken) -> Ended {
         let hlen = proto::request_len(self.extended());
+        let dead = self.out.dead.clone();
+        let mut shutting = pin!(shutdown.cancelled());
+        let mut dying = pin!(dead.cancelled());
         loop {
             while self.inbuf.len() < hlen {
+                // About to wait for the client: first send what is done.
+                self.flush_replies();
                 if shutdown.is_cancelled() {
                     return Ended::Shutdown;
                 }
@@ -412,8 +615,8 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 let r = tokio::select! {
                     biased;
                     r = self.inbuf.fill(&mut self.rd) => r,
-                    _ = shutdown.cancelled() => return Ended::Shutdown,
-                    _ = dead.cancelled() => return Ended::WriteFailed,
+                    _ = &mut shutting => return Ended::Shutdown,
+                    _ = &mut dying => return Ended::WriteFailed,
                 };
                 match r {
                     Ok(0) if self.inbuf.len() == 0 => return Ended::Eof,
@@ -442,8 +645,60 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 Next::Continue => {}
                 Next::Stop(e) => return e,
             }
+            if self.batch.len() >= BATCH_REPLIES || self.batch_bytes >= BATCH_BYTES {
+                self.flush_replies();
+            }
             if dead.is_cancelled() {
                 return Ended::WriteFailed;
+            }
+        }
+    }
+
+    /// Writes the reader's batch now, as far as the socket takes it without waiting; the
+    /// rest goes to the writer task. Called before every wait, so no reply sits in the
+    /// batch while the reader is blocked.
+    fn flush_replies(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        self.batch_bytes = 0;
+        let mut st = self.out.lock();
+        if st.closed {
+            self.batch.clear();
+            return;
+        }
+        if st.busy {
+            // The writer task holds the socket; it takes these before letting go.
+            st.queue.extend(self.batch.drain(..));
+            return;
+        }
+        st.busy = true;
+        drop(st);
+        let mut skip = 0;
+        let r = write_now(&*self.sink, &mut self.batch, &mut skip);
+        let mut st = self.out.lock();
+        match r {
+            Ok(true) => {
+                if st.queue.is_empty() {
+                    st.busy = false;
+                } else {
+                    // Spawned operations delivered while we wrote: the writer sends them.
+                    drop(st);
+                    self.out.wake.notify_one();
+                }
+            }
+            Ok(false) => {
+                // The socket is full: what is left goes first, then what others queued.
+                while let Some(r) = self.batch.pop_back() {
+                    st.queue.push_front(r);
+                }
+                st.skip = skip;
+                drop(st);
+                self.out.wake.notify_one();
+            }
+            Err(e) => {
+                self.batch.clear();
+                self.out.fail(&mut st, &e);
             }
         }
     }
@@ -456,46 +711,53 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         }
     }
 
-    fn send(&self, body: Body, permit: Option<OwnedSemaphorePermit>) {
-        // Fails only once the writer is gone; the reply is then dropped, as it must be.
-        let _ = self.tx.send(Reply::new(body, permit));
+    fn push(&mut self, reply: Reply) {
+        self.batch_bytes += reply.len();
+        self.batch.push_back(reply);
     }
 
-    fn refuse(&self, req: &Request, permit: Permit, err: NbdError, message: &str) {
+    fn send(&mut self, body: Body, permit: Option<OwnedSemaphorePermit>) {
+        self.push(Reply::new(body, permit));
+    }
+
+    fn refuse(&mut self, req: &Request, permit: Permit, err: NbdError, message: &str) {
         debug!(
             "refusing command {} at {}+{}: {message}",
             req.command, req.offset, req.length
         );
-        self.send(self.reply_to(req).error(err, message), Some(permit));
+        let body = self.reply_to(req).error(err, message);
+        self.send(body, Some(permit));
     }
 
     /// Runs an operation: polled once here, spawned only if it has to wait.
-    fn start<F>(&self, op: F)
+    fn start<F>(&mut self, op: F)
     where
         F: Future<Output = Reply> + Send + 'static,
     {
         let mut op = Box::pin(op);
-        let waker = std::task::Waker::noop();
         // A noop waker is enough for the first poll: if the operation is pending, the task
         // it is moved into polls it again with its own waker before it can complete.
-        match op.as_mut().poll(&mut std::task::Context::from_waker(waker)) {
-            Poll::Ready(reply) => {
-                let _ = self.tx.send(reply);
-            }
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match op.as_mut().poll(&mut cx) {
+            Poll::Ready(reply) => self.push(reply),
             Poll::Pending => {
-                let tx = self.tx.clone();
+                self.out.lock().ops += 1;
+                let guard = OpGuard(self.out.clone());
                 tokio::spawn(async move {
-                    let _ = tx.send(op.await);
+                    let reply = op.await;
+                    guard.0.deliver(reply);
+                    drop(guard);
                 });
             }
         }
     }
 
-    async fn permit(&self, data: u64) -> Result<Permit, Ended> {
+    async fn permit(&mut self, data: u64) -> Result<Permit, Ended> {
         let n = (data + REQUEST_OVERHEAD).min(self.budget_max) as u32;
         if let Ok(p) = self.budget.clone().try_acquire_many_owned(n) {
             return Ok(p);
         }
+        self.flush_replies();
         self.budget
             .clone()
             .acquire_many_owned(n)
@@ -503,12 +765,12 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             .map_err(|_| Ended::Protocol("in-flight budget closed".into()))
     }
 
-    async fn buffer(&self, len: u64) -> Result<IoBuf, IoError> {
-        let pool = self.dev.buffers();
-        match pool.try_get(len as usize)? {
-            Some(b) => Ok(b),
-            None => pool.get(len as usize).await,
+    async fn buffer(&mut self, len: u64) -> Result<IoBuf, IoError> {
+        if let Some(b) = self.dev.buffers().try_get(len as usize)? {
+            return Ok(b);
         }
+        self.flush_replies();
+        self.dev.buffers().get(len as usize).await
     }
 
     /// Reads and throws away a payload the server will not use.
@@ -523,6 +785,9 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         let n = left.min(self.inbuf.len() as u64) as usize;
         self.inbuf.consume(n);
         left -= n as u64;
+        if left > 0 {
+            self.flush_replies();
+        }
         while left > 0 {
             // The buffer is empty here: use it as scratch space.
             let n = left.min(READ_BUF as u64) as usize;
@@ -546,6 +811,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         dst[..n].copy_from_slice(&self.inbuf.data()[..n]);
         self.inbuf.consume(n);
         if n < dst.len() {
+            self.flush_replies();
             self.rd.read_exact(&mut dst[n..]).await.map_err(|e| {
                 if e.kind() == io::ErrorKind::UnexpectedEof {
                     Ended::Protocol("connection closed inside a payload".into())
