@@ -1337,3 +1337,428 @@ fn state_flags(e: &Extent) -> u32 {
     }
     f
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::host::HostBackend;
+    use crate::engine::{SparseDevice, SparseOptions};
+    use crate::nbd::handshake::{ALLOCATION_CONTEXT_ID, transmission_flags};
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::UnixStream;
+
+    const SIZE: u64 = 64 << 20;
+
+    fn export(read_only: bool) -> Export {
+        let mut o = SparseOptions::new(SIZE);
+        o.buffer_limit = 256 << 20;
+        o.read_only = read_only;
+        Export {
+            name: String::new(),
+            description: String::new(),
+            device: Arc::new(SparseDevice::new(HostBackend::new(), o).unwrap()),
+        }
+    }
+
+    /// Starts the transmission phase on one end of a socket pair; returns the other end.
+    fn start(framing: Framing, read_only: bool) -> (UnixStream, tokio::task::JoinHandle<Summary>) {
+        let (client, server) = UnixStream::pair().unwrap();
+        let export = export(read_only);
+        let neg = Negotiated {
+            export: 0,
+            framing,
+            allocation_context: (framing != Framing::Simple).then_some(ALLOCATION_CONTEXT_ID),
+            flags: transmission_flags(&export.device.capabilities(), framing),
+        };
+        let limits = Limits {
+            max_connections: 1,
+            inflight_bytes: 64 << 20,
+            handshake_timeout: Duration::from_secs(5),
+        };
+        let task = tokio::spawn(async move {
+            let (rd, wr) = server.into_split();
+            run(rd, wr, &export, &neg, &limits, &CancellationToken::new()).await
+        });
+        (client, task)
+    }
+
+    fn request(ext: bool, cmd: u16, flags: u16, cookie: u64, offset: u64, len: u64) -> Vec<u8> {
+        let mut b = Vec::with_capacity(32);
+        if ext {
+            b.extend_from_slice(&proto::EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        } else {
+            b.extend_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
+        }
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&cmd.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        if ext {
+            b.extend_from_slice(&len.to_be_bytes());
+        } else {
+            b.extend_from_slice(&(len as u32).to_be_bytes());
+        }
+        b
+    }
+
+    async fn simple_reply(c: &mut UnixStream) -> (u32, u64) {
+        let mut h = [0u8; 16];
+        c.read_exact(&mut h).await.unwrap();
+        assert_eq!(&h[0..4], &proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+        (
+            u32::from_be_bytes(h[4..8].try_into().unwrap()),
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+        )
+    }
+
+    /// A structured or extended chunk: (flags, type, cookie, payload).
+    async fn chunk(c: &mut UnixStream, ext: bool) -> (u16, u16, u64, Vec<u8>) {
+        let mut h = vec![0u8; if ext { 32 } else { 20 }];
+        c.read_exact(&mut h).await.unwrap();
+        let magic = u32::from_be_bytes(h[0..4].try_into().unwrap());
+        let len = if ext {
+            assert_eq!(magic, proto::EXTENDED_REPLY_MAGIC);
+            u64::from_be_bytes(h[24..32].try_into().unwrap()) as usize
+        } else {
+            assert_eq!(magic, proto::STRUCTURED_REPLY_MAGIC);
+            u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize
+        };
+        let mut p = vec![0u8; len];
+        c.read_exact(&mut p).await.unwrap();
+        (
+            u16::from_be_bytes(h[4..6].try_into().unwrap()),
+            u16::from_be_bytes(h[6..8].try_into().unwrap()),
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+            p,
+        )
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_all_answered() {
+        let (mut c, task) = start(Framing::Simple, false);
+        // 300 writes sent before reading any reply, then 300 reads.
+        let n = 300u64;
+        let mut out = Vec::new();
+        for i in 0..n {
+            out.extend(request(false, proto::CMD_WRITE, 0, i, i * 4096, 4096));
+            out.extend(std::iter::repeat_n(i as u8, 4096));
+        }
+        c.write_all(&out).await.unwrap();
+        let mut seen = vec![false; n as usize];
+        for _ in 0..n {
+            let (err, cookie) = simple_reply(&mut c).await;
+            assert_eq!(err, 0);
+            assert!(!std::mem::replace(&mut seen[cookie as usize], true));
+        }
+        out.clear();
+        for i in 0..n {
+            out.extend(request(false, proto::CMD_READ, 0, 1000 + i, i * 4096, 4096));
+        }
+        c.write_all(&out).await.unwrap();
+        for _ in 0..n {
+            let (err, cookie) = simple_reply(&mut c).await;
+            assert_eq!(err, 0);
+            let mut data = vec![0u8; 4096];
+            c.read_exact(&mut data).await.unwrap();
+            let i = cookie - 1000;
+            assert!(data.iter().all(|&b| b == i as u8), "data of read {i}");
+        }
+        c.write_all(&request(false, proto::CMD_DISC, 0, 0, 0, 0))
+            .await
+            .unwrap();
+        let s = task.await.unwrap();
+        assert!(matches!(s.ended, Ended::Disconnect), "{}", s.ended);
+        assert_eq!(s.requests, 2 * n + 1);
+    }
+
+    #[tokio::test]
+    async fn errors_are_replies_and_the_connection_goes_on() {
+        let (mut c, task) = start(Framing::Simple, false);
+        let inval = NbdError::Inval.code();
+        // Read past the end.
+        c.write_all(&request(false, proto::CMD_READ, 0, 1, SIZE - 512, 4096))
+            .await
+            .unwrap();
+        assert_eq!(simple_reply(&mut c).await, (inval, 1));
+        // Write past the end: ENOSPC, and its payload is skipped.
+        let mut w = request(false, proto::CMD_WRITE, 0, 2, SIZE - 512, 4096);
+        w.extend(vec![0xee; 4096]);
+        c.write_all(&w).await.unwrap();
+        assert_eq!(simple_reply(&mut c).await, (NbdError::NoSpc.code(), 2));
+        // A write larger than the maximum payload: EINVAL, payload skipped.
+        let big = (33 << 20) as u64;
+        c.write_all(&request(false, proto::CMD_WRITE, 0, 3, 0, big))
+            .await
+            .unwrap();
+        c.write_all(&vec![0u8; big as usize]).await.unwrap();
+        assert_eq!(simple_reply(&mut c).await, (inval, 3));
+        // Unknown command and unknown flag.
+        c.write_all(&request(false, 42, 0, 4, 0, 0)).await.unwrap();
+        assert_eq!(simple_reply(&mut c).await, (inval, 4));
+        c.write_all(&request(false, proto::CMD_READ, 0x100, 5, 0, 512))
+            .await
+            .unwrap();
+        assert_eq!(simple_reply(&mut c).await, (inval, 5));
+        // Write zeroes past the end: ENOSPC as the spec asks; trim past the end: EINVAL.
+        c.write_all(&request(false, proto::CMD_WRITE_ZEROES, 0, 6, SIZE, 1))
+            .await
+            .unwrap();
+        assert_eq!(simple_reply(&mut c).await, (NbdError::NoSpc.code(), 6));
+        c.write_all(&request(false, proto::CMD_TRIM, 0, 7, SIZE, 1))
+            .await
+            .unwrap();
+        assert_eq!(simple_reply(&mut c).await, (inval, 7));
+        // Block status without a context: EINVAL.
+        c.write_all(&request(false, proto::CMD_BLOCK_STATUS, 0, 8, 0, 4096))
+            .await
+            .unwrap();
+        assert_eq!(simple_reply(&mut c).await, (inval, 8));
+        // Still usable.
+        let mut w = request(false, proto::CMD_WRITE, proto::CMD_FLAG_FUA, 9, 512, 3);
+        w.extend(b"abc");
+        w.extend(request(false, proto::CMD_READ, 0, 10, 512, 3));
+        c.write_all(&w).await.unwrap();
+        assert_eq!(simple_reply(&mut c).await, (0, 9));
+        assert_eq!(simple_reply(&mut c).await, (0, 10));
+        let mut d = [0u8; 3];
+        c.read_exact(&mut d).await.unwrap();
+        assert_eq!(&d, b"abc");
+        drop(c);
+        assert!(matches!(task.await.unwrap().ended, Ended::Eof));
+    }
+
+    #[tokio::test]
+    async fn read_only_refuses_writes_with_eperm() {
+        let (mut c, _task) = start(Framing::Simple, true);
+        let mut w = request(false, proto::CMD_WRITE, 0, 1, 0, 512);
+        w.extend(vec![1u8; 512]);
+        w.extend(request(false, proto::CMD_TRIM, 0, 2, 0, 512));
+        w.extend(request(false, proto::CMD_WRITE_ZEROES, 0, 3, 0, 512));
+        w.extend(request(false, proto::CMD_READ, 0, 4, 0, 512));
+        c.write_all(&w).await.unwrap();
+        let perm = NbdError::Perm.code();
+        assert_eq!(simple_reply(&mut c).await, (perm, 1));
+        assert_eq!(simple_reply(&mut c).await, (perm, 2));
+        assert_eq!(simple_reply(&mut c).await, (perm, 3));
+        assert_eq!(simple_reply(&mut c).await, (0, 4));
+    }
+
+    #[tokio::test]
+    async fn structured_reads_send_holes_and_data() {
+        let (mut c, _task) = start(Framing::Structured, false);
+        // Chunks are 1 MiB: data only in the second one.
+        let mut w = request(false, proto::CMD_WRITE, 0, 1, (1 << 20) + 100, 4);
+        w.extend(b"data");
+        c.write_all(&w).await.unwrap();
+        assert_eq!(simple_reply(&mut c).await, (0, 1));
+        c.write_all(&request(false, proto::CMD_READ, 0, 2, 512, 3 << 20))
+            .await
+            .unwrap();
+        let mut covered = 512u64;
+        loop {
+            let (flags, kind, cookie, p) = chunk(&mut c, false).await;
+            assert_eq!(cookie, 2);
+            let off = u64::from_be_bytes(p[0..8].try_into().unwrap());
+            assert_eq!(off, covered, "chunks arrive in order and cover the range");
+            match kind {
+                proto::REPLY_TYPE_OFFSET_HOLE => {
+                    covered += u32::from_be_bytes(p[8..12].try_into().unwrap()) as u64;
+                }
+                proto::REPLY_TYPE_OFFSET_DATA => {
+                    assert_eq!(off, 1 << 20);
+                    assert_eq!(&p[8 + 100..8 + 104], b"data");
+                    covered += p.len() as u64 - 8;
+                }
+                k => panic!("chunk type {k}"),
+            }
+            if flags & proto::REPLY_FLAG_DONE != 0 {
+                break;
+            }
+        }
+        assert_eq!(covered, 512 + (3 << 20));
+        // DF: one data chunk with the zeros spelled out.
+        c.write_all(&request(
+            false,
+            proto::CMD_READ,
+            proto::CMD_FLAG_DF,
+            3,
+            0,
+            2 << 20,
+        ))
+        .await
+        .unwrap();
+        let (flags, kind, _, p) = chunk(&mut c, false).await;
+        assert_eq!(
+            (flags, kind),
+            (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_DATA)
+        );
+        assert_eq!(p.len(), 8 + (2 << 20));
+        // Errors are error chunks with a message.
+        c.write_all(&request(false, proto::CMD_READ, 0, 4, SIZE, 1))
+            .await
+            .unwrap();
+        let (flags, kind, _, p) = chunk(&mut c, false).await;
+        assert_eq!(
+            (flags, kind),
+            (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_ERROR)
+        );
+        assert_eq!(u32::from_be_bytes(p[0..4].try_into().unwrap()), 22);
+        let msg_len = u16::from_be_bytes(p[4..6].try_into().unwrap()) as usize;
+        assert!(String::from_utf8_lossy(&p[6..6 + msg_len]).contains("past the end"));
+    }
+
+    #[tokio::test]
+    async fn extended_headers_and_block_status() {
+        let (mut c, _task) = start(Framing::Extended, false);
+        // qemu 10 writes without NBD_CMD_FLAG_PAYLOAD_LEN; libnbd sets it. Both carry data.
+        let mut w = request(true, proto::CMD_WRITE, 0, 1, 2 << 20, 512);
+        w.extend(vec![7u8; 512]);
+        w.extend(request(
+            true,
+            proto::CMD_WRITE,
+            proto::CMD_FLAG_PAYLOAD_LEN,
+            2,
+            (2 << 20) + 512,
+            512,
+        ));
+        w.extend(vec![8u8; 512]);
+        c.write_all(&w).await.unwrap();
+        for want in [1, 2] {
+            let (flags, kind, cookie, p) = chunk(&mut c, true).await;
+            assert_eq!(
+                (flags, kind, cookie),
+                (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, want)
+            );
+            assert!(p.is_empty());
+        }
+        c.write_all(&request(true, proto::CMD_BLOCK_STATUS, 0, 3, 0, SIZE))
+            .await
+            .unwrap();
+        let (flags, kind, _, p) = chunk(&mut c, true).await;
+        assert_eq!(
+            (flags, kind),
+            (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_BLOCK_STATUS_EXT)
+        );
+        assert_eq!(
+            u32::from_be_bytes(p[0..4].try_into().unwrap()),
+            ALLOCATION_CONTEXT_ID
+        );
+        let count = u32::from_be_bytes(p[4..8].try_into().unwrap()) as usize;
+        assert_eq!(p.len(), 8 + 16 * count);
+        let d: Vec<(u64, u64)> = p[8..]
+            .chunks(16)
+            .map(|e| {
+                (
+                    u64::from_be_bytes(e[0..8].try_into().unwrap()),
+                    u64::from_be_bytes(e[8..16].try_into().unwrap()),
+                )
+            })
+            .collect();
+        let hz = (proto::STATE_HOLE | proto::STATE_ZERO) as u64;
+        assert_eq!(d, vec![(2 << 20, hz), (1 << 20, 0), (SIZE - (3 << 20), hz)]);
+        // REQ_ONE: a single descriptor no longer than asked.
+        c.write_all(&request(
+            true,
+            proto::CMD_BLOCK_STATUS,
+            proto::CMD_FLAG_REQ_ONE,
+            4,
+            4096,
+            8192,
+        ))
+        .await
+        .unwrap();
+        let (_, _, _, p) = chunk(&mut c, true).await;
+        assert_eq!(p.len(), 8 + 16);
+        assert_eq!(u64::from_be_bytes(p[8..16].try_into().unwrap()), 8192);
+        // A payload on a command that takes none is skipped, then refused.
+        let mut w = request(
+            true,
+            proto::CMD_FLUSH,
+            proto::CMD_FLAG_PAYLOAD_LEN,
+            5,
+            0,
+            100,
+        );
+        w.extend(vec![0u8; 100]);
+        w.extend(request(true, proto::CMD_FLUSH, 0, 6, 0, 0));
+        c.write_all(&w).await.unwrap();
+        let (_, kind, cookie, _) = chunk(&mut c, true).await;
+        assert_eq!((kind, cookie), (proto::REPLY_TYPE_ERROR, 5));
+        let (_, kind, cookie, _) = chunk(&mut c, true).await;
+        assert_eq!((kind, cookie), (proto::REPLY_TYPE_NONE, 6));
+    }
+
+    #[tokio::test]
+    async fn garbage_closes_the_connection() {
+        let (mut c, task) = start(Framing::Simple, false);
+        c.write_all(&[0xde; 28]).await.unwrap();
+        let s = task.await.unwrap();
+        assert!(s.ended.is_violation(), "{}", s.ended);
+        let mut b = [0u8; 1];
+        assert_eq!(c.read(&mut b).await.unwrap(), 0, "socket closed");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_held_back_not_buffered() {
+        // With a 1 MiB budget the server stops reading after about 1 MiB of read data in
+        // flight instead of queueing every reply.
+        let (c, server) = UnixStream::pair().unwrap();
+        let export = export(false);
+        let neg = Negotiated {
+            export: 0,
+            framing: Framing::Simple,
+            allocation_context: None,
+            flags: transmission_flags(&export.device.capabilities(), Framing::Simple),
+        };
+        let limits = Limits {
+            max_connections: 1,
+            inflight_bytes: 1 << 20,
+            handshake_timeout: Duration::from_secs(5),
+        };
+        let pool = export.device.buffers().clone();
+        let task = tokio::spawn(async move {
+            let (rd, wr) = server.into_split();
+            run(rd, wr, &export, &neg, &limits, &CancellationToken::new()).await
+        });
+        let (mut crd, mut cwr) = c.into_split();
+        let sender = tokio::spawn(async move {
+            for i in 0..4096u64 {
+                if cwr
+                    .write_all(&request(false, proto::CMD_READ, 0, i, 0, 64 << 10))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            cwr
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // 4096 reads of 64 KiB would be 256 MiB; the pool shows what is held.
+        let free_before = pool.limit();
+        let mut probe = Vec::new();
+        while let Ok(Some(b)) = pool.try_get(1 << 20) {
+            probe.push(b);
+        }
+        let held = free_before - probe.len() * (1 << 20);
+        assert!(
+            held <= 8 << 20,
+            "{held} bytes of buffers held for a stalled client"
+        );
+        drop(probe);
+        // Reading the replies lets everything complete.
+        let mut got = 0;
+        let mut hdr = [0u8; 16];
+        let mut data = vec![0u8; 64 << 10];
+        while got < 4096 {
+            crd.read_exact(&mut hdr).await.unwrap();
+            crd.read_exact(&mut data).await.unwrap();
+            got += 1;
+        }
+        let cwr = sender.await.unwrap();
+        drop(cwr);
+        drop(crd);
+        let _ = task.await;
+    }
+}
