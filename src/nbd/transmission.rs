@@ -365,11 +365,14 @@ impl Outbox {
         }
     }
 
+    /// Writing failed: replies are dropped from now on, the reader stops, and the writer
+    /// task (wherever it waits) wakes up to end.
     fn fail(&self, st: &mut OutState, e: &io::Error) {
         debug!("writing replies: {e}");
         st.closed = true;
         st.queue.clear();
         self.dead.cancel();
+        self.wake.notify_one();
     }
 
     /// Wakes the writer if it should look at the state (work queued, or time to exit).
@@ -562,7 +565,7 @@ where
         requests: 0,
     };
     let ended = conn.serve(shutdown).await;
-    let hard = ended.is_violation() || matches!(ended, Ended::ReadFailed(_));
+    let hard = ended.is_violation() || matches!(ended, Ended::ReadFailed(_) | Ended::WriteFailed);
     if !hard {
         conn.flush_replies();
     }
@@ -1760,5 +1763,45 @@ mod tests {
         drop(cwr);
         drop(crd);
         let _ = task.await;
+    }
+
+    #[tokio::test]
+    async fn a_client_that_vanishes_costs_nothing() {
+        let (c, server) = UnixStream::pair().unwrap();
+        let export = export(false);
+        let pool = export.device.buffers().clone();
+        let neg = Negotiated {
+            export: 0,
+            framing: Framing::Structured,
+            allocation_context: None,
+            flags: transmission_flags(&export.device.capabilities(), Framing::Structured),
+        };
+        let limits = Limits {
+            max_connections: 1,
+            inflight_bytes: 64 << 20,
+            handshake_timeout: Duration::from_secs(5),
+        };
+        let task = tokio::spawn(async move {
+            let (rd, wr) = server.into_split();
+            run(rd, wr, &export, &neg, &limits, &CancellationToken::new()).await
+        });
+        let mut c = c;
+        let mut w = Vec::new();
+        // Within the budget, so that the server reads it all without the client reading
+        // a reply (a client that never reads would block its own writes otherwise).
+        for i in 0..40u64 {
+            w.extend(request(false, proto::CMD_WRITE, 0, i, i * 4096, 4096));
+            w.extend(vec![1u8; 4096]);
+            w.extend(request(false, proto::CMD_READ, 0, i, 0, 1 << 20));
+        }
+        c.write_all(&w).await.unwrap();
+        drop(c);
+        let s = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("connection ends promptly")
+            .unwrap();
+        assert!(!s.ended.is_violation(), "{}", s.ended);
+        // Every buffer is back: the whole budget can be taken at once.
+        assert!(pool.try_get(pool.limit()).unwrap().is_some());
     }
 }
