@@ -1,8 +1,11 @@
 //! The NBD protocol (NetworkBlockDevice/nbd doc/proto.md).
 //!
 //! [`proto`] is the wire format: pure parse and encode, no I/O, tested byte for byte.
-//! [`server`] accepts connections, runs the handshake and the transmission phase, and talks
-//! to devices only through [`crate::engine::BlockDevice`].
+//! `handshake` negotiates options until the client picks an export, `transmission` serves
+//! its requests, and [`server`] accepts connections, applies limits and shuts down. Devices
+//! are reached only through [`crate::engine::BlockDevice`].
 
+mod handshake;
 pub mod proto;
 pub mod server;
+mod transmission;

@@ -1,11 +1,29 @@
-//! The NBD server. (To be written: this file holds the interface the CLI uses.)
+//! The NBD server: listening sockets, connection limits, handshake timeout, graceful
+//! shutdown. Each accepted connection runs the handshake ([`super::handshake`]) and then the
+//! transmission phase ([`super::transmission`]) in its own task.
 
+use super::handshake::{self, Outcome};
+use super::proto::Framing;
+use super::transmission;
 use crate::engine::BlockDevice;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// How long a shutdown waits for in-flight requests to finish and their replies to go out
+/// before the remaining connections are closed regardless.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// One export: a device under a name.
 pub struct Export {
@@ -37,21 +55,413 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Binds a Unix socket at `path`, replacing a stale socket file left by a dead daemon.
+    /// Binds a Unix socket at `path`. A socket file left by a dead daemon (nobody accepts
+    /// on it) is replaced; a live one is an error, as is any other kind of file.
     pub fn bind_unix(path: &Path) -> Result<Listener> {
-        let l = tokio::net::UnixListener::bind(path)
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) => {
+                if !meta.file_type().is_socket() {
+                    bail!(
+                        "{} exists and is not a socket: remove it or choose another --socket path",
+                        path.display()
+                    );
+                }
+                match std::os::unix::net::UnixStream::connect(path) {
+                    Ok(_) => bail!(
+                        "another daemon is already listening on {}: stop it or choose another \
+                         --socket path",
+                        path.display()
+                    ),
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                        std::fs::remove_file(path).with_context(|| {
+                            format!("cannot remove the stale socket {}", path.display())
+                        })?;
+                        info!("replaced stale socket {}", path.display());
+                    }
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("cannot tell whether {} is in use", path.display())
+                        });
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot inspect {}", path.display()));
+            }
+        }
+        let l = UnixListener::bind(path)
             .with_context(|| format!("cannot listen on Unix socket {}", path.display()))?;
         Ok(Listener::Unix(l, path.to_path_buf()))
     }
 }
 
-/// Serves `exports` on `listeners` until `shutdown` is cancelled.
+/// What every connection task shares.
+struct Shared {
+    exports: Vec<Export>,
+    limits: Limits,
+    slots: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    workers: Workers,
+}
+
+/// The threads connections run on: one single-threaded runtime per core. A connection
+/// lives on one of them from accept to close, so its reader, its writer and its operations
+/// wake each other on one thread. A work-stealing runtime would instead wake an idle
+/// worker on another CPU for every event, and on a small machine those cross-CPU wakeups
+/// cost more than serving the request. Connections go to the thread with the fewest.
+struct Workers {
+    threads: Vec<Worker>,
+}
+
+struct Worker {
+    handle: tokio::runtime::Handle,
+    connections: Arc<AtomicUsize>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    fn start() -> Result<Workers> {
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, MAX_WORKERS);
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting a connection thread's runtime")?;
+            let handle = rt.handle().clone();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let thread = std::thread::Builder::new()
+                .name(format!("vramdisk-nbd-{i}"))
+                .spawn(move || {
+                    rt.block_on(async {
+                        let _ = stopped.await;
+                    });
+                })
+                .context("starting a connection thread")?;
+            threads.push(Worker {
+                handle,
+                connections: Arc::new(AtomicUsize::new(0)),
+                stop: Some(stop),
+                thread: Some(thread),
+            });
+        }
+        Ok(Workers { threads })
+    }
+
+    /// The least busy thread, and its connection count to hold while a connection lives.
+    fn pick(&self) -> (&tokio::runtime::Handle, Load) {
+        let w = self
+            .threads
+            .iter()
+            .min_by_key(|w| w.connections.load(Ordering::Relaxed))
+            .expect("at least one worker");
+        w.connections.fetch_add(1, Ordering::Relaxed);
+        (&w.handle, Load(w.connections.clone()))
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for w in &mut self.threads {
+            drop(w.stop.take());
+        }
+        let me = std::thread::current().id();
+        for w in &mut self.threads {
+            if let Some(t) = w.thread.take() {
+                // Never wait for ourselves (if the last reference went away on a worker).
+                if t.thread().id() != me {
+                    let _ = t.join();
+                }
+            }
+        }
+    }
+}
+
+/// One connection counted against a worker thread.
+struct Load(Arc<AtomicUsize>);
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Most connection threads, whatever the core count.
+const MAX_WORKERS: usize = 16;
+
+/// Serves `exports` on `listeners` until `shutdown` is cancelled. Then it stops accepting,
+/// gives in-flight requests up to [`SHUTDOWN_GRACE`] to finish, closes every connection,
+/// and removes its Unix socket files.
 pub async fn serve(
-    _exports: Vec<Export>,
-    _listeners: Vec<Listener>,
-    _limits: Limits,
+    exports: Vec<Export>,
+    listeners: Vec<Listener>,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    if exports.is_empty() {
+        bail!("there is nothing to serve: give at least one export");
+    }
+    if listeners.is_empty() {
+        bail!("there is nowhere to serve: give at least one --listen or --socket");
+    }
+    let shared = Arc::new(Shared {
+        exports,
+        slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+        limits,
+        shutdown: shutdown.clone(),
+        workers: Workers::start()?,
+    });
+    let mut accepting = JoinSet::new();
+    let mut sockets = Vec::new();
+    for l in listeners {
+        match l {
+            Listener::Tcp(l) => {
+                accepting.spawn(accept_loop(l, shared.clone()));
+            }
+            Listener::Unix(l, path) => {
+                // Remembered so that only our own socket file is removed at the end.
+                let id = std::fs::metadata(&path).ok().map(|m| (m.dev(), m.ino()));
+                sockets.push((path.clone(), id));
+                accepting.spawn(accept_loop(UnixAcceptor(l, path), shared.clone()));
+            }
+        }
+    }
     shutdown.cancelled().await;
+    while accepting.join_next().await.is_some() {}
+    for (path, id) in sockets {
+        let same = std::fs::metadata(&path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+            .is_some_and(|now| Some(now) == id);
+        if same && let Err(e) = std::fs::remove_file(&path) {
+            warn!("cannot remove socket {}: {e}", path.display());
+        }
+    }
+    // The connection threads stop (and are joined) when the last reference goes; the
+    // accept loops, which held the others, are done.
+    tokio::task::spawn_blocking(move || drop(shared))
+        .await
+        .context("stopping the connection threads")?;
     Ok(())
+}
+
+/// A connected byte stream that splits into independently owned halves, and moves
+/// between runtimes through its std form (it belongs to the reactor of the runtime it was
+/// made on).
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
+    type Read: AsyncRead + Unpin + Send + Sync + 'static;
+    type Write: transmission::Sink;
+    type Std: Send + 'static;
+    fn into_halves(self) -> (Self::Read, Self::Write);
+    fn into_std(self) -> io::Result<Self::Std>;
+    /// Registers with the current runtime.
+    fn from_std(s: Self::Std) -> io::Result<Self>;
+}
+
+impl Stream for TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    type Std = std::net::TcpStream;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+    fn into_std(self) -> io::Result<Self::Std> {
+        TcpStream::into_std(self)
+    }
+    fn from_std(s: Self::Std) -> io::Result<Self> {
+        TcpStream::from_std(s)
+    }
+}
+
+impl Stream for UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    type Std = std::os::unix::net::UnixStream;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+    fn into_std(self) -> io::Result<Self::Std> {
+        UnixStream::into_std(self)
+    }
+    fn from_std(s: Self::Std) -> io::Result<Self> {
+        UnixStream::from_std(s)
+    }
+}
+
+/// A listening socket: accepts a stream and names the peer for logs.
+trait Acceptor: Send + 'static {
+    type Conn: Stream;
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Conn, String)>> + Send;
+    fn describe(&self) -> String;
+}
+
+impl Acceptor for TcpListener {
+    type Conn = TcpStream;
+    async fn accept(&self) -> io::Result<(TcpStream, String)> {
+        let (s, addr) = TcpListener::accept(self).await?;
+        // Replies are batched by the server itself; Nagle would only add latency.
+        s.set_nodelay(true)?;
+        Ok((s, addr.to_string()))
+    }
+    fn describe(&self) -> String {
+        match self.local_addr() {
+            Ok(a) => format!("nbd://{a}"),
+            Err(_) => "a TCP socket".into(),
+        }
+    }
+}
+
+struct UnixAcceptor(UnixListener, PathBuf);
+
+impl Acceptor for UnixAcceptor {
+    type Conn = UnixStream;
+    async fn accept(&self) -> io::Result<(UnixStream, String)> {
+        let (s, _) = self.0.accept().await?;
+        let who = match s.peer_cred().ok().and_then(|c| c.pid()) {
+            Some(pid) => format!("{} (pid {pid})", self.1.display()),
+            None => self.1.display().to_string(),
+        };
+        Ok((s, who))
+    }
+    fn describe(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.1.display())
+    }
+}
+
+/// Accepts connections while a connection slot is free, until shutdown; then waits for
+/// this listener's connections to finish.
+async fn accept_loop<A: Acceptor>(listener: A, shared: Arc<Shared>) {
+    let mut conns = JoinSet::new();
+    loop {
+        while conns.try_join_next().is_some() {}
+        // Take the slot before accepting: beyond the limit, clients wait in the kernel's
+        // accept queue rather than being accepted and dropped.
+        let slot = tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => break,
+            s = shared.slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted.and_then(|(s, peer)| Ok((s.into_std()?, peer))) {
+            Ok((stream, peer)) => {
+                let (rt, load) = shared.workers.pick();
+                let shared = shared.clone();
+                conns.spawn_on(
+                    async move {
+                        let _load = load;
+                        match A::Conn::from_std(stream) {
+                            Ok(s) => connection(s, peer, shared, slot).await,
+                            Err(e) => error!("client {peer}: cannot set up its socket: {e}"),
+                        }
+                    },
+                    rt,
+                );
+            }
+            Err(e) => {
+                // EMFILE and the like: back off instead of spinning.
+                error!("accepting on {}: {e}", listener.describe());
+                drop(slot);
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        }
+    }
+    drop(listener);
+    if conns.is_empty() {
+        return;
+    }
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            "{} connection(s) still busy {}s after shutdown; closing them",
+            conns.len(),
+            SHUTDOWN_GRACE.as_secs()
+        );
+        conns.shutdown().await;
+    }
+}
+
+/// Serves one client from handshake to close.
+async fn connection<S: Stream>(
+    mut stream: S,
+    peer: String,
+    shared: Arc<Shared>,
+    _slot: OwnedSemaphorePermit,
+) {
+    info!("client {peer} connected");
+    let limits = &shared.limits;
+    let negotiated = tokio::select! {
+        biased;
+        _ = shared.shutdown.cancelled() => {
+            info!("client {peer} closed: server shutting down during the handshake");
+            return;
+        }
+        r = tokio::time::timeout(
+            limits.handshake_timeout,
+            handshake::negotiate(&mut stream, &shared.exports, &peer),
+        ) => r,
+    };
+    let neg = match negotiated {
+        Err(_) => {
+            info!(
+                "client {peer} closed: no handshake within {}s",
+                limits.handshake_timeout.as_secs_f32()
+            );
+            return;
+        }
+        Ok(Err(e)) => {
+            warn!("client {peer} closed: handshake failed: {e:#}");
+            return;
+        }
+        Ok(Ok(Outcome::Closed(why))) => {
+            info!("client {peer} closed: {why}");
+            return;
+        }
+        Ok(Ok(Outcome::Transmission(n))) => n,
+    };
+    let export = &shared.exports[neg.export];
+    info!(
+        "client {peer} uses export '{}' ({} replies{})",
+        export.name,
+        match neg.framing {
+            Framing::Simple => "simple",
+            Framing::Structured => "structured",
+            Framing::Extended => "extended-header",
+        },
+        if neg.allocation_context.is_some() {
+            ", base:allocation"
+        } else {
+            ""
+        }
+    );
+    let (rd, wr) = stream.into_halves();
+    let summary = transmission::run(rd, wr, export, &neg, limits, &shared.shutdown).await;
+    if summary.ended.is_violation() {
+        warn!(
+            "client {peer} dropped from export '{}': {} ({} requests)",
+            export.name, summary.ended, summary.requests
+        );
+    } else {
+        info!(
+            "client {peer} closed on export '{}': {} ({} requests)",
+            export.name, summary.ended, summary.requests
+        );
+    }
 }

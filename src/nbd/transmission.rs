@@ -1,0 +1,1339 @@
+//! The transmission phase of one connection.
+//!
+//! The connection's task is the **reader**. It reads requests through a buffer, so one
+//! `read` syscall takes in as many pipelined headers as the client has sent. A write's
+//! payload goes straight into an [`IoBuf`] from the device's pool (pinned memory for the
+//! GPU backend): whatever already sits in the read buffer is copied, the rest is read from
+//! the socket directly into the `IoBuf`.
+//!
+//! Each request's operation is a future polled once, inline: the host backend completes
+//! there and then, with no task spawn and no cross-thread wakeup. Only an operation that has
+//! to wait (a GPU copy) is spawned as its own task, so slow requests never hold up the ones
+//! behind them and replies go out as they complete, in any order.
+//!
+//! Replies of operations that completed inline collect in the reader's batch. Before the
+//! reader would wait for the socket (or any other resource), it writes the whole batch with
+//! one non-blocking vectored write: for pipelined small requests that is one `read` and one
+//! `writev` per batch, whatever the queue depth, and no other thread is involved. Whatever
+//! the socket does not take at once, and the replies of spawned operations, go to the
+//! **writer** task, which waits for the socket to drain. One holder of the socket at a time
+//! (the `busy` flag of [`Outbox`]) keeps the byte stream in order.
+//!
+//! Backpressure: every request holds permits of a per-connection semaphore sized by
+//! [`Limits::inflight_bytes`] (its data bytes plus a fixed overhead) until its reply is
+//! written; when the budget is spent the reader stops reading, and TCP pushes back on the
+//! client. Buffers come from the device's bounded pool, which caps memory process-wide.
+
+use super::handshake::{BlockSizes, Negotiated};
+use super::proto::{self, Frame, Framing, NbdError, Request, StatusDescriptor};
+use super::server::{Export, Limits};
+use crate::engine::{BlockDevice, Capabilities, Extent, IoBuf, IoError, ZeroFlags};
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, trace, warn};
+
+/// Size of the request read buffer.
+const READ_BUF: usize = 128 << 10;
+/// When less room than this is left at the end of the read buffer, unread bytes are moved
+/// to its start before the next read.
+const READ_MIN_ROOM: usize = 16 << 10;
+/// Budget charged to every request on top of its data: bounds the number of queued
+/// replies even for requests without data.
+const REQUEST_OVERHEAD: u64 = 256;
+/// The reader writes its batch of replies once it holds this many...
+const BATCH_REPLIES: usize = 128;
+/// ...or this many bytes of data.
+const BATCH_BYTES: usize = 256 << 10;
+/// Most buffers handed to one `writev` (Linux takes at most 1024).
+const MAX_IOV: usize = 1024;
+/// Block status looks at most this much of the device per request; clients ask again for
+/// the rest, as the spec expects.
+const BLOCK_STATUS_SCAN: u64 = 4 << 30;
+/// Most descriptors in one block status reply (the spec says at most 2^20).
+const MAX_DESCRIPTORS: usize = 1 << 16;
+/// Payloads the server refuses are still read and thrown away, to keep the stream in sync,
+/// up to this size (or twice the maximum payload, if larger); a larger one means the client
+/// is broken or hostile, and the connection is closed.
+const MIN_DISCARD_LIMIT: u64 = 64 << 20;
+
+/// Why a connection's transmission phase ended.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// The client sent `NBD_CMD_DISC`.
+    Disconnect,
+    /// The client closed the connection.
+    Eof,
+    /// The server is shutting down.
+    Shutdown,
+    /// Reading from the socket failed.
+    ReadFailed(io::Error),
+    /// Writing to the socket failed (usually: the client went away).
+    WriteFailed,
+    /// The client broke the protocol; the connection is dropped at once.
+    Protocol(String),
+}
+
+impl Ended {
+    /// True for endings that mean a broken or hostile client (logged as warnings).
+    pub(crate) fn is_violation(&self) -> bool {
+        matches!(self, Ended::Protocol(_))
+    }
+}
+
+impl fmt::Display for Ended {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ended::Disconnect => f.write_str("client sent NBD_CMD_DISC"),
+            Ended::Eof => f.write_str("client closed the connection"),
+            Ended::Shutdown => f.write_str("server shutting down"),
+            Ended::ReadFailed(e) => write!(f, "read failed: {e}"),
+            Ended::WriteFailed => f.write_str("sending replies failed"),
+            Ended::Protocol(why) => write!(f, "protocol violation: {why}"),
+        }
+    }
+}
+
+/// What a finished transmission phase reports.
+pub(crate) struct Summary {
+    /// Why it ended.
+    pub ended: Ended,
+    /// Requests received.
+    pub requests: u64,
+}
+
+// ---- Replies ------------------------------------------------------------------------------
+
+/// A reply ready to be written, holding its request's budget until it is.
+pub(crate) struct Reply {
+    body: Body,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+enum Body {
+    /// A reply that fits a frame: simple replies, NONE and hole chunks.
+    Frame(Frame),
+    /// A header followed by the whole buffer: simple read replies, single data chunks.
+    Data(Frame, IoBuf),
+    /// Encoded bytes: error chunks with messages, block status.
+    Bytes(Vec<u8>),
+    /// A read answered in several chunks: headers in `heads`, interleaved with ranges of
+    /// `buf` as `parts` says.
+    Chunks {
+        heads: Vec<u8>,
+        parts: Vec<Part>,
+        buf: Option<IoBuf>,
+    },
+}
+
+#[derive(Clone, Copy)]
+enum Part {
+    Head(usize, usize),
+    Data(usize, usize),
+}
+
+impl Reply {
+    fn new(body: Body, permit: Option<OwnedSemaphorePermit>) -> Self {
+        Reply {
+            body,
+            _permit: permit,
+        }
+    }
+
+    /// Bytes this reply puts on the wire.
+    fn len(&self) -> usize {
+        match &self.body {
+            Body::Frame(f) => f.len(),
+            Body::Data(f, buf) => f.len() + buf.len(),
+            Body::Bytes(v) => v.len(),
+            Body::Chunks { parts, .. } => parts
+                .iter()
+                .map(|p| match *p {
+                    Part::Head(a, b) | Part::Data(a, b) => b - a,
+                })
+                .sum(),
+        }
+    }
+
+    fn slices<'a>(&'a self, out: &mut Vec<IoSlice<'a>>) {
+        match &self.body {
+            Body::Frame(f) => out.push(IoSlice::new(f.as_bytes())),
+            Body::Data(f, buf) => {
+                out.push(IoSlice::new(f.as_bytes()));
+                if !buf.is_empty() {
+                    out.push(IoSlice::new(buf));
+                }
+            }
+            Body::Bytes(v) => out.push(IoSlice::new(v)),
+            Body::Chunks { heads, parts, buf } => {
+                for p in parts {
+                    match (*p, buf) {
+                        (Part::Head(a, b), _) => out.push(IoSlice::new(&heads[a..b])),
+                        (Part::Data(a, b), Some(buf)) => out.push(IoSlice::new(&buf[a..b])),
+                        (Part::Data(..), None) => unreachable!("data part without a buffer"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How one request's reply is framed; copied into operation futures.
+#[derive(Clone, Copy)]
+struct ReplyTo {
+    framing: Framing,
+    cookie: u64,
+    offset: u64,
+}
+
+impl ReplyTo {
+    /// Success without data. Structured connections may use a simple reply for this (it is
+    /// shorter); extended ones must use a chunk.
+    fn ok(self) -> Body {
+        let mut f = Frame::new();
+        match self.framing {
+            Framing::Extended => f.none(self.framing, self.cookie, self.offset),
+            _ => f.simple(0, self.cookie),
+        };
+        Body::Frame(f)
+    }
+
+    fn error(self, err: NbdError, message: &str) -> Body {
+        match self.framing {
+            Framing::Simple => {
+                let mut f = Frame::new();
+                f.simple(err.code(), self.cookie);
+                Body::Frame(f)
+            }
+            _ => {
+                let mut v = Vec::with_capacity(64 + message.len());
+                proto::put_error_reply(
+                    &mut v,
+                    self.framing,
+                    self.cookie,
+                    self.offset,
+                    err,
+                    message,
+                );
+                Body::Bytes(v)
+            }
+        }
+    }
+
+    fn io_error(self, e: &IoError) -> Body {
+        if matches!(e, IoError::Backend(_)) {
+            warn!("{e}");
+        }
+        self.error(NbdError::from_errno(e.errno()), &e.to_string())
+    }
+
+    fn status(self, r: Result<(), IoError>) -> Body {
+        match r {
+            Ok(()) => self.ok(),
+            Err(e) => self.io_error(&e),
+        }
+    }
+}
+
+// ---- Writing ------------------------------------------------------------------------------
+
+/// The write half of a connection, shared by the reader (which writes without waiting)
+/// and the writer task (which waits for the socket to drain).
+pub(crate) trait Sink: Send + Sync + 'static {
+    /// Writes what the socket takes now; `WouldBlock` if nothing.
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// Waits until the socket may take more.
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+impl Sink for tokio::net::tcp::OwnedWriteHalf {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        tokio::net::tcp::OwnedWriteHalf::try_write_vectored(self, bufs)
+    }
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        tokio::net::tcp::OwnedWriteHalf::writable(self)
+    }
+}
+
+impl Sink for tokio::net::unix::OwnedWriteHalf {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        tokio::net::unix::OwnedWriteHalf::try_write_vectored(self, bufs)
+    }
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        tokio::net::unix::OwnedWriteHalf::writable(self)
+    }
+}
+
+/// Writes as much of `queue` as the socket takes without waiting, starting `skip` bytes
+/// into its first reply. Written replies are dropped (returning their buffers and budget).
+/// `Ok(true)` when the queue is empty.
+fn write_now<S: Sink + ?Sized>(
+    sink: &S,
+    queue: &mut VecDeque<Reply>,
+    skip: &mut usize,
+) -> io::Result<bool> {
+    while !queue.is_empty() {
+        let n = match write_once(sink, queue, *skip) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let mut done = *skip + n;
+        while let Some(r) = queue.front() {
+            let len = r.len();
+            if done < len {
+                break;
+            }
+            done -= len;
+            queue.pop_front();
+        }
+        *skip = done;
+    }
+    Ok(true)
+}
+
+/// One `writev` of the front of `queue`, `skip` bytes into its first reply.
+fn write_once<S: Sink + ?Sized>(
+    sink: &S,
+    queue: &VecDeque<Reply>,
+    skip: usize,
+) -> io::Result<usize> {
+    let mut slices = Vec::with_capacity((queue.len() * 2).min(MAX_IOV));
+    for r in queue.iter() {
+        // Every reply takes at most a few slices, except multi-chunk reads.
+        if slices.len() + 4 > MAX_IOV {
+            break;
+        }
+        r.slices(&mut slices);
+    }
+    let mut view = &mut slices[..];
+    IoSlice::advance_slices(&mut view, skip);
+    sink.try_write_vectored(view)
+}
+
+/// Replies on their way to the socket, shared by the reader, spawned operations and the
+/// writer task.
+struct Outbox {
+    state: Mutex<OutState>,
+    /// Wakes the writer task; it owns the socket (`busy`) when woken.
+    wake: Notify,
+    /// Cancelled when writing fails: the reader stops.
+    dead: CancellationToken,
+}
+
+#[derive(Default)]
+struct OutState {
+    /// Replies waiting for the writer task, in wire order.
+    queue: VecDeque<Reply>,
+    /// Bytes of `queue[0]` already written.
+    skip: usize,
+    /// The reader or the writer task is writing: nobody else may.
+    busy: bool,
+    /// Spawned operations not yet finished.
+    ops: usize,
+    /// The reader has stopped producing replies.
+    reader_done: bool,
+    /// Writing failed or the connection is being dropped: replies are thrown away.
+    closed: bool,
+}
+
+impl Outbox {
+    fn lock(&self) -> MutexGuard<'_, OutState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a reply of a spawned operation, waking the writer task if the socket is free.
+    fn deliver(&self, reply: Reply) {
+        let mut st = self.lock();
+        if st.closed {
+            return;
+        }
+        st.queue.push_back(reply);
+        if !st.busy {
+            st.busy = true;
+            drop(st);
+            self.wake.notify_one();
+        }
+    }
+
+    fn fail(&self, st: &mut OutState, e: &io::Error) {
+        debug!("writing replies: {e}");
+        st.closed = true;
+        st.queue.clear();
+        self.dead.cancel();
+    }
+
+    /// Wakes the writer if it should look at the state (work queued, or time to exit).
+    fn kick(&self, mut st: MutexGuard<'_, OutState>) {
+        if !st.busy {
+            st.busy = true;
+            drop(st);
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// Counts a spawned operation; when it ends (delivered, or dropped on a forced shutdown)
+/// the writer learns whether it was the last.
+struct OpGuard(Arc<Outbox>);
+
+impl Drop for OpGuard {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.ops -= 1;
+        if st.ops == 0 && st.reader_done {
+            self.0.kick(st);
+        }
+    }
+}
+
+/// The writer task: whenever woken it owns the socket, writes everything queued (waiting
+/// for the socket to drain as needed), and gives the socket back when the queue is empty.
+/// Ends once the reader is done and no spawned operation is left.
+async fn writer<S: Sink>(sink: Arc<S>, out: Arc<Outbox>) {
+    loop {
+        out.wake.notified().await;
+        loop {
+            let (mut batch, mut skip) = {
+                let mut st = out.lock();
+                if st.closed {
+                    return;
+                }
+                if st.queue.is_empty() {
+                    if st.reader_done && st.ops == 0 {
+                        return;
+                    }
+                    st.busy = false;
+                    break;
+                }
+                (std::mem::take(&mut st.queue), std::mem::take(&mut st.skip))
+            };
+            loop {
+                match write_now(&*sink, &mut batch, &mut skip) {
+                    Ok(true) => break,
+                    Ok(false) => {
+                        if let Err(e) = sink.writable().await {
+                            out.fail(&mut out.lock(), &e);
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        out.fail(&mut out.lock(), &e);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Aborts the writer if the connection task is dropped (a forced shutdown), so the socket
+/// closes with it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+// ---- Reader -------------------------------------------------------------------------------
+
+/// The request read buffer: `buf[start..end]` holds bytes read but not yet parsed.
+struct InBuf {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl InBuf {
+    fn new() -> Self {
+        InBuf {
+            buf: vec![0u8; READ_BUF].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        debug_assert!(self.start <= self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// One read from `rd`; returns the bytes read (0 at EOF). Cancel-safe: if the future
+    /// is dropped before it completes, nothing was consumed from the socket.
+    async fn fill<R: AsyncRead + Unpin>(&mut self, rd: &mut R) -> io::Result<usize> {
+        if self.buf.len() - self.end < READ_MIN_ROOM && self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let n = rd.read(&mut self.buf[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+}
+
+/// Per-connection state of the reader.
+struct Conn<R, S> {
+    rd: R,
+    inbuf: InBuf,
+    sink: Arc<S>,
+    out: Arc<Outbox>,
+    /// Replies of operations completed inline, not yet written.
+    batch: VecDeque<Reply>,
+    batch_bytes: usize,
+    dev: Arc<dyn BlockDevice>,
+    size: u64,
+    caps: Capabilities,
+    framing: Framing,
+    flags: u16,
+    allocation_context: Option<u32>,
+    max_payload: u64,
+    discard_limit: u64,
+    budget: Arc<Semaphore>,
+    budget_max: u64,
+    extents: Vec<Extent>,
+    requests: u64,
+}
+
+/// Runs the transmission phase on a connection whose handshake chose `export`.
+pub(crate) async fn run<R, S>(
+    rd: R,
+    sink: S,
+    export: &Export,
+    neg: &Negotiated,
+    limits: &Limits,
+    shutdown: &CancellationToken,
+) -> Summary
+where
+    R: AsyncRead + Unpin + Send + Sync + 'static,
+    S: Sink,
+{
+    let sink = Arc::new(sink);
+    let out = Arc::new(Outbox {
+        state: Mutex::new(OutState::default()),
+        wake: Notify::new(),
+        dead: CancellationToken::new(),
+    });
+    let mut writer = AbortOnDrop(tokio::spawn(writer(sink.clone(), out.clone())));
+    let caps = export.device.capabilities();
+    let max_payload = BlockSizes::of(&caps).max as u64;
+    let budget_max = (limits.inflight_bytes as u64).clamp(1 << 20, Semaphore::MAX_PERMITS as u64);
+    let mut conn = Conn {
+        rd,
+        inbuf: InBuf::new(),
+        sink,
+        out: out.clone(),
+        batch: VecDeque::with_capacity(BATCH_REPLIES),
+        batch_bytes: 0,
+        dev: export.device.clone(),
+        size: export.device.size(),
+        caps,
+        framing: neg.framing,
+        flags: neg.flags,
+        allocation_context: neg.allocation_context,
+        max_payload,
+        discard_limit: (2 * max_payload).max(MIN_DISCARD_LIMIT),
+        budget: Arc::new(Semaphore::new(budget_max as usize)),
+        budget_max,
+        extents: Vec::new(),
+        requests: 0,
+    };
+    let ended = conn.serve(shutdown).await;
+    let hard = ended.is_violation() || matches!(ended, Ended::ReadFailed(_));
+    if !hard {
+        conn.flush_replies();
+    }
+    let requests = conn.requests;
+    drop(conn);
+    {
+        let mut st = out.lock();
+        st.reader_done = true;
+        if hard {
+            st.closed = true;
+            st.queue.clear();
+        }
+        out.kick(st);
+    }
+    if !hard {
+        // Let operations still running finish and their replies go out; the writer ends
+        // after the last one. A forced shutdown aborts it (on drop).
+        let _ = (&mut writer.0).await;
+    }
+    Summary { ended, requests }
+}
+
+/// What the reader does after a request.
+enum Next {
+    Continue,
+    Stop(Ended),
+}
+
+type OpResult = Result<(), Ended>;
+type Permit = OwnedSemaphorePermit;
+
+impl<R: AsyncRead + Unpin, S: Sink> Conn<R, S> {
+    fn extended(&self) -> bool {
+        self.framing == Framing::Extended
+    }
+
+    async fn serve(&mut self, shutdown: &CancellationToken) -> Ended {
+        let hlen = proto::request_len(self.extended());
+        let dead = self.out.dead.clone();
+        let mut shutting = pin!(shutdown.cancelled());
+        let mut dying = pin!(dead.cancelled());
+        loop {
+            while self.inbuf.len() < hlen {
+                // About to wait for the client: first send what is done.
+                self.flush_replies();
+                if shutdown.is_cancelled() {
+                    return Ended::Shutdown;
+                }
+                // `fill` first: when bytes are waiting, the other branches are never polled.
+                let r = tokio::select! {
+                    biased;
+                    r = self.inbuf.fill(&mut self.rd) => r,
+                    _ = &mut shutting => return Ended::Shutdown,
+                    _ = &mut dying => return Ended::WriteFailed,
+                };
+                match r {
+                    Ok(0) if self.inbuf.len() == 0 => return Ended::Eof,
+                    Ok(0) => {
+                        return Ended::Protocol("connection closed inside a request header".into());
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Ended::ReadFailed(e),
+                }
+            }
+            let req = match proto::parse_request(&self.inbuf.data()[..hlen], self.extended()) {
+                Ok(r) => r,
+                Err(e) => return Ended::Protocol(format!("{e} in a request header")),
+            };
+            self.inbuf.consume(hlen);
+            self.requests += 1;
+            trace!(
+                cmd = req.command,
+                flags = req.flags,
+                offset = req.offset,
+                length = req.length,
+                cookie = req.cookie,
+                "request"
+            );
+            match self.dispatch(req).await {
+                Next::Continue => {}
+                Next::Stop(e) => return e,
+            }
+            if self.batch.len() >= BATCH_REPLIES || self.batch_bytes >= BATCH_BYTES {
+                self.flush_replies();
+            }
+            if dead.is_cancelled() {
+                return Ended::WriteFailed;
+            }
+        }
+    }
+
+    /// Writes the reader's batch now, as far as the socket takes it without waiting; the
+    /// rest goes to the writer task. Called before every wait, so no reply sits in the
+    /// batch while the reader is blocked.
+    fn flush_replies(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        self.batch_bytes = 0;
+        let mut st = self.out.lock();
+        if st.closed {
+            self.batch.clear();
+            return;
+        }
+        if st.busy {
+            // The writer task holds the socket; it takes these before letting go.
+            st.queue.extend(self.batch.drain(..));
+            return;
+        }
+        st.busy = true;
+        drop(st);
+        let mut skip = 0;
+        let r = write_now(&*self.sink, &mut self.batch, &mut skip);
+        let mut st = self.out.lock();
+        match r {
+            Ok(true) => {
+                if st.queue.is_empty() {
+                    st.busy = false;
+                } else {
+                    // Spawned operations delivered while we wrote: the writer sends them.
+                    drop(st);
+                    self.out.wake.notify_one();
+                }
+            }
+            Ok(false) => {
+                // The socket is full: what is left goes first, then what others queued.
+                while let Some(r) = self.batch.pop_back() {
+                    st.queue.push_front(r);
+                }
+                st.skip = skip;
+                drop(st);
+                self.out.wake.notify_one();
+            }
+            Err(e) => {
+                self.batch.clear();
+                self.out.fail(&mut st, &e);
+            }
+        }
+    }
+
+    fn reply_to(&self, req: &Request) -> ReplyTo {
+        ReplyTo {
+            framing: self.framing,
+            cookie: req.cookie,
+            offset: req.offset,
+        }
+    }
+
+    fn push(&mut self, reply: Reply) {
+        self.batch_bytes += reply.len();
+        self.batch.push_back(reply);
+    }
+
+    fn send(&mut self, body: Body, permit: Option<OwnedSemaphorePermit>) {
+        self.push(Reply::new(body, permit));
+    }
+
+    fn refuse(&mut self, req: &Request, permit: Permit, err: NbdError, message: &str) {
+        debug!(
+            "refusing command {} at {}+{}: {message}",
+            req.command, req.offset, req.length
+        );
+        let body = self.reply_to(req).error(err, message);
+        self.send(body, Some(permit));
+    }
+
+    /// Runs an operation: polled once here, spawned only if it has to wait.
+    fn start<F>(&mut self, op: F)
+    where
+        F: Future<Output = Reply> + Send + 'static,
+    {
+        let mut op = Box::pin(op);
+        // A noop waker is enough for the first poll: if the operation is pending, the task
+        // it is moved into polls it again with its own waker before it can complete.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match op.as_mut().poll(&mut cx) {
+            Poll::Ready(reply) => self.push(reply),
+            Poll::Pending => {
+                self.out.lock().ops += 1;
+                let guard = OpGuard(self.out.clone());
+                tokio::spawn(async move {
+                    let reply = op.await;
+                    guard.0.deliver(reply);
+                    drop(guard);
+                });
+            }
+        }
+    }
+
+    async fn permit(&mut self, data: u64) -> Result<Permit, Ended> {
+        let n = (data + REQUEST_OVERHEAD).min(self.budget_max) as u32;
+        if let Ok(p) = self.budget.clone().try_acquire_many_owned(n) {
+            return Ok(p);
+        }
+        self.flush_replies();
+        self.budget
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|_| Ended::Protocol("in-flight budget closed".into()))
+    }
+
+    async fn buffer(&mut self, len: u64) -> Result<IoBuf, IoError> {
+        if let Some(b) = self.dev.buffers().try_get(len as usize)? {
+            return Ok(b);
+        }
+        self.flush_replies();
+        self.dev.buffers().get(len as usize).await
+    }
+
+    /// Reads and throws away a payload the server will not use.
+    async fn discard(&mut self, len: u64) -> OpResult {
+        if len > self.discard_limit {
+            return Err(Ended::Protocol(format!(
+                "request payload of {len} bytes (most accepted: {})",
+                self.max_payload
+            )));
+        }
+        let mut left = len;
+        let n = left.min(self.inbuf.len() as u64) as usize;
+        self.inbuf.consume(n);
+        left -= n as u64;
+        if left > 0 {
+            self.flush_replies();
+        }
+        while left > 0 {
+            // The buffer is empty here: use it as scratch space.
+            let n = left.min(READ_BUF as u64) as usize;
+            let got = self
+                .rd
+                .read(&mut self.inbuf.buf[..n])
+                .await
+                .map_err(Ended::ReadFailed)?;
+            if got == 0 {
+                return Err(Ended::Protocol("connection closed inside a payload".into()));
+            }
+            left -= got as u64;
+        }
+        Ok(())
+    }
+
+    /// Fills `dst` with payload: first what the read buffer holds, then straight from the
+    /// socket.
+    async fn payload(&mut self, dst: &mut [u8]) -> OpResult {
+        let n = dst.len().min(self.inbuf.len());
+        dst[..n].copy_from_slice(&self.inbuf.data()[..n]);
+        self.inbuf.consume(n);
+        if n < dst.len() {
+            self.flush_replies();
+            self.rd.read_exact(&mut dst[n..]).await.map_err(|e| {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    Ended::Protocol("connection closed inside a payload".into())
+                } else {
+                    Ended::ReadFailed(e)
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Checks `flags` against those valid for the command; `Err` carries the message.
+    fn check_flags(&self, req: &Request, allowed: u16) -> Result<(), String> {
+        let mut allowed = allowed;
+        if self.flags & proto::FLAG_SEND_FUA != 0 {
+            allowed |= proto::CMD_FLAG_FUA;
+        }
+        let bad = req.flags & !allowed;
+        if bad != 0 {
+            return Err(format!(
+                "command flags {bad:#x} are not valid for command {}",
+                req.command
+            ));
+        }
+        Ok(())
+    }
+
+    fn in_range(&self, req: &Request) -> bool {
+        req.offset
+            .checked_add(req.length)
+            .is_some_and(|end| end <= self.size)
+    }
+
+    fn past_end(&self, req: &Request, what: &str) -> String {
+        format!(
+            "{what} of {} bytes at offset {} lies past the end of the {}-byte export",
+            req.length, req.offset, self.size
+        )
+    }
+
+    /// Data bytes a request will hold while in flight, as far as the header tells; refused
+    /// requests count for nothing beyond the fixed overhead.
+    fn data_charge(&self, req: &Request) -> u64 {
+        match req.command {
+            proto::CMD_READ | proto::CMD_WRITE if req.length <= self.max_payload => req.length,
+            _ => 0,
+        }
+    }
+
+    async fn dispatch(&mut self, req: Request) -> Next {
+        if req.command == proto::CMD_DISC {
+            return Next::Stop(Ended::Disconnect);
+        }
+        // Every request, refused ones included, holds budget until its reply is written,
+        // so a client that sends without reading cannot grow the reply queue unbounded.
+        let permit = match self.permit(self.data_charge(&req)).await {
+            Ok(p) => p,
+            Err(e) => return Next::Stop(e),
+        };
+        let r = match req.command {
+            proto::CMD_WRITE => self.write(req, permit).await,
+            _ if req.payload_len(self.extended()) > 0 => {
+                // Extended headers: a payload on a command that takes none.
+                let r = self.discard(req.length).await;
+                if r.is_ok() {
+                    self.refuse(
+                        &req,
+                        permit,
+                        NbdError::Inval,
+                        "this command takes no payload (NBD_CMD_FLAG_PAYLOAD_LEN)",
+                    );
+                }
+                r
+            }
+            proto::CMD_READ => self.read(req, permit).await,
+            proto::CMD_FLUSH => self.flush(req, permit),
+            proto::CMD_TRIM => self.trim(req, permit),
+            proto::CMD_CACHE => self.cache(req, permit),
+            proto::CMD_WRITE_ZEROES => self.write_zeroes(req, permit),
+            proto::CMD_BLOCK_STATUS => self.block_status(req, permit),
+            other => {
+                self.refuse(
+                    &req,
+                    permit,
+                    NbdError::Inval,
+                    &format!("unknown command {other}"),
+                );
+                Ok(())
+            }
+        };
+        match r {
+            Ok(()) => Next::Continue,
+            Err(e) => Next::Stop(e),
+        }
+    }
+
+    async fn write(&mut self, req: Request, permit: Permit) -> OpResult {
+        let ext = self.extended();
+        let len = req.length;
+        let allowed = if ext { proto::CMD_FLAG_PAYLOAD_LEN } else { 0 };
+        let refusal = if let Err(m) = self.check_flags(&req, allowed) {
+            Some((NbdError::Inval, m))
+        } else if self.caps.read_only {
+            Some((NbdError::Perm, "the export is read-only".to_string()))
+        } else if !self.in_range(&req) {
+            Some((NbdError::NoSpc, self.past_end(&req, "write")))
+        } else if len > self.max_payload {
+            Some((
+                NbdError::Inval,
+                format!(
+                    "write of {len} bytes exceeds the maximum payload of {} bytes",
+                    self.max_payload
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some((err, msg)) = refusal {
+            self.discard(len).await?;
+            self.refuse(&req, permit, err, &msg);
+            return Ok(());
+        }
+        let to = self.reply_to(&req);
+        if len == 0 {
+            self.send(to.ok(), Some(permit));
+            return Ok(());
+        }
+        let mut buf = match self.buffer(len).await {
+            Ok(b) => b,
+            Err(e) => {
+                self.discard(len).await?;
+                self.send(to.io_error(&e), Some(permit));
+                return Ok(());
+            }
+        };
+        self.payload(&mut buf).await?;
+        let dev = self.dev.clone();
+        let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+        self.start(async move {
+            let r = dev.write(req.offset, &buf, fua).await;
+            drop(buf);
+            Reply::new(to.status(r), Some(permit))
+        });
+        Ok(())
+    }
+
+    async fn read(&mut self, req: Request, permit: Permit) -> OpResult {
+        let structured = self.framing != Framing::Simple;
+        let allowed = if structured { proto::CMD_FLAG_DF } else { 0 };
+        if let Err(m) = self.check_flags(&req, allowed) {
+            self.refuse(&req, permit, NbdError::Inval, &m);
+            return Ok(());
+        }
+        if !self.in_range(&req) {
+            let msg = self.past_end(&req, "read");
+            self.refuse(&req, permit, NbdError::Inval, &msg);
+            return Ok(());
+        }
+        let len = req.length;
+        if len > self.max_payload {
+            // With structured replies the spec lets a server refuse large reads with
+            // EOVERFLOW; simple replies can only say EINVAL.
+            let err = if structured {
+                NbdError::Overflow
+            } else {
+                NbdError::Inval
+            };
+            let msg = format!(
+                "read of {len} bytes exceeds the maximum payload of {} bytes",
+                self.max_payload
+            );
+            self.refuse(&req, permit, err, &msg);
+            return Ok(());
+        }
+        let to = self.reply_to(&req);
+        if len == 0 {
+            let mut f = Frame::new();
+            match self.framing {
+                Framing::Simple => f.simple(0, req.cookie),
+                fr => f.none(fr, req.cookie, req.offset),
+            };
+            self.send(Body::Frame(f), Some(permit));
+            return Ok(());
+        }
+        let df = req.flags & proto::CMD_FLAG_DF != 0;
+        if structured && !df && self.caps.can_extents && self.has_holes(&req) {
+            return self.read_sparse(req, permit).await;
+        }
+        let mut buf = match self.buffer(len).await {
+            Ok(b) => b,
+            Err(e) => {
+                self.send(to.io_error(&e), Some(permit));
+                return Ok(());
+            }
+        };
+        let dev = self.dev.clone();
+        self.start(async move {
+            let body = match dev.read(req.offset, &mut buf).await {
+                Ok(()) => {
+                    let mut f = Frame::new();
+                    match to.framing {
+                        Framing::Simple => f.simple(0, to.cookie),
+                        fr => f.offset_data(
+                            fr,
+                            proto::REPLY_FLAG_DONE,
+                            to.cookie,
+                            to.offset,
+                            to.offset,
+                            buf.len() as u64,
+                        ),
+                    };
+                    Body::Data(f, buf)
+                }
+                Err(e) => to.io_error(&e),
+            };
+            Reply::new(body, Some(permit))
+        });
+        Ok(())
+    }
+
+    /// Looks up the extents of a read into `self.extents`; true when the range has a hole
+    /// that reads as zeros and the extents cover it exactly (anything else is read whole).
+    fn has_holes(&mut self, req: &Request) -> bool {
+        self.extents.clear();
+        if self
+            .dev
+            .extents(req.offset, req.length, &mut self.extents)
+            .is_err()
+        {
+            return false;
+        }
+        let mut at = req.offset;
+        let mut holes = false;
+        for e in &self.extents {
+            if e.offset != at || e.length == 0 {
+                return false;
+            }
+            at += e.length;
+            holes |= is_zero_hole(e);
+        }
+        holes && at == req.offset + req.length
+    }
+
+    /// A structured read over a range with holes (`self.extents`): holes are sent as
+    /// `NBD_REPLY_TYPE_OFFSET_HOLE` chunks, only the data runs are read.
+    async fn read_sparse(&mut self, req: Request, permit: Permit) -> OpResult {
+        let to = self.reply_to(&req);
+        if self.extents.len() == 1 {
+            // All hole: no buffer, no copy.
+            let mut f = Frame::new();
+            f.offset_hole(
+                self.framing,
+                proto::REPLY_FLAG_DONE,
+                req.cookie,
+                req.offset,
+                req.offset,
+                req.length as u32,
+            );
+            self.send(Body::Frame(f), Some(permit));
+            return Ok(());
+        }
+        let data: u64 = self
+            .extents
+            .iter()
+            .filter(|e| !is_zero_hole(e))
+            .map(|e| e.length)
+            .sum();
+        let mut buf = if data > 0 {
+            match self.buffer(data).await {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    self.send(to.io_error(&e), Some(permit));
+                    return Ok(());
+                }
+            }
+        } else {
+            None
+        };
+        let extents = self.extents.clone();
+        let dev = self.dev.clone();
+        self.start(async move {
+            let mut heads = Vec::with_capacity(extents.len() * 40);
+            let mut parts = Vec::with_capacity(extents.len() * 2);
+            let mut at = 0usize;
+            let last = extents.len() - 1;
+            for (i, e) in extents.iter().enumerate() {
+                let flags = if i == last { proto::REPLY_FLAG_DONE } else { 0 };
+                let mut f = Frame::new();
+                let start = heads.len();
+                if is_zero_hole(e) {
+                    f.offset_hole(
+                        to.framing,
+                        flags,
+                        to.cookie,
+                        to.offset,
+                        e.offset,
+                        e.length as u32,
+                    );
+                    heads.extend_from_slice(f.as_bytes());
+                    parts.push(Part::Head(start, heads.len()));
+                } else {
+                    let b = buf.as_mut().expect("data extents have a buffer");
+                    let piece = &mut b[at..at + e.length as usize];
+                    if let Err(err) = dev.read(e.offset, piece).await {
+                        return Reply::new(to.io_error(&err), Some(permit));
+                    }
+                    f.offset_data(to.framing, flags, to.cookie, to.offset, e.offset, e.length);
+                    heads.extend_from_slice(f.as_bytes());
+                    parts.push(Part::Head(start, heads.len()));
+                    parts.push(Part::Data(at, at + e.length as usize));
+                    at += e.length as usize;
+                }
+            }
+            Reply::new(Body::Chunks { heads, parts, buf }, Some(permit))
+        });
+        Ok(())
+    }
+
+    fn flush(&mut self, req: Request, permit: Permit) -> OpResult {
+        if self.flags & proto::FLAG_SEND_FLUSH == 0 {
+            self.refuse(&req, permit, NbdError::Inval, "flush is not supported");
+            return Ok(());
+        }
+        if let Err(m) = self.check_flags(&req, 0) {
+            self.refuse(&req, permit, NbdError::Inval, &m);
+            return Ok(());
+        }
+        if req.offset != 0 || req.length != 0 {
+            self.refuse(
+                &req,
+                permit,
+                NbdError::Inval,
+                "flush requests must have offset and length 0",
+            );
+            return Ok(());
+        }
+        let to = self.reply_to(&req);
+        let dev = self.dev.clone();
+        self.start(async move { Reply::new(to.status(dev.flush().await), Some(permit)) });
+        Ok(())
+    }
+
+    fn trim(&mut self, req: Request, permit: Permit) -> OpResult {
+        if self.caps.read_only {
+            self.refuse(&req, permit, NbdError::Perm, "the export is read-only");
+            return Ok(());
+        }
+        if self.flags & proto::FLAG_SEND_TRIM == 0 {
+            self.refuse(&req, permit, NbdError::Inval, "trim is not supported");
+            return Ok(());
+        }
+        if let Err(m) = self.check_flags(&req, 0) {
+            self.refuse(&req, permit, NbdError::Inval, &m);
+            return Ok(());
+        }
+        if !self.in_range(&req) {
+            let msg = self.past_end(&req, "trim");
+            self.refuse(&req, permit, NbdError::Inval, &msg);
+            return Ok(());
+        }
+        let to = self.reply_to(&req);
+        let dev = self.dev.clone();
+        let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+        self.start(async move {
+            let mut r = dev.trim(req.offset, req.length).await;
+            if r.is_ok() && fua {
+                r = dev.flush().await;
+            }
+            Reply::new(to.status(r), Some(permit))
+        });
+        Ok(())
+    }
+
+    fn write_zeroes(&mut self, req: Request, permit: Permit) -> OpResult {
+        if self.caps.read_only {
+            self.refuse(&req, permit, NbdError::Perm, "the export is read-only");
+            return Ok(());
+        }
+        if self.flags & proto::FLAG_SEND_WRITE_ZEROES == 0 {
+            self.refuse(
+                &req,
+                permit,
+                NbdError::Inval,
+                "write zeroes is not supported",
+            );
+            return Ok(());
+        }
+        let mut allowed = proto::CMD_FLAG_NO_HOLE;
+        if self.flags & proto::FLAG_SEND_FAST_ZERO != 0 {
+            allowed |= proto::CMD_FLAG_FAST_ZERO;
+        }
+        if let Err(m) = self.check_flags(&req, allowed) {
+            self.refuse(&req, permit, NbdError::Inval, &m);
+            return Ok(());
+        }
+        if !self.in_range(&req) {
+            // The spec asks for ENOSPC here, as for writes.
+            let msg = self.past_end(&req, "write zeroes");
+            self.refuse(&req, permit, NbdError::NoSpc, &msg);
+            return Ok(());
+        }
+        let to = self.reply_to(&req);
+        let dev = self.dev.clone();
+        let flags = ZeroFlags {
+            may_trim: req.flags & proto::CMD_FLAG_NO_HOLE == 0,
+            fast: req.flags & proto::CMD_FLAG_FAST_ZERO != 0,
+            fua: req.flags & proto::CMD_FLAG_FUA != 0,
+        };
+        self.start(async move {
+            let r = dev.write_zeroes(req.offset, req.length, flags).await;
+            Reply::new(to.status(r), Some(permit))
+        });
+        Ok(())
+    }
+
+    fn cache(&mut self, req: Request, permit: Permit) -> OpResult {
+        // Some clients send CACHE without the flag being advertised; it is only a hint, so
+        // it is served either way.
+        if let Err(m) = self.check_flags(&req, 0) {
+            self.refuse(&req, permit, NbdError::Inval, &m);
+            return Ok(());
+        }
+        if !self.in_range(&req) {
+            let msg = self.past_end(&req, "cache");
+            self.refuse(&req, permit, NbdError::Inval, &msg);
+            return Ok(());
+        }
+        let to = self.reply_to(&req);
+        let dev = self.dev.clone();
+        self.start(async move {
+            let r = dev.cache(req.offset, req.length).await;
+            Reply::new(to.status(r), Some(permit))
+        });
+        Ok(())
+    }
+
+    fn block_status(&mut self, req: Request, permit: Permit) -> OpResult {
+        let Some(context) = self.allocation_context else {
+            self.refuse(
+                &req,
+                permit,
+                NbdError::Inval,
+                "no metadata context was selected (NBD_OPT_SET_META_CONTEXT)",
+            );
+            return Ok(());
+        };
+        if let Err(m) = self.check_flags(&req, proto::CMD_FLAG_REQ_ONE) {
+            self.refuse(&req, permit, NbdError::Inval, &m);
+            return Ok(());
+        }
+        if req.length == 0 {
+            self.refuse(&req, permit, NbdError::Inval, "block status of 0 bytes");
+            return Ok(());
+        }
+        if !self.in_range(&req) {
+            let msg = self.past_end(&req, "block status");
+            self.refuse(&req, permit, NbdError::Inval, &msg);
+            return Ok(());
+        }
+        let to = self.reply_to(&req);
+        let scan = req.length.min(BLOCK_STATUS_SCAN);
+        self.extents.clear();
+        if let Err(e) = self.dev.extents(req.offset, scan, &mut self.extents) {
+            self.send(to.io_error(&e), Some(permit));
+            return Ok(());
+        }
+        let one = req.flags & proto::CMD_FLAG_REQ_ONE != 0;
+        let mut descs: Vec<StatusDescriptor> = Vec::with_capacity(self.extents.len().min(64));
+        for e in &self.extents {
+            if e.length == 0 {
+                continue;
+            }
+            let flags = state_flags(e);
+            match descs.last_mut() {
+                Some(d) if d.flags == flags => d.length += e.length,
+                _ => {
+                    if descs.len() == MAX_DESCRIPTORS {
+                        break;
+                    }
+                    descs.push(StatusDescriptor {
+                        length: e.length,
+                        flags,
+                    });
+                }
+            }
+        }
+        if descs.is_empty() {
+            // The status 0 ("allocated, contents unknown") is always a safe answer.
+            descs.push(StatusDescriptor {
+                length: scan,
+                flags: 0,
+            });
+        }
+        if one {
+            descs.truncate(1);
+        }
+        let mut v = Vec::with_capacity(40 + descs.len() * 16);
+        proto::put_block_status(
+            &mut v,
+            self.framing,
+            true,
+            req.cookie,
+            req.offset,
+            context,
+            &descs,
+        );
+        self.send(Body::Bytes(v), Some(permit));
+        Ok(())
+    }
+}
+
+fn is_zero_hole(e: &Extent) -> bool {
+    e.hole && e.zero
+}
+
+fn state_flags(e: &Extent) -> u32 {
+    let mut f = 0;
+    if e.hole {
+        f |= proto::STATE_HOLE;
+    }
+    if e.zero {
+        f |= proto::STATE_ZERO;
+    }
+    f
+}
