@@ -347,7 +347,9 @@ impl Client {
                 }
             }
         }
-        self.totals.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        self.totals
+            .ops
+            .fetch_add(ops.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 

@@ -78,6 +78,14 @@ struct ServerSection {
     max_connections: Option<u64>,
     inflight_memory: Option<Size>,
     handshake_timeout: Option<u64>,
+    max_connections_per_client: Option<u64>,
+    tls: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    allow_insecure: Option<bool>,
+    socket_mode: Option<String>,
+    socket_group: Option<String>,
     metrics: Option<String>,
     control_socket: Option<String>,
 }
@@ -179,6 +187,30 @@ fn file_argv(path: &Path) -> Result<(Vec<String>, Vec<ExportOverride>)> {
     }
     if let Some(v) = s.handshake_timeout {
         argv.push(format!("--handshake-timeout={v}"));
+    }
+    if let Some(v) = s.max_connections_per_client {
+        argv.push(format!("--max-connections-per-client={v}"));
+    }
+    if let Some(v) = &s.tls {
+        argv.push(format!("--tls={v}"));
+    }
+    for (flag, v) in [
+        ("tls-cert", &s.tls_cert),
+        ("tls-key", &s.tls_key),
+        ("tls-ca", &s.tls_ca),
+    ] {
+        if let Some(v) = v {
+            argv.push(format!("--{flag}={}", v.display()));
+        }
+    }
+    if s.allow_insecure == Some(true) {
+        argv.push("--allow-insecure".into());
+    }
+    if let Some(v) = &s.socket_mode {
+        argv.push(format!("--socket-mode={v}"));
+    }
+    if let Some(v) = &s.socket_group {
+        argv.push(format!("--socket-group={v}"));
     }
     if let Some(v) = &s.metrics {
         argv.push(format!("--metrics={v}"));
