@@ -552,6 +552,62 @@ fn negotiated(idx: usize, exports: &[Export], opts: &Options) -> Negotiated {
     }
 }
 
+/// Fuzzing entry: runs options from `data` (each a big-endian u32 option, a u16 length,
+/// then the data) through [`handle_option`], as one connection would, checking that every
+/// reply is well formed. The TLS state comes from the first byte.
+pub(crate) fn fuzz_options(data: &[u8], exports: &[Export]) {
+    let Some((&first, mut data)) = data.split_first() else {
+        return;
+    };
+    let mut opts = Options {
+        no_zeroes: first & 1 != 0,
+        tls: match (first >> 1) % 4 {
+            0 => TlsState::Off,
+            1 => TlsState::Offered,
+            2 => TlsState::Required,
+            _ => TlsState::Active,
+        },
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    while data.len() >= 6 {
+        let option = u32::from_be_bytes(data[..4].try_into().unwrap());
+        let len = (u16::from_be_bytes(data[4..6].try_into().unwrap()) as usize).min(data.len() - 6);
+        let body = &data[6..6 + len];
+        data = &data[6 + len..];
+        out.clear();
+        let step = handle_option(option, body, exports, &mut opts, &mut out);
+        if option == proto::OPT_EXPORT_NAME && matches!(step, Step::Go(_)) {
+            continue;
+        }
+        // Every other reply is a sequence of well-formed option replies for this option.
+        let mut b = &out[..];
+        while !b.is_empty() {
+            assert!(b.len() >= 20, "truncated option reply");
+            assert_eq!(
+                u64::from_be_bytes(b[0..8].try_into().unwrap()),
+                proto::OPTION_REPLY_MAGIC
+            );
+            assert_eq!(u32::from_be_bytes(b[8..12].try_into().unwrap()), option);
+            let n = u32::from_be_bytes(b[16..20].try_into().unwrap()) as usize;
+            assert!(b.len() >= 20 + n, "option reply shorter than its length");
+            b = &b[20 + n..];
+        }
+        match step {
+            Step::Continue => {}
+            Step::Go(n) => assert!(n.export < exports.len()),
+            Step::Abort | Step::Drop(_) => return,
+            Step::StartTls => {
+                opts = Options {
+                    no_zeroes: opts.no_zeroes,
+                    tls: TlsState::Active,
+                    ..Default::default()
+                }
+            }
+        }
+    }
+}
+
 /// Reads and throws away `len` bytes without buffering more than a small scratch area.
 async fn skip<S: AsyncRead + Unpin>(io: &mut S, mut len: u64) -> Result<()> {
     let mut scratch = [0u8; 8192];

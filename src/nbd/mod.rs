@@ -5,6 +5,8 @@
 //! its requests, and [`server`] accepts connections, applies limits and shuts down. Devices
 //! are reached only through [`crate::engine::BlockDevice`].
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handshake;
 pub mod proto;
 pub mod server;
