@@ -242,6 +242,8 @@ fn bad_magic_and_truncation(transport: Transport) {
     c.send(&header(CMD_WRITE, 1, TARGET, 4096)[..20]);
     drop(c);
     by.check(&mut srv, "truncated headers", None);
+    // The hostile connections are all gone: none lingers holding a slot.
+    assert_connections_all_closed(&mut srv, 1);
 }
 
 fn short_and_oversized_payloads(transport: Transport) {
@@ -274,6 +276,8 @@ fn short_and_oversized_payloads(transport: Transport) {
     let rest = c.expect_close("a 4 GiB write");
     assert!(rest.is_empty(), "a reply to a 4 GiB write: {rest:?}");
     by.check(&mut srv, "a 4 GiB write", None);
+    // The hostile connections are all gone (the bystander and the EINVAL one stay).
+    assert_connections_all_closed(&mut srv, 2);
     assert!(srv.log().contains("request payload of 4294967295 bytes"));
 }
 
@@ -358,6 +362,8 @@ fn option_abuse(transport: Transport) {
         "all 5000 options were answered ({got} bytes)"
     );
     by.check(&mut srv, "an option flood", None);
+    // The hostile connections are all gone: none lingers holding a slot.
+    assert_connections_all_closed(&mut srv, 1);
 }
 
 fn disconnect_with_requests_in_flight(transport: Transport) {
@@ -382,6 +388,8 @@ fn disconnect_with_requests_in_flight(transport: Transport) {
         "128 requests in flight",
         Some((TARGET, TARGET + MIB)),
     );
+    // The hostile connections are all gone: none lingers holding a slot.
+    assert_connections_all_closed(&mut srv, 1);
     // Each 4 KiB block of the target is the old or the new data, never a mix.
     let got = by.c.read(TARGET, MIB as u32).unwrap();
     for (i, blk) in got.chunks(4096).enumerate() {
@@ -442,6 +450,8 @@ fn client_that_never_reads(transport: Transport) {
     );
     drop(s);
     by.check(&mut srv, "the hog leaving", None);
+    // The hostile connections are all gone: none lingers holding a slot.
+    assert_connections_all_closed(&mut srv, 1);
 }
 
 fn idle_and_greedy_connections(transport: Transport) {
@@ -504,6 +514,50 @@ fn read_only_refuses_changes(transport: Transport) {
         }
     }
     assert_eq!(c.read(0, 65536).unwrap(), before);
+}
+
+/// Connections whose client vanished with replies pending must end and give their slot
+/// back: with 4 slots, 400 such clients in a row must all get in.
+fn vanished_clients_free_their_slots(transport: Transport) {
+    if common::standin_skips("vramdisk's connection limit") {
+        return;
+    }
+    let mut srv = start(&["--max-connections", "4"], transport);
+    let reads: Vec<u8> = (0..16u64)
+        .flat_map(|i| header(CMD_READ, i, i * 65536, 65536))
+        .collect();
+    for _ in 0..400 {
+        // Conn::ready fails on its 10 s read timeout if no slot frees up.
+        let mut c = Conn::ready(&srv);
+        c.send(&reads);
+        drop(c);
+    }
+    assert_connections_all_closed(&mut srv, 0);
+}
+
+/// Every connection the log shows opening has a line saying it closed, but `open` (those
+/// the test still holds); waits a little for the server to notice closes.
+fn assert_connections_all_closed(srv: &mut Server, open: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = srv.log();
+        let opened = log.lines().filter(|l| l.ends_with(" connected")).count();
+        let closed = log
+            .lines()
+            .filter(|l| {
+                l.contains(" closed") || l.contains(" dropped from") || l.contains(" refused")
+            })
+            .count();
+        if opened == closed + open {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} connections never closed ({opened} opened, {closed} closed, {open} open)",
+            opened - closed - open
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// SIGTERM while a raw client keeps 128 requests in flight: every reply it gets is whole,
@@ -635,4 +689,5 @@ over_both_transports! {
     idle_and_greedy_connections_are_bounded => idle_and_greedy_connections;
     read_only_exports_refuse_every_change => read_only_refuses_changes;
     sigterm_with_128_pipelined_requests => sigterm_with_pipelined_requests;
+    vanished_clients_give_their_connection_slot_back => vanished_clients_free_their_slots;
 }

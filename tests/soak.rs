@@ -481,6 +481,20 @@ fn soak_many_clients_with_random_kills() {
         h.join().expect("a soak client failed");
     }
     srv.assert_running();
+    // Every connection the server opened has ended: none leaked its slot.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (opened, closed) = loop {
+        let log = srv.log();
+        let opened = log.lines().filter(|l| l.ends_with(" connected")).count();
+        let closed = log
+            .lines()
+            .filter(|l| l.contains(" closed") || l.contains(" dropped from"))
+            .count();
+        if opened == closed || Instant::now() > deadline {
+            break (opened, closed);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let t = &totals;
     let ops = t.ops.load(Ordering::Relaxed);
     // RSS trend: after the first fifth (filling, pools warming up), the mean of the last
@@ -494,7 +508,8 @@ fn soak_many_clients_with_random_kills() {
     let summary = format!(
         "soak: {clients} clients, {:.0} s, {ops} requests, {} MiB moved, {} kills, {} \
          connections, {} blocks settled after kills, {} mismatches, {} error replies; \
-         server RSS early {} MiB, late {} MiB, max {} MiB; seed {seed}",
+         server RSS early {} MiB, late {} MiB, max {} MiB; {opened} connections opened, \
+         {closed} closed; seed {seed}",
         started.elapsed().as_secs_f64(),
         t.bytes.load(Ordering::Relaxed) >> 20,
         t.kills.load(Ordering::Relaxed),
@@ -519,6 +534,7 @@ fn soak_many_clients_with_random_kills() {
     assert_eq!(t.mismatches.load(Ordering::Relaxed), 0, "{summary}");
     assert_eq!(t.failures.load(Ordering::Relaxed), 0, "{summary}");
     assert!(ops > 1000, "too few requests for a soak: {summary}");
+    assert_eq!(opened, closed, "connections leaked: {summary}");
     assert!(t.kills.load(Ordering::Relaxed) > 0, "{summary}");
     assert!(
         late <= early + early / 10 + (32 << 10),

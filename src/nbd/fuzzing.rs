@@ -169,3 +169,159 @@ async fn drive(input: &[u8], exports: &[Export]) {
     };
     tokio::join!(serve, talk);
 }
+
+/// The short, bounded version of the fuzz targets that runs with the test suite: seeded
+/// mutations of valid sessions and options, fed to the same entry points.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    fn req(cmd: u16, flags: u16, off: u64, len: u32, payload: usize) -> Vec<u8> {
+        let mut v = proto::REQUEST_MAGIC.to_be_bytes().to_vec();
+        v.extend_from_slice(&flags.to_be_bytes());
+        v.extend_from_slice(&cmd.to_be_bytes());
+        v.extend_from_slice(&7u64.to_be_bytes());
+        v.extend_from_slice(&off.to_be_bytes());
+        v.extend_from_slice(&len.to_be_bytes());
+        v.resize(v.len() + payload, 0x5a);
+        v
+    }
+
+    fn xreq(cmd: u16, flags: u16, off: u64, len: u64, payload: usize) -> Vec<u8> {
+        let mut v = proto::EXTENDED_REQUEST_MAGIC.to_be_bytes().to_vec();
+        v.extend_from_slice(&flags.to_be_bytes());
+        v.extend_from_slice(&cmd.to_be_bytes());
+        v.extend_from_slice(&9u64.to_be_bytes());
+        v.extend_from_slice(&off.to_be_bytes());
+        v.extend_from_slice(&len.to_be_bytes());
+        v.resize(v.len() + payload, 0xa5);
+        v
+    }
+
+    fn seeds() -> Vec<Vec<u8>> {
+        use proto::*;
+        let mut simple = vec![1u8];
+        simple.extend(req(CMD_WRITE, 0, 0, 512, 512));
+        simple.extend(req(CMD_READ, 0, 0, 512, 0));
+        simple.extend(req(CMD_TRIM, 0, 4096, 4096, 0));
+        simple.extend(req(CMD_WRITE_ZEROES, CMD_FLAG_FUA, 8192, 4096, 0));
+        simple.extend(req(CMD_FLUSH, 0, 0, 0, 0));
+        simple.extend(req(CMD_DISC, 0, 0, 0, 0));
+        let mut structured = vec![2u8];
+        structured.extend(req(CMD_WRITE, 0, 65536, 1024, 1024));
+        structured.extend(req(CMD_READ, 0, 0, 131072, 0));
+        structured.extend(req(CMD_BLOCK_STATUS, 0, 0, 1 << 20, 0));
+        structured.extend(req(CMD_READ, CMD_FLAG_DF, 0, 4096, 0));
+        let mut extended = vec![3u8];
+        extended.extend(xreq(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 0, 512, 512));
+        extended.extend(xreq(CMD_BLOCK_STATUS, 0, 0, 1 << 22, 0));
+        extended.extend(xreq(CMD_FLUSH, CMD_FLAG_PAYLOAD_LEN, 0, 8, 8));
+        let mut ro = vec![4u8];
+        ro.extend(req(CMD_WRITE, 0, 0, 512, 512));
+        ro.extend(req(CMD_READ, 0, 0, 512, 0));
+        let mut raw = vec![0u8, 0, 0, 0, 3];
+        for (o, d) in [
+            (OPT_LIST, vec![]),
+            (OPT_STRUCTURED_REPLY, vec![]),
+            (OPT_STARTTLS, vec![]),
+            (OPT_GO, vec![0, 0, 0, 0, 0, 1, 0, 3]),
+        ] {
+            raw.extend_from_slice(&IHAVEOPT.to_be_bytes());
+            raw.extend_from_slice(&o.to_be_bytes());
+            raw.extend_from_slice(&(d.len() as u32).to_be_bytes());
+            raw.extend_from_slice(&d);
+        }
+        raw.extend(req(CMD_READ, 0, 0, 512, 0));
+        vec![simple, structured, extended, ro, raw]
+    }
+
+    fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+        let mut v = seed.to_vec();
+        for _ in 0..1 + rng.below(8) {
+            match rng.below(6) {
+                0 if !v.is_empty() => {
+                    let i = rng.below(v.len());
+                    v[i] ^= 1 << rng.below(8);
+                }
+                1 if !v.is_empty() => {
+                    let i = rng.below(v.len());
+                    v[i] = rng.next() as u8;
+                }
+                2 => {
+                    let i = rng.below(v.len() + 1);
+                    let n = rng.below(64);
+                    let bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                    v.splice(i..i, bytes);
+                }
+                3 if !v.is_empty() => {
+                    let i = rng.below(v.len());
+                    let n = rng.below(v.len() - i + 1);
+                    v.drain(i..i + n);
+                }
+                4 if v.len() > 8 => {
+                    // An interesting 32-bit value somewhere (lengths, offsets).
+                    let i = rng.below(v.len() - 4);
+                    let x: u32 = [0, 1, 0x7fff_ffff, 0xffff_ffff, 1 << 25, 4096][rng.below(6)];
+                    v[i..i + 4].copy_from_slice(&x.to_be_bytes());
+                }
+                _ => v.truncate(rng.below(v.len() + 1)),
+            }
+        }
+        v
+    }
+
+    fn seed_from_env() -> u64 {
+        std::env::var("VRAMDISK_FUZZ_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x6e62_645f_6675_7a7a)
+    }
+
+    #[test]
+    fn parsers_and_options_survive_mutations() {
+        let exports = exports();
+        let mut rng = Rng(seed_from_env());
+        let seeds = seeds();
+        for i in 0..50_000 {
+            let s = &seeds[i % seeds.len()];
+            let input = mutate(&mut rng, s);
+            parsers(&input);
+            parsers(&input[1.min(input.len())..]);
+            // Options: reinterpret as (u32, u16, data) records.
+            options(&input, &exports);
+        }
+    }
+
+    #[test]
+    fn sessions_survive_mutations() {
+        let exports = exports();
+        let mut rng = Rng(seed_from_env() ^ 1);
+        let seeds = seeds();
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let mut runs = 0;
+        while runs < 100 || std::time::Instant::now() < deadline {
+            let s = &seeds[runs % seeds.len()];
+            session(&mutate(&mut rng, s), &exports);
+            runs += 1;
+        }
+        // The unmutated seeds too: each must run to the end.
+        for s in &seeds {
+            session(s, &exports);
+        }
+    }
+}

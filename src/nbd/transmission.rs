@@ -370,6 +370,10 @@ impl Outbox {
         st.closed = true;
         st.queue.clear();
         self.dead.cancel();
+        // When the reader's own write failed, it still holds `busy` and the writer task
+        // sleeps; woken, it sees `closed` and ends. Otherwise `run` waits for it forever
+        // and the connection (and its slot) leaks.
+        self.wake.notify_one();
     }
 
     /// Wakes the writer if it should look at the state (work queued, or time to exit).
