@@ -591,3 +591,54 @@ mod tests {
         assert!(merged_argv(&serve_cmd(), &parse(&[]), f.path()).is_err());
     }
 }
+
+#[cfg(test)]
+mod security_keys {
+    use super::*;
+
+    #[test]
+    fn tls_and_socket_keys_map_to_their_flags() {
+        use clap::CommandFactory;
+        let cmd = super::super::Cli::command()
+            .find_subcommand("serve")
+            .unwrap()
+            .clone();
+        let m = cmd
+            .clone()
+            .no_binary_name(true)
+            .try_get_matches_from(Vec::<String>::new())
+            .unwrap();
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            f.path(),
+            r#"
+            [server]
+            tls = "require"
+            tls_cert = "/c.pem"
+            tls_key = "/k.pem"
+            tls_ca = "/ca.pem"
+            allow_insecure = true
+            socket_mode = "0660"
+            socket_group = "disk"
+            max_connections_per_client = 3
+            "#,
+        )
+        .unwrap();
+        let (argv, _) = merged_argv(&cmd, &m, f.path()).unwrap();
+        for flag in [
+            "--tls=require",
+            "--tls-cert=/c.pem",
+            "--tls-key=/k.pem",
+            "--tls-ca=/ca.pem",
+            "--allow-insecure",
+            "--socket-mode=0660",
+            "--socket-group=disk",
+            "--max-connections-per-client=3",
+        ] {
+            assert!(
+                argv.iter().any(|a| a == flag),
+                "{flag} missing from {argv:?}"
+            );
+        }
+    }
+}

@@ -188,6 +188,15 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
     if args.inflight_memory < 32 << 20 {
         bail!("--inflight-memory must be at least 32M, the largest request");
     }
+    if args.inflight_memory > args.device.buffer_memory / 2 {
+        bail!(
+            "--inflight-memory {} is more than half of --buffer-memory {}: one connection could \
+             take every I/O buffer and stall the others; lower --inflight-memory or raise \
+             --buffer-memory",
+            format_size(args.inflight_memory),
+            format_size(args.device.buffer_memory)
+        );
+    }
     let devices = super::config::build_devices(&args.device, &args.ops, &overrides)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -932,6 +932,91 @@ mod tests {
         );
     }
 
+    #[test]
+    fn tls_required_refuses_all_but_starttls_and_abort() {
+        let ex = vec![export("", 1 << 20, false)];
+        let mut opts = Options {
+            tls: TlsState::Required,
+            ..Default::default()
+        };
+        for opt in [OPT_LIST, OPT_INFO, OPT_GO, OPT_STRUCTURED_REPLY, 99] {
+            let mut out = Vec::new();
+            let step = handle_option(opt, &info_data("", &[]), &ex, &mut opts, &mut out);
+            assert_eq!(step, Step::Continue);
+            assert_eq!(replies(&out)[0].1, REP_ERR_TLS_REQD, "option {opt}");
+        }
+        assert!(!opts.structured, "refused options change nothing");
+        let mut out = Vec::new();
+        let step = handle_option(OPT_EXPORT_NAME, b"", &ex, &mut opts, &mut out);
+        assert!(matches!(step, Step::Drop(_)) && out.is_empty());
+        let step = handle_option(OPT_STARTTLS, b"x", &ex, &mut opts, &mut out);
+        assert_eq!(
+            (step, replies(&out)[0].1),
+            (Step::Continue, REP_ERR_INVALID)
+        );
+        out.clear();
+        let step = handle_option(OPT_STARTTLS, b"", &ex, &mut opts, &mut out);
+        assert_eq!((step, replies(&out)[0].1), (Step::StartTls, REP_ACK));
+        out.clear();
+        let step = handle_option(OPT_ABORT, b"", &ex, &mut opts, &mut out);
+        assert_eq!(step, Step::Abort);
+    }
+
+    #[test]
+    fn starttls_when_active_or_offered() {
+        let ex = vec![export("", 1 << 20, false)];
+        let mut out = Vec::new();
+        let mut active = Options {
+            tls: TlsState::Active,
+            ..Default::default()
+        };
+        let step = handle_option(OPT_STARTTLS, b"", &ex, &mut active, &mut out);
+        assert_eq!(
+            (step, replies(&out)[0].1),
+            (Step::Continue, REP_ERR_INVALID)
+        );
+        out.clear();
+        let mut offered = Options {
+            tls: TlsState::Offered,
+            ..Default::default()
+        };
+        // With TLS merely offered, plain options work.
+        let step = handle_option(OPT_GO, &info_data("", &[]), &ex, &mut offered, &mut out);
+        assert!(matches!(step, Step::Go(_)));
+    }
+
+    #[tokio::test]
+    async fn option_flood_is_cut_off() {
+        let ex = vec![export("", 1 << 20, false)];
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let srv =
+            tokio::spawn(async move { negotiate(&mut server, &ex, "test", TlsMode::Off).await });
+        let (mut rd, mut wr) = tokio::io::split(client);
+        let drain = tokio::spawn(async move {
+            let mut sink = Vec::new();
+            let _ = rd.read_to_end(&mut sink).await;
+        });
+        wr.write_all(&[0, 0, 0, 1]).await.unwrap();
+        let mut opt = IHAVEOPT.to_be_bytes().to_vec();
+        opt.extend_from_slice(&99u32.to_be_bytes());
+        opt.extend_from_slice(&0u32.to_be_bytes());
+        let mut sent = 0;
+        for _ in 0..MAX_OPTIONS + 10 {
+            if wr.write_all(&opt).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        let err = srv.await.unwrap().expect_err("the flood was not cut off");
+        assert!(
+            err.to_string().contains("options in one handshake"),
+            "{err}"
+        );
+        assert!(sent > MAX_OPTIONS);
+        drop(wr);
+        drain.await.unwrap();
+    }
+
     #[tokio::test]
     async fn full_handshake_over_a_pipe() {
         let ex = vec![export("", 1 << 20, false)];
