@@ -415,3 +415,32 @@ fn unix_sockets_are_private_unless_widened() {
     let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660, "socket mode {mode:o}");
 }
+
+#[test]
+fn stalled_tls_handshake_is_dropped() {
+    if common::standin_skips("vramdisk's TLS flags") {
+        return;
+    }
+    let pki = Pki::new();
+    let mut c = ServerConfig::sized(MIB);
+    c.extra_args = pki.server_args("require", true);
+    c.extra_args
+        .extend(["--handshake-timeout".into(), "1".into()]);
+    let srv = Server::start(c, Transport::Tcp);
+    let mut s = srv.connect_raw();
+    let mut greet = [0u8; 18];
+    s.read_exact(&mut greet).unwrap();
+    s.write_all(&1u32.to_be_bytes()).unwrap();
+    option(&mut s, OPT_STARTTLS, &[]);
+    assert_eq!(reply(&mut s), (OPT_STARTTLS, REP_ACK));
+    // No ClientHello follows: the server gives up after the handshake timeout.
+    let t0 = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let waited = t0.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "a stalled TLS handshake held on for {waited:?}"
+    );
+    assert!(srv.log().contains("no handshake within"), "{}", srv.log());
+}
