@@ -278,7 +278,7 @@ fn short_and_oversized_payloads(transport: Transport) {
     by.check(&mut srv, "a 4 GiB write", None);
     // The hostile connections are all gone (the bystander and the EINVAL one stay).
     assert_connections_all_closed(&mut srv, 2);
-    assert!(srv.log().contains("request payload of 4294967295 bytes"));
+    wait_for_log(&srv, "request payload of 4294967295 bytes");
 }
 
 fn ranges_and_commands(transport: Transport) {
@@ -533,6 +533,16 @@ fn vanished_clients_free_their_slots(transport: Transport) {
         drop(c);
     }
     assert_connections_all_closed(&mut srv, 0);
+}
+
+/// Waits (up to 5 s) for the server log to contain `text`: lines about a closed connection
+/// are written just after the close.
+fn wait_for_log(srv: &Server, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !srv.log().contains(text) {
+        assert!(Instant::now() < deadline, "no '{text}' in the log:\n{}", srv.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Every connection the log shows opening has a line saying it closed, but `open` (those
