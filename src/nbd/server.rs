@@ -545,7 +545,9 @@ async fn connection<S: Stream>(
             return;
         }
         Ok(Ok((_, Outcome::StartTls { .. }))) => {
-            unreachable!("handshake_phase runs the TLS upgrade")
+            // handshake_phase upgrades once; inside TLS, STARTTLS is refused.
+            warn!("client {peer} closed: STARTTLS inside TLS");
+            return;
         }
         Ok(Ok((conn, Outcome::Transmission(n)))) => (conn, n),
     };
