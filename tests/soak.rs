@@ -176,6 +176,8 @@ struct Client {
     eps: Vec<Endpoint>,
     conn: Option<Box<dyn Io>>,
     totals: Arc<Totals>,
+    /// Versions written by killed connections, and when.
+    killed: std::collections::HashMap<u64, Instant>,
 }
 
 /// One planned request of a batch.
@@ -215,7 +217,7 @@ impl Client {
         match self.model[b as usize] {
             State::Known(v) => {
                 if !matches(v, &mut want) {
-                    self.mismatch(b, &format!("expected version {v}"));
+                    self.mismatch(b, &format!("expected version {v}"), data);
                 }
             }
             State::Either(old, new, t) => {
@@ -224,7 +226,7 @@ impl Client {
                 } else if matches(old, &mut want) {
                     old
                 } else {
-                    self.mismatch(b, &format!("expected version {old} or {new}"));
+                    self.mismatch(b, &format!("expected version {old} or {new}"), data);
                     return;
                 };
                 if t.elapsed() >= QUARANTINE {
@@ -235,16 +237,36 @@ impl Client {
         }
     }
 
-    fn mismatch(&self, b: u64, what: &str) {
+    fn mismatch(&self, b: u64, what: &str, data: &[u8]) {
         let n = self.totals.mismatches.fetch_add(1, Ordering::Relaxed);
         if n < 10 {
             eprintln!(
-                "MISMATCH client {} block {} (offset {}): {what}",
+                "MISMATCH client {} block {} (offset {}): {what}; {}",
                 self.id,
                 self.first + b,
-                (self.first + b) * BLOCK as u64
+                (self.first + b) * BLOCK as u64,
+                self.identify(b, data)
             );
         }
+    }
+
+    /// Which of this client's versions `data` is, to tell a late write of a killed
+    /// connection (a quarantine too short for the machine's load) from corruption.
+    fn identify(&self, b: u64, data: &[u8]) -> String {
+        let mut want = vec![0u8; BLOCK];
+        for v in (0..=self.version).rev() {
+            fill(self.first + b, v, &mut want);
+            if data == &want[..] {
+                return match self.killed.get(&v) {
+                    Some(t) => format!(
+                        "the data is version {v}, a write killed {:.1} s ago",
+                        t.elapsed().as_secs_f64()
+                    ),
+                    None => format!("the data is version {v}, an older acknowledged write"),
+                };
+            }
+        }
+        "the data is no version this client wrote to this block".to_string()
     }
 
     /// Plans a batch of requests on disjoint block ranges of the region.
@@ -311,6 +333,7 @@ impl Client {
                         unreachable!("unsettled blocks are not written");
                     };
                     self.model[b as usize] = State::Either(old, op.version, now);
+                    self.killed.insert(op.version, now);
                 }
             }
             self.totals.kills.fetch_add(1, Ordering::Relaxed);
@@ -436,6 +459,7 @@ fn soak_many_clients_with_random_kills() {
                     },
                     conn: None,
                     totals,
+                    killed: Default::default(),
                 };
                 let first = c.eps[0].clone();
                 c.eps = vec![first];
