@@ -540,7 +540,11 @@ fn vanished_clients_free_their_slots(transport: Transport) {
 fn wait_for_log(srv: &Server, text: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while !srv.log().contains(text) {
-        assert!(Instant::now() < deadline, "no '{text}' in the log:\n{}", srv.log());
+        assert!(
+            Instant::now() < deadline,
+            "no '{text}' in the log:\n{}",
+            srv.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
