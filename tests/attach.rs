@@ -739,7 +739,15 @@ fn unavailable_methods_say_why() {
     let run_dir = tempfile::tempdir().unwrap();
     let try_via = |via: &str| {
         Command::new(bin())
-            .args(["attach", "--backend", backend(), "--size", "16M", "--via", via])
+            .args([
+                "attach",
+                "--backend",
+                backend(),
+                "--size",
+                "16M",
+                "--via",
+                via,
+            ])
             .env("VRAMDISK_RUN_DIR", run_dir.path())
             .stdin(Stdio::null())
             .output()

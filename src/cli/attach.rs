@@ -188,6 +188,12 @@ pub fn run(args: AttachArgs) -> Result<()> {
     if args.swap && args.device.read_only {
         bail!("--swap needs a writable device: drop --read-only");
     }
+    if let Some(addr) = args.listen.iter().find(|a| !a.ip().is_loopback()) {
+        bail!(
+            "attach serves NBD without TLS, so it listens only on loopback or a Unix socket, \
+             not {addr}: to export over the network use `vramdisk serve --tls require`"
+        );
+    }
     if args.threads == 0 || args.threads > 256 {
         bail!("--threads must be between 1 and 256");
     }
@@ -393,6 +399,8 @@ fn start_nbd(
         max_connections: 64,
         inflight_bytes: 128 << 20,
         handshake_timeout: Duration::from_secs(30),
+        max_per_client: 64,
+        tls: None,
     };
     runtime.spawn(async move {
         if let Err(e) = server::serve(vec![export], listeners, limits, shutdown).await {

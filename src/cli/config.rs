@@ -78,6 +78,14 @@ struct ServerSection {
     max_connections: Option<u64>,
     inflight_memory: Option<Size>,
     handshake_timeout: Option<u64>,
+    max_connections_per_client: Option<u64>,
+    tls: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    allow_insecure: Option<bool>,
+    socket_mode: Option<String>,
+    socket_group: Option<String>,
     metrics: Option<String>,
     control_socket: Option<String>,
 }
@@ -179,6 +187,30 @@ fn file_argv(path: &Path) -> Result<(Vec<String>, Vec<ExportOverride>)> {
     }
     if let Some(v) = s.handshake_timeout {
         argv.push(format!("--handshake-timeout={v}"));
+    }
+    if let Some(v) = s.max_connections_per_client {
+        argv.push(format!("--max-connections-per-client={v}"));
+    }
+    if let Some(v) = &s.tls {
+        argv.push(format!("--tls={v}"));
+    }
+    for (flag, v) in [
+        ("tls-cert", &s.tls_cert),
+        ("tls-key", &s.tls_key),
+        ("tls-ca", &s.tls_ca),
+    ] {
+        if let Some(v) = v {
+            argv.push(format!("--{flag}={}", v.display()));
+        }
+    }
+    if s.allow_insecure == Some(true) {
+        argv.push("--allow-insecure".into());
+    }
+    if let Some(v) = &s.socket_mode {
+        argv.push(format!("--socket-mode={v}"));
+    }
+    if let Some(v) = &s.socket_group {
+        argv.push(format!("--socket-group={v}"));
     }
     if let Some(v) = &s.metrics {
         argv.push(format!("--metrics={v}"));
@@ -557,5 +589,56 @@ mod tests {
         assert!(format!("{err:#}").contains("bakend"), "{err:#}");
         let f = write("[device]\nbackend = \"tape\"\n");
         assert!(merged_argv(&serve_cmd(), &parse(&[]), f.path()).is_err());
+    }
+}
+
+#[cfg(test)]
+mod security_keys {
+    use super::*;
+
+    #[test]
+    fn tls_and_socket_keys_map_to_their_flags() {
+        use clap::CommandFactory;
+        let cmd = super::super::Cli::command()
+            .find_subcommand("serve")
+            .unwrap()
+            .clone();
+        let m = cmd
+            .clone()
+            .no_binary_name(true)
+            .try_get_matches_from(Vec::<String>::new())
+            .unwrap();
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            f.path(),
+            r#"
+            [server]
+            tls = "require"
+            tls_cert = "/c.pem"
+            tls_key = "/k.pem"
+            tls_ca = "/ca.pem"
+            allow_insecure = true
+            socket_mode = "0660"
+            socket_group = "disk"
+            max_connections_per_client = 3
+            "#,
+        )
+        .unwrap();
+        let (argv, _) = merged_argv(&cmd, &m, f.path()).unwrap();
+        for flag in [
+            "--tls=require",
+            "--tls-cert=/c.pem",
+            "--tls-key=/k.pem",
+            "--tls-ca=/ca.pem",
+            "--allow-insecure",
+            "--socket-mode=0660",
+            "--socket-group=disk",
+            "--max-connections-per-client=3",
+        ] {
+            assert!(
+                argv.iter().any(|a| a == flag),
+                "{flag} missing from {argv:?}"
+            );
+        }
     }
 }

@@ -34,9 +34,45 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = super::size::parse_size, default_value = "128M")]
     inflight_memory: u64,
 
-    /// Seconds a new client has to finish the handshake.
+    /// Seconds a new client has to finish the handshake (TLS included); one that sends
+    /// nothing is dropped then.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     handshake_timeout: u64,
+
+    /// Most connections at once from one client address (TCP) or one user (Unix socket),
+    /// so that one client cannot take every connection slot.
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    max_connections_per_client: usize,
+
+    /// TLS through NBD's STARTTLS: off, on (clients choose), or require (nothing but
+    /// STARTTLS before TLS is up). Needs --tls-cert and --tls-key.
+    #[arg(long, value_enum, default_value_t = TlsArg::Off)]
+    tls: TlsArg,
+
+    /// The server's certificate chain (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+
+    /// The server's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+
+    /// Require client certificates issued by this CA (PEM): mutual TLS.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+
+    /// Accept listening on a non-loopback address without --tls require, where anyone on
+    /// the network can read and overwrite the data.
+    #[arg(long)]
+    allow_insecure: bool,
+
+    /// Permissions of the Unix sockets, in octal (default: owner only).
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    socket_mode: u32,
+
+    /// Group of the Unix sockets (a name or a number); give it --socket-mode 0660 to let it in.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
 
     #[command(flatten)]
     ops: crate::ops::OpsArgs,
@@ -44,6 +80,68 @@ pub struct ServeArgs {
     /// Read settings from a TOML file (see docs/service.md); flags given here override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+}
+
+/// `--tls`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum TlsArg {
+    Off,
+    On,
+    Require,
+}
+
+fn parse_mode(s: &str) -> std::result::Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s} is not a permission mode: write it in octal, like 0660"))
+}
+
+fn parse_group(g: &str) -> Result<u32> {
+    if let Ok(gid) = g.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(g) {
+        Ok(Some(gr)) => Ok(gr.gid.as_raw()),
+        _ => bail!("--socket-group {g}: no such group; give an existing group name or number"),
+    }
+}
+
+/// Refuses plain-text NBD on a network: anyone who reaches the port reads and overwrites
+/// the device.
+fn check_exposure(addr: &SocketAddr, tls: TlsArg, allow_insecure: bool) -> Result<()> {
+    if addr.ip().is_loopback() || tls == TlsArg::Require || allow_insecure {
+        return Ok(());
+    }
+    bail!(
+        "refusing to listen on {addr} without TLS: NBD has no authentication of its own, so \
+         anyone who can reach that address could read and overwrite the device; use \
+         --tls require (with --tls-cert/--tls-key, and --tls-ca to admit only clients with \
+         certificates), listen on 127.0.0.1 or a --socket, or accept the risk with \
+         --allow-insecure"
+    )
+}
+
+fn tls_setup(args: &ServeArgs) -> Result<Option<crate::nbd::tls::TlsSetup>> {
+    use crate::nbd::handshake::TlsMode;
+    let mode = match args.tls {
+        TlsArg::Off => {
+            if args.tls_cert.is_some() || args.tls_key.is_some() || args.tls_ca.is_some() {
+                bail!(
+                    "--tls-cert/--tls-key/--tls-ca given but TLS is off: add --tls on or --tls require"
+                );
+            }
+            return Ok(None);
+        }
+        TlsArg::On => TlsMode::On,
+        TlsArg::Require => TlsMode::Require,
+    };
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        bail!(
+            "--tls needs the server's certificate and key: give --tls-cert FILE and --tls-key FILE"
+        );
+    };
+    crate::nbd::tls::TlsSetup::load(mode, cert, key, args.tls_ca.as_deref()).map(Some)
 }
 
 fn parse_listen(addr: &str) -> Result<SocketAddr> {
@@ -82,8 +180,22 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
     if tcp.is_empty() && args.socket.is_empty() && activated.is_empty() {
         tcp.push("127.0.0.1:10809".parse().unwrap());
     }
+    for addr in &tcp {
+        check_exposure(addr, args.tls, args.allow_insecure)?;
+    }
+    let tls = tls_setup(&args)?;
+    let socket_group = args.socket_group.as_deref().map(parse_group).transpose()?;
     if args.inflight_memory < 32 << 20 {
         bail!("--inflight-memory must be at least 32M, the largest request");
+    }
+    if args.inflight_memory > args.device.buffer_memory / 2 {
+        bail!(
+            "--inflight-memory {} is more than half of --buffer-memory {}: one connection could \
+             take every I/O buffer and stall the others; lower --inflight-memory or raise \
+             --buffer-memory",
+            format_size(args.inflight_memory),
+            format_size(args.device.buffer_memory)
+        );
     }
     let devices = super::config::build_devices(&args.device, &args.ops, &overrides)?;
 
@@ -108,12 +220,14 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
         }
         for path in &args.socket {
             listeners.push(Listener::bind_unix(path)?);
+            set_socket_access(path, args.socket_mode, socket_group)?;
             urls.push(format!("nbd+unix:///?socket={}", path.display()));
         }
         for a in activated {
             match a {
                 crate::ops::notify::Activated::Tcp(l) => {
                     let l = tokio::net::TcpListener::from_std(l)?;
+                    check_exposure(&l.local_addr()?, args.tls, args.allow_insecure)?;
                     urls.push(format!("nbd://{} (socket activation)", l.local_addr()?));
                     listeners.push(Listener::Tcp(l));
                 }
@@ -165,12 +279,32 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
             max_connections: args.max_connections.max(1),
             inflight_bytes: args.inflight_memory as usize,
             handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
+            max_per_client: args.max_connections_per_client.max(1),
+            tls,
         };
         let served = server::serve(exports, listeners, limits, shutdown).await;
         // Save even when the server failed: the data in memory is what the file is for.
         let stopped = daemon.stop().await;
         served.and(stopped)
     })
+}
+
+/// Gives a Unix socket its mode and group. It is created owner-only (see
+/// `Listener::bind_unix`), so this can only widen access.
+fn set_socket_access(path: &std::path::Path, mode: u32, group: Option<u32>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(gid) = group {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid))).with_context(
+            || {
+                format!(
+                    "cannot give {} to group {gid} (--socket-group)",
+                    path.display()
+                )
+            },
+        )?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))
 }
 
 /// Installs the handlers now (a SIGTERM right after READY=1 must still stop cleanly and

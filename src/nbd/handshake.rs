@@ -45,16 +45,35 @@ pub(crate) enum Outcome {
     Transmission(Negotiated),
     /// The client ended the session (`NBD_OPT_ABORT` or EOF) without choosing an export.
     Closed(&'static str),
+    /// `NBD_OPT_STARTTLS` was acknowledged: run the TLS handshake on the stream, then
+    /// [`negotiate_in_tls`].
+    StartTls {
+        /// The client's NO_ZEROES flag, which survives the upgrade.
+        no_zeroes: bool,
+    },
 }
 
 /// Negotiation state of one connection.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Options {
     no_zeroes: bool,
+    tls: TlsState,
     structured: bool,
     extended: bool,
     /// Export for which `base:allocation` was selected by the last SET_META_CONTEXT.
     allocation_for: Option<usize>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            no_zeroes: false,
+            tls: TlsState::Off,
+            structured: false,
+            extended: false,
+            allocation_for: None,
+        }
+    }
 }
 
 impl Options {
@@ -143,8 +162,39 @@ pub(crate) fn find_export(exports: &[Export], name: &[u8]) -> Option<usize> {
     )
 }
 
-/// Runs the handshake on `io` for a client described by `peer` (for logs).
-pub(crate) async fn negotiate<S>(io: &mut S, exports: &[Export], peer: &str) -> Result<Outcome>
+/// Most options one handshake may send (per TLS phase). Real clients send a handful; a
+/// client that keeps haggling is only holding a connection slot.
+pub(crate) const MAX_OPTIONS: u32 = 1024;
+
+/// Whether the server offers TLS through `NBD_OPT_STARTTLS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    /// No TLS: STARTTLS is unsupported.
+    #[default]
+    Off,
+    /// Clients may upgrade to TLS or stay in plain text.
+    On,
+    /// Only STARTTLS and ABORT are accepted until TLS is up.
+    Require,
+}
+
+/// Where a connection stands with TLS, for option handling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TlsState {
+    Off,
+    Offered,
+    Required,
+    Active,
+}
+
+/// Runs the handshake on `io` for a client described by `peer` (for logs): greeting,
+/// client flags, then option haggling (see [`haggle`]).
+pub(crate) async fn negotiate<S>(
+    io: &mut S,
+    exports: &[Export],
+    peer: &str,
+    tls: TlsMode,
+) -> Result<Outcome>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -160,12 +210,54 @@ where
         Err(e) => return Err(e).context("reading client flags"),
     }
     let client_flags = proto::parse_client_flags(flags)?;
+    let state = match tls {
+        TlsMode::Off => TlsState::Off,
+        TlsMode::On => TlsState::Offered,
+        TlsMode::Require => TlsState::Required,
+    };
+    haggle(
+        io,
+        exports,
+        peer,
+        client_flags & proto::FLAG_C_NO_ZEROES != 0,
+        state,
+    )
+    .await
+}
+
+/// Restarts option haggling inside a TLS session that `NBD_OPT_STARTTLS` set up. The spec
+/// has all earlier negotiation forgotten except the client flags.
+pub(crate) async fn negotiate_in_tls<S>(
+    io: &mut S,
+    exports: &[Export],
+    peer: &str,
+    no_zeroes: bool,
+) -> Result<Outcome>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    haggle(io, exports, peer, no_zeroes, TlsState::Active).await
+}
+
+/// Option haggling until the client picks an export, aborts, upgrades to TLS, or goes away.
+async fn haggle<S>(
+    io: &mut S,
+    exports: &[Export],
+    peer: &str,
+    no_zeroes: bool,
+    tls: TlsState,
+) -> Result<Outcome>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut opts = Options {
-        no_zeroes: client_flags & proto::FLAG_C_NO_ZEROES != 0,
+        no_zeroes,
+        tls,
         ..Default::default()
     };
     let mut data = Vec::new();
     let mut out = Vec::with_capacity(512);
+    let mut count = 0u32;
     loop {
         let mut hdr = [0u8; proto::OPTION_HEADER_LEN];
         match io.read_exact(&mut hdr).await {
@@ -178,6 +270,10 @@ where
         let hdr = proto::parse_option_header(&hdr)?;
         let option = hdr.option;
         out.clear();
+        count += 1;
+        if count > MAX_OPTIONS {
+            bail!("more than {MAX_OPTIONS} options in one handshake");
+        }
 
         if hdr.length > MAX_OPTION_DATA {
             if option == proto::OPT_EXPORT_NAME {
@@ -216,6 +312,12 @@ where
             Step::Continue => {}
             Step::Abort => return Ok(Outcome::Closed("client aborted the handshake")),
             Step::Go(n) => return Ok(Outcome::Transmission(n)),
+            Step::StartTls => {
+                io.flush().await.context("sending the STARTTLS reply")?;
+                return Ok(Outcome::StartTls {
+                    no_zeroes: opts.no_zeroes,
+                });
+            }
             Step::Drop(why) => bail!(why),
         }
     }
@@ -227,6 +329,8 @@ enum Step {
     Continue,
     Abort,
     Go(Negotiated),
+    /// STARTTLS was acknowledged: the TLS handshake comes next.
+    StartTls,
     /// A protocol violation that cannot be answered: hard disconnect.
     Drop(String),
 }
@@ -241,6 +345,19 @@ fn handle_option(
     out: &mut Vec<u8>,
 ) -> Step {
     use proto::*;
+    if opts.tls == TlsState::Required && option != OPT_STARTTLS && option != OPT_ABORT {
+        if option == OPT_EXPORT_NAME {
+            // This option has no error reply: the spec has the server close instead.
+            return Step::Drop("NBD_OPT_EXPORT_NAME before TLS, which is required".into());
+        }
+        put_option_error(
+            out,
+            option,
+            REP_ERR_TLS_REQD,
+            "this server requires TLS: send NBD_OPT_STARTTLS first",
+        );
+        return Step::Continue;
+    }
     match option {
         OPT_EXPORT_NAME => {
             let Some(idx) = find_export(exports, data) else {
@@ -269,15 +386,29 @@ fn handle_option(
             put_option_reply(out, option, REP_ACK, &[]);
             Step::Continue
         }
-        OPT_STARTTLS => {
-            put_option_error(
-                out,
-                option,
-                REP_ERR_UNSUP,
-                "this server does not support TLS",
-            );
-            Step::Continue
-        }
+        OPT_STARTTLS => match opts.tls {
+            TlsState::Off => {
+                put_option_error(
+                    out,
+                    option,
+                    REP_ERR_UNSUP,
+                    "this server does not support TLS",
+                );
+                Step::Continue
+            }
+            TlsState::Active => {
+                put_option_error(out, option, REP_ERR_INVALID, "TLS is already active");
+                Step::Continue
+            }
+            TlsState::Offered | TlsState::Required => {
+                if !data.is_empty() {
+                    put_option_error(out, option, REP_ERR_INVALID, "STARTTLS takes no data");
+                    return Step::Continue;
+                }
+                put_option_reply(out, option, REP_ACK, &[]);
+                Step::StartTls
+            }
+        },
         OPT_INFO | OPT_GO => {
             let req = match parse_info_request(data) {
                 Ok(r) => r,
@@ -418,6 +549,62 @@ fn negotiated(idx: usize, exports: &[Export], opts: &Options) -> Negotiated {
         framing,
         allocation_context: (opts.allocation_for == Some(idx)).then_some(ALLOCATION_CONTEXT_ID),
         flags: transmission_flags(&exports[idx].device.capabilities(), framing),
+    }
+}
+
+/// Fuzzing entry: runs options from `data` (each a big-endian u32 option, a u16 length,
+/// then the data) through [`handle_option`], as one connection would, checking that every
+/// reply is well formed. The TLS state comes from the first byte.
+pub(crate) fn fuzz_options(data: &[u8], exports: &[Export]) {
+    let Some((&first, mut data)) = data.split_first() else {
+        return;
+    };
+    let mut opts = Options {
+        no_zeroes: first & 1 != 0,
+        tls: match (first >> 1) % 4 {
+            0 => TlsState::Off,
+            1 => TlsState::Offered,
+            2 => TlsState::Required,
+            _ => TlsState::Active,
+        },
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    while data.len() >= 6 {
+        let option = u32::from_be_bytes(data[..4].try_into().unwrap());
+        let len = (u16::from_be_bytes(data[4..6].try_into().unwrap()) as usize).min(data.len() - 6);
+        let body = &data[6..6 + len];
+        data = &data[6 + len..];
+        out.clear();
+        let step = handle_option(option, body, exports, &mut opts, &mut out);
+        if option == proto::OPT_EXPORT_NAME && matches!(step, Step::Go(_)) {
+            continue;
+        }
+        // Every other reply is a sequence of well-formed option replies for this option.
+        let mut b = &out[..];
+        while !b.is_empty() {
+            assert!(b.len() >= 20, "truncated option reply");
+            assert_eq!(
+                u64::from_be_bytes(b[0..8].try_into().unwrap()),
+                proto::OPTION_REPLY_MAGIC
+            );
+            assert_eq!(u32::from_be_bytes(b[8..12].try_into().unwrap()), option);
+            let n = u32::from_be_bytes(b[16..20].try_into().unwrap()) as usize;
+            assert!(b.len() >= 20 + n, "option reply shorter than its length");
+            b = &b[20 + n..];
+        }
+        match step {
+            Step::Continue => {}
+            Step::Go(n) => assert!(n.export < exports.len()),
+            Step::Abort | Step::Drop(_) => return,
+            Step::StartTls => {
+                opts = Options {
+                    no_zeroes: opts.no_zeroes,
+                    tls: TlsState::Active,
+                    ..Default::default()
+                }
+            }
+        }
     }
 }
 
@@ -745,11 +932,97 @@ mod tests {
         );
     }
 
+    #[test]
+    fn tls_required_refuses_all_but_starttls_and_abort() {
+        let ex = vec![export("", 1 << 20, false)];
+        let mut opts = Options {
+            tls: TlsState::Required,
+            ..Default::default()
+        };
+        for opt in [OPT_LIST, OPT_INFO, OPT_GO, OPT_STRUCTURED_REPLY, 99] {
+            let mut out = Vec::new();
+            let step = handle_option(opt, &info_data("", &[]), &ex, &mut opts, &mut out);
+            assert_eq!(step, Step::Continue);
+            assert_eq!(replies(&out)[0].1, REP_ERR_TLS_REQD, "option {opt}");
+        }
+        assert!(!opts.structured, "refused options change nothing");
+        let mut out = Vec::new();
+        let step = handle_option(OPT_EXPORT_NAME, b"", &ex, &mut opts, &mut out);
+        assert!(matches!(step, Step::Drop(_)) && out.is_empty());
+        let step = handle_option(OPT_STARTTLS, b"x", &ex, &mut opts, &mut out);
+        assert_eq!(
+            (step, replies(&out)[0].1),
+            (Step::Continue, REP_ERR_INVALID)
+        );
+        out.clear();
+        let step = handle_option(OPT_STARTTLS, b"", &ex, &mut opts, &mut out);
+        assert_eq!((step, replies(&out)[0].1), (Step::StartTls, REP_ACK));
+        out.clear();
+        let step = handle_option(OPT_ABORT, b"", &ex, &mut opts, &mut out);
+        assert_eq!(step, Step::Abort);
+    }
+
+    #[test]
+    fn starttls_when_active_or_offered() {
+        let ex = vec![export("", 1 << 20, false)];
+        let mut out = Vec::new();
+        let mut active = Options {
+            tls: TlsState::Active,
+            ..Default::default()
+        };
+        let step = handle_option(OPT_STARTTLS, b"", &ex, &mut active, &mut out);
+        assert_eq!(
+            (step, replies(&out)[0].1),
+            (Step::Continue, REP_ERR_INVALID)
+        );
+        out.clear();
+        let mut offered = Options {
+            tls: TlsState::Offered,
+            ..Default::default()
+        };
+        // With TLS merely offered, plain options work.
+        let step = handle_option(OPT_GO, &info_data("", &[]), &ex, &mut offered, &mut out);
+        assert!(matches!(step, Step::Go(_)));
+    }
+
+    #[tokio::test]
+    async fn option_flood_is_cut_off() {
+        let ex = vec![export("", 1 << 20, false)];
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let srv =
+            tokio::spawn(async move { negotiate(&mut server, &ex, "test", TlsMode::Off).await });
+        let (mut rd, mut wr) = tokio::io::split(client);
+        let drain = tokio::spawn(async move {
+            let mut sink = Vec::new();
+            let _ = rd.read_to_end(&mut sink).await;
+        });
+        wr.write_all(&[0, 0, 0, 1]).await.unwrap();
+        let mut opt = IHAVEOPT.to_be_bytes().to_vec();
+        opt.extend_from_slice(&99u32.to_be_bytes());
+        opt.extend_from_slice(&0u32.to_be_bytes());
+        let mut sent = 0;
+        for _ in 0..MAX_OPTIONS + 10 {
+            if wr.write_all(&opt).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        let err = srv.await.unwrap().expect_err("the flood was not cut off");
+        assert!(
+            err.to_string().contains("options in one handshake"),
+            "{err}"
+        );
+        assert!(sent > MAX_OPTIONS);
+        drop(wr);
+        drain.await.unwrap();
+    }
+
     #[tokio::test]
     async fn full_handshake_over_a_pipe() {
         let ex = vec![export("", 1 << 20, false)];
         let (mut client, mut server) = tokio::io::duplex(1 << 16);
-        let srv = tokio::spawn(async move { negotiate(&mut server, &ex, "test").await });
+        let srv =
+            tokio::spawn(async move { negotiate(&mut server, &ex, "test", TlsMode::Off).await });
         let mut greet = [0u8; 18];
         client.read_exact(&mut greet).await.unwrap();
         assert_eq!(greet, greeting());
@@ -770,7 +1043,8 @@ mod tests {
     async fn oversized_option_is_skipped_then_haggling_goes_on() {
         let ex = vec![export("", 1 << 20, false)];
         let (mut client, mut server) = tokio::io::duplex(1 << 16);
-        let srv = tokio::spawn(async move { negotiate(&mut server, &ex, "test").await });
+        let srv =
+            tokio::spawn(async move { negotiate(&mut server, &ex, "test", TlsMode::Off).await });
         let mut greet = [0u8; 18];
         client.read_exact(&mut greet).await.unwrap();
         client.write_all(&[0, 0, 0, 1]).await.unwrap();
@@ -797,7 +1071,8 @@ mod tests {
     async fn unknown_client_flags_drop_the_connection() {
         let ex = vec![export("", 1 << 20, false)];
         let (mut client, mut server) = tokio::io::duplex(1 << 16);
-        let srv = tokio::spawn(async move { negotiate(&mut server, &ex, "test").await });
+        let srv =
+            tokio::spawn(async move { negotiate(&mut server, &ex, "test", TlsMode::Off).await });
         let mut greet = [0u8; 18];
         client.read_exact(&mut greet).await.unwrap();
         client.write_all(&[0, 0, 0, 0x10]).await.unwrap();

@@ -5,7 +5,10 @@
 //! its requests, and [`server`] accepts connections, applies limits and shuts down. Devices
 //! are reached only through [`crate::engine::BlockDevice`].
 
-mod handshake;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod handshake;
 pub mod proto;
 pub mod server;
+pub mod tls;
 mod transmission;

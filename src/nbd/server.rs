@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// How long a shutdown waits for in-flight requests to finish and their replies to go out
 /// before the remaining connections are closed regardless.
@@ -42,8 +42,13 @@ pub struct Limits {
     pub max_connections: usize,
     /// Most payload bytes in flight per connection.
     pub inflight_bytes: usize,
-    /// Time a client has to finish the handshake.
+    /// Time a client has to finish the handshake (TLS included).
     pub handshake_timeout: Duration,
+    /// Most connections at once from one source: a TCP client's IP address, or the user
+    /// on the other end of a Unix socket.
+    pub max_per_client: usize,
+    /// TLS through `NBD_OPT_STARTTLS`, if offered.
+    pub tls: Option<super::tls::TlsSetup>,
 }
 
 /// A bound listening socket.
@@ -90,8 +95,13 @@ impl Listener {
                 return Err(e).with_context(|| format!("cannot inspect {}", path.display()));
             }
         }
-        let l = UnixListener::bind(path)
-            .with_context(|| format!("cannot listen on Unix socket {}", path.display()))?;
+        // Created owner-only: a wider umask would let others connect before the mode is set.
+        // umask is process-wide, but this runs at startup, before any connection.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+        let bound = UnixListener::bind(path);
+        nix::sys::stat::umask(old);
+        let l =
+            bound.with_context(|| format!("cannot listen on Unix socket {}", path.display()))?;
         Ok(Listener::Unix(l, path.to_path_buf()))
     }
 }
@@ -103,6 +113,46 @@ struct Shared {
     slots: Arc<Semaphore>,
     shutdown: CancellationToken,
     workers: Workers,
+    /// Open connections per source (see [`Limits::max_per_client`]).
+    per_client: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// One connection counted against its source; uncounted when dropped.
+struct ClientSlot {
+    shared: Arc<Shared>,
+    key: String,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut m = self
+            .shared
+            .per_client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Counts a connection from `key`, or `None` if that source has its fill.
+    fn admit(self: &Arc<Self>, key: String) -> Option<ClientSlot> {
+        let mut m = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(key.clone()).or_insert(0);
+        if *n >= self.limits.max_per_client {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            shared: self.clone(),
+            key,
+        })
+    }
 }
 
 /// The threads connections run on: one single-threaded runtime per core. A connection
@@ -215,6 +265,7 @@ pub async fn serve(
         limits,
         shutdown: shutdown.clone(),
         workers: Workers::start()?,
+        per_client: Default::default(),
     });
     let mut accepting = JoinSet::new();
     let mut sockets = Vec::new();
@@ -296,17 +347,18 @@ impl Stream for UnixStream {
 /// A listening socket: accepts a stream and names the peer for logs.
 trait Acceptor: Send + 'static {
     type Conn: Stream;
-    fn accept(&self) -> impl Future<Output = io::Result<(Self::Conn, String)>> + Send;
+    /// The stream, a description of the peer, and the source it counts against.
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Conn, String, String)>> + Send;
     fn describe(&self) -> String;
 }
 
 impl Acceptor for TcpListener {
     type Conn = TcpStream;
-    async fn accept(&self) -> io::Result<(TcpStream, String)> {
+    async fn accept(&self) -> io::Result<(TcpStream, String, String)> {
         let (s, addr) = TcpListener::accept(self).await?;
         // Replies are batched by the server itself; Nagle would only add latency.
         s.set_nodelay(true)?;
-        Ok((s, addr.to_string()))
+        Ok((s, addr.to_string(), addr.ip().to_string()))
     }
     fn describe(&self) -> String {
         match self.local_addr() {
@@ -320,13 +372,18 @@ struct UnixAcceptor(UnixListener, PathBuf);
 
 impl Acceptor for UnixAcceptor {
     type Conn = UnixStream;
-    async fn accept(&self) -> io::Result<(UnixStream, String)> {
+    async fn accept(&self) -> io::Result<(UnixStream, String, String)> {
         let (s, _) = self.0.accept().await?;
-        let who = match s.peer_cred().ok().and_then(|c| c.pid()) {
+        let cred = s.peer_cred().ok();
+        let who = match cred.and_then(|c| c.pid()) {
             Some(pid) => format!("{} (pid {pid})", self.1.display()),
             None => self.1.display().to_string(),
         };
-        Ok((s, who))
+        let key = match cred {
+            Some(c) => format!("uid {}", c.uid()),
+            None => "unix".to_string(),
+        };
+        Ok((s, who, key))
     }
     fn describe(&self) -> String {
         format!("nbd+unix:///?socket={}", self.1.display())
@@ -354,13 +411,23 @@ async fn accept_loop<A: Acceptor>(listener: A, shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => break,
             r = listener.accept() => r,
         };
-        match accepted.and_then(|(s, peer)| Ok((s.into_std()?, peer))) {
-            Ok((stream, peer)) => {
+        match accepted.and_then(|(s, peer, key)| Ok((s.into_std()?, peer, key))) {
+            Ok((stream, peer, key)) => {
+                let Some(client_slot) = shared.admit(key) else {
+                    warn!(
+                        "client {peer} refused: it already has {} connections \
+                         (--max-connections-per-client)",
+                        shared.limits.max_per_client
+                    );
+                    drop(stream);
+                    continue;
+                };
                 let (rt, load) = shared.workers.pick();
                 let shared = shared.clone();
                 conns.spawn_on(
                     async move {
                         let _load = load;
+                        let _client_slot = client_slot;
                         match A::Conn::from_std(stream) {
                             Ok(s) => connection(s, peer, shared, slot).await,
                             Err(e) => error!("client {peer}: cannot set up its socket: {e}"),
@@ -398,9 +465,55 @@ async fn accept_loop<A: Acceptor>(listener: A, shared: Arc<Shared>) {
     }
 }
 
+/// A connection after the handshake: as accepted, or inside TLS.
+enum Conn<S> {
+    Plain(S),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>),
+}
+
+/// The handshake, with the TLS upgrade when the client asks for one.
+async fn handshake_phase<S: Stream>(
+    mut stream: S,
+    shared: &Shared,
+    peer: &str,
+) -> Result<(Conn<S>, Outcome)> {
+    let tls = shared.limits.tls.as_ref();
+    let mode = tls.map_or(handshake::TlsMode::Off, |t| t.mode);
+    let outcome = handshake::negotiate(&mut stream, &shared.exports, peer, mode).await?;
+    let Outcome::StartTls { no_zeroes } = outcome else {
+        return Ok((Conn::Plain(stream), outcome));
+    };
+    let tls = tls.context("STARTTLS accepted without TLS set up")?;
+    let mut stream = Box::new(
+        tls.acceptor
+            .accept(stream)
+            .await
+            .context("TLS handshake failed")?,
+    );
+    info!(
+        "client {peer}: TLS established{}",
+        if tls.verifies_clients {
+            " (client certificate verified)"
+        } else {
+            ""
+        }
+    );
+    let outcome =
+        handshake::negotiate_in_tls(&mut *stream, &shared.exports, peer, no_zeroes).await?;
+    Ok((Conn::Tls(stream), outcome))
+}
+
+/// Copies between a TLS stream and the socket the transmission phase runs on, until both
+/// directions are closed or one fails.
+async fn relay<S: Stream>(tls: Box<tokio_rustls::server::TlsStream<S>>, plain: UnixStream) {
+    let mut tls = tls;
+    let mut plain = plain;
+    let _ = tokio::io::copy_bidirectional(&mut *tls, &mut plain).await;
+}
+
 /// Serves one client from handshake to close.
 async fn connection<S: Stream>(
-    mut stream: S,
+    stream: S,
     peer: String,
     shared: Arc<Shared>,
     _slot: OwnedSemaphorePermit,
@@ -413,12 +526,9 @@ async fn connection<S: Stream>(
             info!("client {peer} closed: server shutting down during the handshake");
             return;
         }
-        r = tokio::time::timeout(
-            limits.handshake_timeout,
-            handshake::negotiate(&mut stream, &shared.exports, &peer),
-        ) => r,
+        r = tokio::time::timeout(limits.handshake_timeout, handshake_phase(stream, &shared, &peer)) => r,
     };
-    let neg = match negotiated {
+    let (conn, neg) = match negotiated {
         Err(_) => {
             info!(
                 "client {peer} closed: no handshake within {}s",
@@ -430,11 +540,16 @@ async fn connection<S: Stream>(
             warn!("client {peer} closed: handshake failed: {e:#}");
             return;
         }
-        Ok(Ok(Outcome::Closed(why))) => {
+        Ok(Ok((_, Outcome::Closed(why)))) => {
             info!("client {peer} closed: {why}");
             return;
         }
-        Ok(Ok(Outcome::Transmission(n))) => n,
+        Ok(Ok((_, Outcome::StartTls { .. }))) => {
+            // handshake_phase upgrades once; inside TLS, STARTTLS is refused.
+            warn!("client {peer} closed: STARTTLS inside TLS");
+            return;
+        }
+        Ok(Ok((conn, Outcome::Transmission(n)))) => (conn, n),
     };
     let export = &shared.exports[neg.export];
     info!(
@@ -451,8 +566,33 @@ async fn connection<S: Stream>(
             ""
         }
     );
-    let (rd, wr) = stream.into_halves();
-    let summary = transmission::run(rd, wr, export, &neg, limits, &shared.shutdown).await;
+    let summary = match conn {
+        Conn::Plain(stream) => {
+            let (rd, wr) = stream.into_halves();
+            transmission::run(rd, wr, export, &neg, limits, &shared.shutdown).await
+        }
+        Conn::Tls(tls) => {
+            // The transmission phase writes to a socket without waiting (see
+            // `transmission::Sink`), which a TLS stream cannot do; a socket pair relays
+            // between them. TLS is not the fast path: the copy is the price of not having a
+            // second implementation of the transmission phase.
+            let (near, far) = match UnixStream::pair() {
+                Ok(p) => p,
+                Err(e) => {
+                    error!("client {peer}: cannot set up the TLS relay: {e}");
+                    return;
+                }
+            };
+            let relay = tokio::spawn(relay(tls, far));
+            let (rd, wr) = near.into_split();
+            let summary = transmission::run(rd, wr, export, &neg, limits, &shared.shutdown).await;
+            // Replies still in the relay go out; a stuck client does not hold shutdown up.
+            if tokio::time::timeout(SHUTDOWN_GRACE, relay).await.is_err() {
+                debug!("client {peer}: TLS relay did not finish");
+            }
+            summary
+        }
+    };
     if summary.ended.is_violation() {
         warn!(
             "client {peer} dropped from export '{}': {} ({} requests)",

@@ -372,6 +372,9 @@ impl Outbox {
         st.closed = true;
         st.queue.clear();
         self.dead.cancel();
+        // When the reader's own write failed, it still holds `busy` and the writer task
+        // sleeps; woken, it sees `closed` and ends. Otherwise `run` waits for it forever
+        // and the connection (and its slot) leaks.
         self.wake.notify_one();
     }
 
@@ -1378,6 +1381,8 @@ mod tests {
             max_connections: 1,
             inflight_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(5),
+            max_per_client: 1,
+            tls: None,
         };
         let task = tokio::spawn(async move {
             let (rd, wr) = server.into_split();
@@ -1718,6 +1723,8 @@ mod tests {
             max_connections: 1,
             inflight_bytes: 1 << 20,
             handshake_timeout: Duration::from_secs(5),
+            max_per_client: 1,
+            tls: None,
         };
         let pool = export.device.buffers().clone();
         let task = tokio::spawn(async move {
@@ -1780,6 +1787,8 @@ mod tests {
             max_connections: 1,
             inflight_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(5),
+            max_per_client: 1,
+            tls: None,
         };
         let task = tokio::spawn(async move {
             let (rd, wr) = server.into_split();

@@ -1,0 +1,11 @@
+//! Option haggling on an arbitrary sequence of options.
+#![no_main]
+use std::sync::OnceLock;
+use vramdisk::nbd::server::Export;
+
+static EXPORTS: OnceLock<Vec<Export>> = OnceLock::new();
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let exports = EXPORTS.get_or_init(vramdisk::nbd::fuzzing::exports);
+    vramdisk::nbd::fuzzing::options(data, exports);
+});
