@@ -287,12 +287,16 @@ where
                 bail!("option {option} with {} bytes of data", hdr.length);
             }
             skip(io, hdr.length as u64).await?;
-            proto::put_option_error(
-                &mut out,
-                option,
-                proto::REP_ERR_TOO_BIG,
-                "option data too large",
-            );
+            if is_known(option) {
+                proto::put_option_error(
+                    &mut out,
+                    option,
+                    proto::REP_ERR_TOO_BIG,
+                    "option data too large",
+                );
+            } else {
+                unsupported(&mut out, option);
+            }
             io.write_all(&out)
                 .await
                 .context("sending an option reply")?;
@@ -531,15 +535,36 @@ fn handle_option(
             Step::Continue
         }
         _ => {
-            put_option_error(
-                out,
-                option,
-                REP_ERR_UNSUP,
-                &format!("option {option} is not supported"),
-            );
+            unsupported(out, option);
             Step::Continue
         }
     }
+}
+
+/// Options this server implements (STARTTLS is answered, but as unsupported).
+fn is_known(option: u32) -> bool {
+    use proto::*;
+    matches!(
+        option,
+        OPT_EXPORT_NAME
+            | OPT_ABORT
+            | OPT_LIST
+            | OPT_INFO
+            | OPT_GO
+            | OPT_STRUCTURED_REPLY
+            | OPT_LIST_META_CONTEXT
+            | OPT_SET_META_CONTEXT
+            | OPT_EXTENDED_HEADERS
+    )
+}
+
+fn unsupported(out: &mut Vec<u8>, option: u32) {
+    proto::put_option_error(
+        out,
+        option,
+        proto::REP_ERR_UNSUP,
+        &format!("option {option} is not supported"),
+    );
 }
 
 fn negotiated(idx: usize, exports: &[Export], opts: &Options) -> Negotiated {
@@ -1057,6 +1082,16 @@ mod tests {
         let mut rep = [0u8; 20];
         client.read_exact(&mut rep).await.unwrap();
         assert_eq!(&rep[12..16], &REP_ERR_TOO_BIG.to_be_bytes());
+        let mut msg = vec![0u8; u32::from_be_bytes(rep[16..20].try_into().unwrap()) as usize];
+        client.read_exact(&mut msg).await.unwrap();
+        // An unknown option, oversized too: UNSUP, not TOO_BIG.
+        let mut opt = IHAVEOPT.to_be_bytes().to_vec();
+        opt.extend_from_slice(&77u32.to_be_bytes());
+        opt.extend_from_slice(&len.to_be_bytes());
+        opt.resize(opt.len() + len as usize, 0);
+        client.write_all(&opt).await.unwrap();
+        client.read_exact(&mut rep).await.unwrap();
+        assert_eq!(&rep[12..16], &REP_ERR_UNSUP.to_be_bytes());
         let mut msg = vec![0u8; u32::from_be_bytes(rep[16..20].try_into().unwrap()) as usize];
         client.read_exact(&mut msg).await.unwrap();
         // ABORT still works.

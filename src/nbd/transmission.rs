@@ -48,6 +48,8 @@ const READ_MIN_ROOM: usize = 16 << 10;
 /// Budget charged to every request on top of its data: bounds the number of queued
 /// replies even for requests without data.
 const REQUEST_OVERHEAD: u64 = 256;
+/// Payload remainders up to this size are read through the read buffer.
+const SMALL_PAYLOAD: usize = 32 << 10;
 /// The reader writes its batch of replies once it holds this many...
 const BATCH_REPLIES: usize = 128;
 /// ...or this many bytes of data.
@@ -810,23 +812,41 @@ impl<R: AsyncRead + Unpin, S: Sink> Conn<R, S> {
         Ok(())
     }
 
-    /// Fills `dst` with payload: first what the read buffer holds, then straight from the
-    /// socket.
+    /// Fills `dst` with payload: first what the read buffer holds, then from the socket. A
+    /// small remainder is read through the read buffer, which also takes in the requests
+    /// behind it in the same syscall; a large one goes straight into `dst`, with no copy.
     async fn payload(&mut self, dst: &mut [u8]) -> OpResult {
-        let n = dst.len().min(self.inbuf.len());
-        dst[..n].copy_from_slice(&self.inbuf.data()[..n]);
-        self.inbuf.consume(n);
-        if n < dst.len() {
+        let mut at = 0;
+        loop {
+            let n = (dst.len() - at).min(self.inbuf.len());
+            dst[at..at + n].copy_from_slice(&self.inbuf.data()[..n]);
+            self.inbuf.consume(n);
+            at += n;
+            if at == dst.len() {
+                return Ok(());
+            }
             self.flush_replies();
-            self.rd.read_exact(&mut dst[n..]).await.map_err(|e| {
-                if e.kind() == io::ErrorKind::UnexpectedEof {
-                    Ended::Protocol("connection closed inside a payload".into())
-                } else {
-                    Ended::ReadFailed(e)
+            let closed = || Ended::Protocol("connection closed inside a payload".into());
+            if dst.len() - at <= SMALL_PAYLOAD {
+                match self.inbuf.fill(&mut self.rd).await {
+                    Ok(0) => return Err(closed()),
+                    Ok(_) => continue,
+                    Err(e) => return Err(Ended::ReadFailed(e)),
                 }
-            })?;
+            }
+            return self
+                .rd
+                .read_exact(&mut dst[at..])
+                .await
+                .map(drop)
+                .map_err(|e| {
+                    if e.kind() == io::ErrorKind::UnexpectedEof {
+                        closed()
+                    } else {
+                        Ended::ReadFailed(e)
+                    }
+                });
         }
-        Ok(())
     }
 
     /// Checks `flags` against those valid for the command; `Err` carries the message.
@@ -1812,5 +1832,60 @@ mod tests {
         assert!(!s.ended.is_violation(), "{}", s.ended);
         // Every buffer is back: the whole budget can be taken at once.
         assert!(pool.try_get(pool.limit()).unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn pipelined_writes_of_mixed_sizes_land_intact() {
+        let (c, task) = start(Framing::Structured, false);
+        let (mut crd, mut cwr) = c.into_split();
+        let sizes = [1usize, 511, 4096, 33_000, 70_000, 1 << 20, 7, 200_000];
+        let mut layout = Vec::new();
+        let mut at = 0u64;
+        for round in 0..3 {
+            for (k, &len) in sizes.iter().enumerate() {
+                layout.push((at, len, (round * 16 + k) as u8 + 1));
+                at += len as u64 + 13;
+            }
+        }
+        let expected = layout.clone();
+        let sender = tokio::spawn(async move {
+            for (i, &(off, len, fill)) in expected.iter().enumerate() {
+                let mut w = request(false, proto::CMD_WRITE, 0, i as u64, off, len as u64);
+                w.extend(std::iter::repeat_n(fill, len));
+                cwr.write_all(&w).await.unwrap();
+            }
+            for (i, &(off, len, _)) in expected.iter().enumerate() {
+                let r = request(
+                    false,
+                    proto::CMD_READ,
+                    proto::CMD_FLAG_DF,
+                    1000 + i as u64,
+                    off,
+                    len as u64,
+                );
+                cwr.write_all(&r).await.unwrap();
+            }
+            cwr
+        });
+        for _ in 0..layout.len() {
+            let mut h = [0u8; 16];
+            crd.read_exact(&mut h).await.unwrap();
+            assert_eq!(&h[4..8], &[0, 0, 0, 0], "write succeeded");
+        }
+        for _ in 0..layout.len() {
+            let mut h = [0u8; 20];
+            crd.read_exact(&mut h).await.unwrap();
+            let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+            let mut p = vec![0u8; len];
+            crd.read_exact(&mut p).await.unwrap();
+            let (off, want_len, fill) = layout[(cookie - 1000) as usize];
+            assert_eq!(u64::from_be_bytes(p[0..8].try_into().unwrap()), off);
+            assert_eq!(p.len() - 8, want_len);
+            assert!(p[8..].iter().all(|&b| b == fill), "data at {off}");
+        }
+        drop(sender.await.unwrap());
+        drop(crd);
+        assert!(matches!(task.await.unwrap().ended, Ended::Eof));
     }
 }
