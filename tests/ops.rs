@@ -772,3 +772,51 @@ fn socket_activation_takes_the_passed_sockets() {
         "{listen:?}"
     );
 }
+
+/// A client in the transmission phase counts as a connection of its export in `status`, and
+/// stops counting when it goes away.
+#[test]
+fn status_counts_nbd_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--backend",
+            "host",
+            "--size",
+            "64M",
+            "--socket",
+            sock.to_str().unwrap(),
+        ],
+    );
+    let connections = |d: &Daemon| d.status()[0]["exports"][0]["connections"].as_u64().unwrap();
+    assert_eq!(connections(&d), 0);
+
+    // Fixed newstyle handshake by hand: NBD_OPT_EXPORT_NAME "" with NO_ZEROES.
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello[..8], b"NBDMAGIC");
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    s.write_all(b"IHAVEOPT").unwrap();
+    s.write_all(&1u32.to_be_bytes()).unwrap();
+    s.write_all(&0u32.to_be_bytes()).unwrap();
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(u64::from_be_bytes(reply[..8].try_into().unwrap()), 64 << 20);
+
+    let until = |want: u64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while connections(&d) != want {
+            assert!(Instant::now() < deadline, "connections never became {want}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    until(1);
+    drop(s);
+    until(0);
+    let (clean, err) = d.stop();
+    assert!(clean, "{err}");
+}

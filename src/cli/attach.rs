@@ -394,6 +394,7 @@ fn start_nbd(
             device.describe()
         ),
         device,
+        metrics: None,
     };
     let limits = Limits {
         max_connections: 64,

@@ -263,6 +263,7 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
                     ),
                     name: e.name.clone(),
                     device: e.device.clone(),
+                    metrics: Some(e.metrics().clone()),
                 }
             })
             .collect();

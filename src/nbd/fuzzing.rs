@@ -56,11 +56,13 @@ pub fn exports() -> Vec<Export> {
             name: String::new(),
             description: "fuzz".into(),
             device: device(4 << 20, false),
+            metrics: None,
         },
         Export {
             name: "ro".into(),
             description: "fuzz, read-only".into(),
             device: device(1 << 20, true),
+            metrics: None,
         },
     ]
 }

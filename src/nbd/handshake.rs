@@ -663,6 +663,7 @@ mod tests {
             name: name.into(),
             description: format!("desc of {name}"),
             device: dev,
+            metrics: None,
         }
     }
 

@@ -33,6 +33,8 @@ pub struct Export {
     pub description: String,
     /// The device.
     pub device: Arc<dyn BlockDevice>,
+    /// Where the connection count of this export is kept (`vramdisk status`, metrics).
+    pub metrics: Option<Arc<crate::engine::metered::DeviceMetrics>>,
 }
 
 /// Resource bounds of the server.
@@ -566,6 +568,8 @@ async fn connection<S: Stream>(
             ""
         }
     );
+    // Counts the client on its export for as long as the transmission phase lasts.
+    let _counted = export.metrics.as_ref().map(|m| m.connection());
     let summary = match conn {
         Conn::Plain(stream) => {
             let (rd, wr) = stream.into_halves();

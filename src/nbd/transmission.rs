@@ -1384,6 +1384,7 @@ mod tests {
             name: String::new(),
             description: String::new(),
             device: Arc::new(SparseDevice::new(HostBackend::new(), o).unwrap()),
+            metrics: None,
         }
     }
 
