@@ -735,10 +735,21 @@ fn socket_activation_takes_the_passed_sockets() {
         .env("VRAMDISK_RUNTIME_DIR", dir.path())
         .env("NOTIFY_SOCKET", &notify)
         .stderr(Stdio::null());
+    // Park both sockets above every descriptor in use before moving them to 3 and 4, so that
+    // neither move overwrites the other socket whatever numbers the kernel handed out.
+    let (park_tcp, park_unix) = {
+        let top = tcp_fd.max(unix_fd).max(4);
+        (top + 1, top + 2)
+    };
     // SAFETY: only dup2 between fork and exec, which is async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
-            for (from, to) in [(tcp_fd, 10), (unix_fd, 11), (10, 3), (11, 4)] {
+            for (from, to) in [
+                (tcp_fd, park_tcp),
+                (unix_fd, park_unix),
+                (park_tcp, 3),
+                (park_unix, 4),
+            ] {
                 if libc::dup2(from, to) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
