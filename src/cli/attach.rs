@@ -402,6 +402,7 @@ fn start_nbd(
         handshake_timeout: Duration::from_secs(30),
         max_per_client: 64,
         tls: None,
+        busy_poll: Duration::from_micros(server::DEFAULT_BUSY_POLL_US),
     };
     runtime.spawn(async move {
         if let Err(e) = server::serve(vec![export], listeners, limits, shutdown).await {

@@ -79,6 +79,7 @@ struct ServerSection {
     inflight_memory: Option<Size>,
     handshake_timeout: Option<u64>,
     max_connections_per_client: Option<u64>,
+    busy_poll: Option<u64>,
     tls: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -190,6 +191,9 @@ fn file_argv(path: &Path) -> Result<(Vec<String>, Vec<ExportOverride>)> {
     }
     if let Some(v) = s.max_connections_per_client {
         argv.push(format!("--max-connections-per-client={v}"));
+    }
+    if let Some(v) = s.busy_poll {
+        argv.push(format!("--busy-poll={v}"));
     }
     if let Some(v) = &s.tls {
         argv.push(format!("--tls={v}"));

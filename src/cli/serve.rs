@@ -44,6 +44,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 128)]
     max_connections_per_client: usize,
 
+    /// Microseconds a connection polls its socket for the client's next request before it
+    /// sleeps; 0 never polls. Saves a wakeup per request at queue depth 1 (4 KiB requests
+    /// 2-3x faster on a VM whose idle CPUs halt), at the cost of up to this much CPU when
+    /// a client pauses. Only a connection alone on its thread polls.
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = server::DEFAULT_BUSY_POLL_US)]
+    busy_poll: u64,
+
     /// TLS through NBD's STARTTLS: off, on (clients choose), or require (nothing but
     /// STARTTLS before TLS is up). Needs --tls-cert and --tls-key.
     #[arg(long, value_enum, default_value_t = TlsArg::Off)]
@@ -185,6 +192,13 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
     }
     let tls = tls_setup(&args)?;
     let socket_group = args.socket_group.as_deref().map(parse_group).transpose()?;
+    if args.busy_poll > 1000 {
+        bail!(
+            "--busy-poll {} is too long: polling past 1000 microseconds only burns CPU; choose \
+             0 to 1000",
+            args.busy_poll
+        );
+    }
     if args.inflight_memory < 32 << 20 {
         bail!("--inflight-memory must be at least 32M, the largest request");
     }
@@ -282,6 +296,7 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
             handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
             max_per_client: args.max_connections_per_client.max(1),
             tls,
+            busy_poll: Duration::from_micros(args.busy_poll),
         };
         let served = server::serve(exports, listeners, limits, shutdown).await;
         // Save even when the server failed: the data in memory is what the file is for.

@@ -141,6 +141,8 @@ async fn drive(input: &[u8], exports: &[Export]) {
         handshake_timeout: Duration::from_secs(5),
         max_per_client: 1,
         tls: None,
+        // Polling would make runs depend on timing; the fuzzer wants them repeatable.
+        busy_poll: Duration::ZERO,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let serve = async {
@@ -148,7 +150,16 @@ async fn drive(input: &[u8], exports: &[Export]) {
         let neg = handshake::negotiate(&mut server, exports, "fuzz", TlsMode::Off).await;
         if let Ok(Outcome::Transmission(n)) = neg {
             let (rd, wr) = server.into_split();
-            transmission::run(rd, wr, &exports[n.export], &n, &limits, &shutdown).await;
+            transmission::run(
+                rd,
+                wr,
+                &exports[n.export],
+                &n,
+                &limits,
+                limits.busy_poll,
+                &shutdown,
+            )
+            .await;
         }
     };
     let talk = async {

@@ -51,7 +51,15 @@ pub struct Limits {
     pub max_per_client: usize,
     /// TLS through `NBD_OPT_STARTTLS`, if offered.
     pub tls: Option<super::tls::TlsSetup>,
+    /// How long a connection's reader polls its socket for the next request before it
+    /// sleeps (zero: never). See `transmission::Poller`.
+    pub busy_poll: Duration,
 }
+
+/// Default of `--busy-poll`, in microseconds: longer than a client at queue depth 1 takes
+/// to send its next request after a reply (a few µs to ~30 µs when the reply has to wake
+/// it on another CPU), short enough that a client which stopped costs nearly nothing.
+pub const DEFAULT_BUSY_POLL_US: u64 = 50;
 
 /// A bound listening socket.
 pub enum Listener {
@@ -307,7 +315,7 @@ pub async fn serve(
 /// between runtimes through its std form (it belongs to the reactor of the runtime it was
 /// made on).
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
-    type Read: AsyncRead + Unpin + Send + Sync + 'static;
+    type Read: transmission::Source;
     type Write: transmission::Sink;
     type Std: Send + 'static;
     fn into_halves(self) -> (Self::Read, Self::Write);
@@ -573,7 +581,16 @@ async fn connection<S: Stream>(
     let summary = match conn {
         Conn::Plain(stream) => {
             let (rd, wr) = stream.into_halves();
-            transmission::run(rd, wr, export, &neg, limits, &shared.shutdown).await
+            transmission::run(
+                rd,
+                wr,
+                export,
+                &neg,
+                limits,
+                limits.busy_poll,
+                &shared.shutdown,
+            )
+            .await
         }
         Conn::Tls(tls) => {
             // The transmission phase writes to a socket without waiting (see
@@ -589,7 +606,18 @@ async fn connection<S: Stream>(
             };
             let relay = tokio::spawn(relay(tls, far));
             let (rd, wr) = near.into_split();
-            let summary = transmission::run(rd, wr, export, &neg, limits, &shared.shutdown).await;
+            // No busy polling: the relay task that feeds the reader runs on the same
+            // thread, so polling for its bytes would only hold it up.
+            let summary = transmission::run(
+                rd,
+                wr,
+                export,
+                &neg,
+                limits,
+                Duration::ZERO,
+                &shared.shutdown,
+            )
+            .await;
             // Replies still in the relay go out; a stuck client does not hold shutdown up.
             if tokio::time::timeout(SHUTDOWN_GRACE, relay).await.is_err() {
                 debug!("client {peer}: TLS relay did not finish");
