@@ -459,18 +459,23 @@ def cmd_flood(args):
     done = 0
     off = 0
     announced = False
-    while True:
-        while h.aio_in_flight() < args.depth:
-            h.aio_pwrite(buf, off)
-            off = (off + MIB) % (span - MIB)
-        h.poll(-1)
-        while h.aio_peek_command_completed() > 0:
-            cookie = h.aio_peek_command_completed()
-            h.aio_command_completed(cookie)
-            done += 1
-        if done >= args.depth and not announced:
-            print("FLOODING", flush=True)
-            announced = True
+    try:
+        while True:
+            while h.aio_in_flight() < args.depth:
+                h.aio_pwrite(buf, off)
+                off = (off + MIB) % (span - MIB)
+            h.poll(-1)
+            while h.aio_peek_command_completed() > 0:
+                cookie = h.aio_peek_command_completed()
+                h.aio_command_completed(cookie)
+                done += 1
+            if done >= args.depth and not announced:
+                print("FLOODING", flush=True)
+                announced = True
+    except nbd.Error as e:
+        # How a flood ends: the server goes away under it. Exit non-zero all the same.
+        print(f"flood ended after {done} writes: {e.errno}: {e.string}", flush=True)
+        sys.exit(1)
 
 
 def cmd_hold(args):
