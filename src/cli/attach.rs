@@ -265,13 +265,12 @@ fn serve_attached(
     let (backend, backend_why) = device_args.resolve_backend();
     info!("backend: {backend_why}");
     info!("attach method: {why}");
-    let device = device_args
+    let built = device_args
         .build(backend)?
         .into_iter()
         .next()
         .context("no device was built")?
         .device;
-    let size = device.size();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -280,10 +279,28 @@ fn serve_attached(
         .build()
         .context("starting the async runtime")?;
 
+    // The daemon's shared state: counters on the device, and the control socket that
+    // `vramdisk status` asks.
+    let stop_daemon = tokio_util::sync::CancellationToken::new();
+    let daemon = runtime.block_on(crate::ops::Daemon::start(
+        vec![crate::ops::ManagedDevice {
+            name: String::new(),
+            device: built,
+            backend: format!("{backend:?}").to_lowercase(),
+            plan: Default::default(),
+            read_only_view: false,
+        }],
+        stop_daemon.clone(),
+    ))?;
+    let export = daemon.exports()[0].clone();
+    let device: Arc<dyn crate::engine::BlockDevice> = export.device.clone();
+    let size = device.size();
+
     let opts = AttachOptions {
         mountpoint: dir.join("mnt"),
         threads: args.threads,
         connections: 4,
+        metrics: Some(export.metrics().clone()),
     };
     let mut attachment = Attachment::attach(method, device.clone(), runtime.handle(), &opts)?;
     let dev_path = attachment.device_path().to_path_buf();
@@ -295,7 +312,7 @@ fn serve_attached(
             Some(f.image().to_path_buf()),
             Some(f.mountpoint().join(attach::fuse_loop::STATS_NAME)),
         ),
-        Attachment::KernelNbd(_) => (None, None, None, None),
+        Attachment::KernelNbd(_) | Attachment::Ublk(_) => (None, None, None, None),
     };
     let me = std::process::id();
     let st = state::State {
@@ -312,8 +329,14 @@ fn serve_attached(
         backend: device.describe(),
         pid_file: args.pid_file.clone(),
     };
+    let nbd_shutdown = tokio_util::sync::CancellationToken::new();
     let setup = (|| -> Result<()> {
         state::write(dir, &st)?;
+        export.set_attach_path(Some(dev_path.display().to_string()));
+        {
+            let _in_runtime = runtime.enter();
+            daemon.start_control(None)?;
+        }
         if args.swap {
             attach::mkswap(&dev_path)?;
             attach::swapon(&dev_path)?;
@@ -323,13 +346,20 @@ fn serve_attached(
             std::fs::write(p, format!("{me}\n"))
                 .with_context(|| format!("writing pid file {}", p.display()))?;
         }
+        if !args.listen.is_empty() || !args.socket.is_empty() {
+            let urls = start_nbd(args, &runtime, &export, nbd_shutdown.clone())?;
+            daemon.set_listen(urls);
+        }
         Ok(())
     })();
     if let Err(e) = setup {
+        nbd_shutdown.cancel();
         if args.swap {
             let _ = attach::swapoff(&dev_path);
         }
         let _ = attachment.detach(true, Duration::from_secs(5));
+        stop_daemon.cancel();
+        let _ = runtime.block_on(daemon.stop());
         return Err(e);
     }
 
@@ -344,14 +374,15 @@ fn serve_attached(
         info!("daemon memory: {} resident (locked)", format_size(rss));
     }
 
-    let nbd_shutdown = tokio_util::sync::CancellationToken::new();
-    if !args.listen.is_empty() || !args.socket.is_empty() {
-        start_nbd(args, &runtime, device.clone(), nbd_shutdown.clone())?;
-    }
     notify.ready(&dev_path)?;
+    daemon.ready();
 
     let result = main_loop(args, &runtime, &mut attachment, &device, &st, dir);
     nbd_shutdown.cancel();
+    stop_daemon.cancel();
+    if let Err(e) = runtime.block_on(daemon.stop()) {
+        warn!("{e:#}");
+    }
     if let Some(p) = &args.pid_file {
         let _ = std::fs::remove_file(p);
     }
@@ -362,30 +393,32 @@ fn serve_attached(
     result
 }
 
-/// Serves the device over NBD too, through the NBD server's interface.
-///
-/// HOOK: this only calls `crate::nbd::server::serve` (written separately); attach adds
-/// nothing of its own to NBD.
+/// Serves the device over NBD too, through the NBD server's interface, counted on the
+/// same export; returns the addresses for status.
 fn start_nbd(
     args: &AttachArgs,
     runtime: &tokio::runtime::Runtime,
-    device: Arc<dyn crate::engine::BlockDevice>,
+    export: &crate::ops::ExportState,
     shutdown: tokio_util::sync::CancellationToken,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     use crate::nbd::server::{self, Export, Limits, Listener};
+    let mut urls = Vec::new();
     let listeners = runtime.block_on(async {
         let mut ls = Vec::new();
         for addr in &args.listen {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
+            urls.push(format!("nbd://{}", l.local_addr()?));
             ls.push(Listener::Tcp(l));
         }
         for path in &args.socket {
             ls.push(Listener::bind_unix(path)?);
+            urls.push(format!("nbd+unix:///?socket={}", path.display()));
         }
         Ok::<_, anyhow::Error>(ls)
     })?;
+    let device: Arc<dyn crate::engine::BlockDevice> = export.device.clone();
     let export = Export {
         name: String::new(),
         description: format!(
@@ -394,7 +427,7 @@ fn start_nbd(
             device.describe()
         ),
         device,
-        metrics: None,
+        metrics: Some(export.metrics().clone()),
     };
     let limits = Limits {
         max_connections: 64,
@@ -408,13 +441,10 @@ fn start_nbd(
             error!("NBD server stopped: {e:#}");
         }
     });
-    for a in &args.listen {
-        info!("also serving NBD on nbd://{a}");
+    for u in &urls {
+        info!("also serving NBD on {u}");
     }
-    for p in &args.socket {
-        info!("also serving NBD on nbd+unix:///?socket={}", p.display());
-    }
-    Ok(())
+    Ok(urls)
 }
 
 fn main_loop(
