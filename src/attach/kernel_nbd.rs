@@ -1,4 +1,4 @@
-//! Attach through the kernel's NBD driver, where it exists (`/dev/nbd0`).
+//! Attach through the kernel's NBD driver, where the kernel has it (the `nbd` module).
 //!
 //! No nbd-client and no TCP: the daemon makes one Unix socketpair per connection, serves the
 //! NBD transmission phase on one end with the in-process server, and hands the other ends to
@@ -73,23 +73,24 @@ const INFLIGHT_PER_CONNECTION: usize = 64 << 20;
 const KERNEL_MAX_REQUEST: u32 = 32 << 20;
 
 /// Where this method cannot work, one sentence saying why.
+///
+/// What counts is the driver's netlink interface: with it the kernel makes a device for
+/// each connect, so `/dev/nbd0` need not exist (the module may be loaded with `nbds_max=0`).
 pub fn unavailable() -> Option<String> {
-    if !Path::new("/dev/nbd0").exists() {
-        return Some(
+    let family = GenlSocket::open().and_then(|mut s| s.family(NBD_GENL_FAMILY_NAME));
+    match family {
+        Ok(_) => None,
+        Err(_) if !Path::new("/dev/nbd0").exists() => Some(
             "this kernel has no nbd driver (/dev/nbd0 missing): use --via fuse \
              (or 'modprobe nbd' where the module exists)"
                 .into(),
-        );
-    }
-    // Kernels before 4.12 have /dev/nbd0 but no netlink interface, and attaching without
-    // nbd-client needs it.
-    let family = GenlSocket::open().and_then(|mut s| s.family(NBD_GENL_FAMILY_NAME));
-    if let Err(e) = family {
-        return Some(format!(
+        ),
+        // Kernels before 4.12 have /dev/nbd0 but no netlink interface, and attaching
+        // without nbd-client needs it.
+        Err(e) => Some(format!(
             "this kernel's nbd driver has no netlink interface ({e:#}): use --via fuse"
-        ));
+        )),
     }
-    None
 }
 
 /// Serves the NBD transmission phase of `export` on `socket`, one end of a socketpair whose
@@ -541,7 +542,9 @@ impl KernelNbd {
             size: device.size(),
             block_size: 4096,
             server_flags: flags as u64,
-            client_flags: NBD_CFLAG_DESTROY_ON_DISCONNECT,
+            // Not DESTROY_ON_DISCONNECT: that would delete a /dev/nbdN the module made at
+            // load time, which scripts (and the next attach) may expect to find.
+            client_flags: 0,
             timeout_secs: Some(30),
             dead_conn_timeout_secs: None,
             backend_identifier: Some(backend_identifier(std::process::id())),
@@ -768,7 +771,7 @@ mod tests {
 
     #[test]
     fn says_why_unavailable_here() {
-        if Path::new("/dev/nbd0").exists() {
+        if Path::new("/dev/nbd0").exists() || Path::new("/sys/module/nbd").exists() {
             eprintln!("SKIPPED says_why_unavailable_here: this kernel has nbd");
             return;
         }
@@ -779,8 +782,8 @@ mod tests {
 
     #[test]
     fn netlink_family_resolves_where_nbd_exists() {
-        if !Path::new("/dev/nbd0").exists() {
-            eprintln!("SKIPPED netlink_family_resolves_where_nbd_exists: no /dev/nbd0");
+        if !Path::new("/sys/module/nbd").exists() {
+            eprintln!("SKIPPED netlink_family_resolves_where_nbd_exists: no nbd module");
             return;
         }
         let mut s = GenlSocket::open().unwrap();

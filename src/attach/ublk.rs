@@ -359,9 +359,12 @@ mod imp {
                     let _ = server.join();
                     return Err(e);
                 }
-                Err(_) => {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     let _ = ctrl.kill_dev();
                     bail!("the ublk device did not start within 30 s");
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("the ublk thread died while starting the device (see the log above)");
                 }
             };
             Ok(Ublk {

@@ -278,6 +278,7 @@ fn serve_attached(
         .thread_name("vramdisk-rt")
         .build()
         .context("starting the async runtime")?;
+    let signals = Signals::install(&runtime)?;
 
     // The daemon's shared state: counters on the device, and the control socket that
     // `vramdisk status` asks.
@@ -377,7 +378,7 @@ fn serve_attached(
     notify.ready(&dev_path)?;
     daemon.ready();
 
-    let result = main_loop(args, &runtime, &mut attachment, &device, &st, dir);
+    let result = main_loop(args, &runtime, signals, &mut attachment, &device, &st, dir);
     nbd_shutdown.cancel();
     stop_daemon.cancel();
     if let Err(e) = runtime.block_on(daemon.stop()) {
@@ -447,26 +448,47 @@ fn start_nbd(
     Ok(urls)
 }
 
+/// The signals the daemon acts on.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers. Done before the device path is printed: a SIGTERM (a
+    /// `vramdisk detach`) that arrives right after it must detach, not kill the daemon with
+    /// the device still attached. Signals that arrive before the main loop wait for it.
+    fn install(runtime: &tokio::runtime::Runtime) -> Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _g = runtime.enter();
+        // SIGHUP (the terminal went away) is a polite stop too: dying on it would turn
+        // every later I/O on the device into an error.
+        Ok(Signals {
+            int: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+            term: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+            hup: signal(SignalKind::hangup()).context("installing a SIGHUP handler")?,
+            usr1: signal(SignalKind::user_defined1()).context("installing a SIGUSR1 handler")?,
+        })
+    }
+}
+
 fn main_loop(
     args: &AttachArgs,
     runtime: &tokio::runtime::Runtime,
+    signals: Signals,
     attachment: &mut Attachment,
     device: &Arc<dyn crate::engine::BlockDevice>,
     st: &state::State,
     dir: &Path,
 ) -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    // SIGHUP (the terminal went away) is a polite stop too: dying on it would turn every
-    // later I/O on the device into an error.
-    let (mut int, mut term, mut hup, mut usr1) = {
-        let _g = runtime.enter();
-        (
-            signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
-            signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
-            signal(SignalKind::hangup()).context("installing a SIGHUP handler")?,
-            signal(SignalKind::user_defined1()).context("installing a SIGUSR1 handler")?,
-        )
-    };
+    let Signals {
+        mut int,
+        mut term,
+        mut hup,
+        mut usr1,
+    } = signals;
     loop {
         let event = runtime.block_on(async {
             tokio::select! {
