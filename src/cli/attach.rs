@@ -77,7 +77,8 @@ Examples:
   In the foreground (Ctrl-C detaches; the first line on stdout is the device):
     vramdisk attach --backend host --size 1G
 
-The device's counters (memory in use) are in /run/vramdisk/PID/mnt/stats; SIGUSR1 logs them.
+`vramdisk status` shows each attached device (ATTACH), its memory in use and its traffic;
+SIGUSR1 makes the daemon log its memory use.
 detach refuses while the device is mounted or swap (unless --force) and also cleans up after
 a daemon that was killed.";
 
