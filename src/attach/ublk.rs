@@ -41,14 +41,21 @@ const MAX_DISCARD_BYTES: u32 = 1 << 30;
 
 /// Why ublk cannot be used here, one sentence; `None` where it can.
 pub fn unavailable() -> Option<String> {
-    if !Path::new("/dev/ublk-control").exists() {
+    why_unavailable(
+        Path::new("/dev/ublk-control").exists(),
+        cfg!(feature = "ublk"),
+    )
+}
+
+fn why_unavailable(kernel_has_ublk: bool, built_with_ublk: bool) -> Option<String> {
+    if !kernel_has_ublk {
         return Some(
             "this kernel has no ublk driver (/dev/ublk-control missing; 'modprobe ublk_drv' \
              where the module exists): use --via fuse"
                 .into(),
         );
     }
-    if !cfg!(feature = "ublk") {
+    if !built_with_ublk {
         return Some(
             "this vramdisk was built without ublk support: rebuild it with \
              'cargo build --release --features ublk' (needs libclang-dev), or use --via fuse"
@@ -515,16 +522,29 @@ mod tests {
     use std::sync::Arc;
 
     #[test]
-    fn always_says_why_or_works() {
-        match unavailable() {
-            Some(why) => assert!(why.contains("--via fuse"), "{why}"),
-            None => assert!(cfg!(feature = "ublk") && Path::new("/dev/ublk-control").exists()),
-        }
-        if !Path::new("/dev/ublk-control").exists() {
-            assert!(unavailable().unwrap().contains("/dev/ublk-control missing"));
-        } else if !cfg!(feature = "ublk") {
-            assert!(unavailable().unwrap().contains("--features ublk"));
-        }
+    fn says_why_or_works() {
+        let no_kernel = why_unavailable(false, true).unwrap();
+        assert!(
+            no_kernel.contains("/dev/ublk-control missing"),
+            "{no_kernel}"
+        );
+        assert!(no_kernel.contains("--via fuse"), "{no_kernel}");
+        assert_eq!(why_unavailable(false, false), Some(no_kernel));
+        // One sentence saying how to get it.
+        let no_build = why_unavailable(true, false).unwrap();
+        assert!(no_build.contains("--features ublk"), "{no_build}");
+        assert!(no_build.contains("libclang-dev"), "{no_build}");
+        assert!(no_build.contains("--via fuse"), "{no_build}");
+        assert_eq!(no_build.matches(". ").count(), 0, "{no_build}");
+        assert_eq!(why_unavailable(true, true), None);
+        // And here, what this machine and build give.
+        assert_eq!(
+            unavailable(),
+            why_unavailable(
+                Path::new("/dev/ublk-control").exists(),
+                cfg!(feature = "ublk")
+            )
+        );
     }
 
     fn caps() -> Capabilities {
