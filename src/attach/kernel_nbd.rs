@@ -509,6 +509,7 @@ impl KernelNbd {
             );
         }
         let flags = transmission_flags(&caps);
+        prewarm_buffers(&*device, connections.max(1) * PREWARM_PER_CONNECTION)?;
         let export = Arc::new(Export {
             name: String::new(),
             description: String::new(),
@@ -598,6 +599,37 @@ impl KernelNbd {
         }
         r
     }
+}
+
+/// Buffers of each size the pool keeps ready per connection (requests in flight at once on
+/// it, before more are allocated).
+const PREWARM_PER_CONNECTION: usize = 2;
+/// Buffer sizes made ready: 4 KiB up to what the block layer sends by default (its
+/// `max_sectors_kb` is at most 1280 KiB); larger requests, which need a raised
+/// `max_sectors_kb`, get their buffers on first use.
+const PREWARM_MAX: usize = 2 << 20;
+
+/// Fills the device's buffer pool with `count` buffers of every size class up to
+/// [`PREWARM_MAX`], so that serving requests (swap included) does not allocate once the
+/// kernel sees the device.
+fn prewarm_buffers(device: &dyn BlockDevice, count: usize) -> Result<()> {
+    let pool = device.buffers();
+    let mut size = 4096;
+    while size <= PREWARM_MAX {
+        let mut held = Vec::with_capacity(count);
+        for _ in 0..count {
+            match pool
+                .try_get(size)
+                .with_context(|| format!("preparing {size}-byte I/O buffers"))?
+            {
+                Some(b) => held.push(b),
+                None => break,
+            }
+        }
+        drop(held);
+        size *= 2;
+    }
+    Ok(())
 }
 
 /// What `/sys/block/nbdN/backend` says for a device attached by the daemon with `pid`.
