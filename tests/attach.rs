@@ -50,8 +50,15 @@ fn capable(test: &str) -> bool {
     if std::env::var_os("VRAMDISK_REQUIRE_ATTACH").is_some() {
         panic!("{test}: cannot run ({why}) but VRAMDISK_REQUIRE_ATTACH is set");
     }
-    eprintln!("SKIPPED {test}: {why}");
+    skipped(&format!("{test}: {why}"));
     false
+}
+
+/// Prints a SKIPPED line that shows even when the test passes: straight to the process's
+/// stderr, past the test harness's capture of `eprintln!`.
+fn skipped(what: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED {what}");
 }
 
 fn nix_is_root() -> bool {
@@ -92,6 +99,7 @@ impl Attached {
             .args(["--backend", backend()])
             .args(extra)
             .env("VRAMDISK_RUN_DIR", run_dir.path())
+            .env("VRAMDISK_RUNTIME_DIR", run_dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -128,9 +136,15 @@ impl Attached {
         Command::new(bin())
             .args(args)
             .env("VRAMDISK_RUN_DIR", self.run_dir.path())
+            .env("VRAMDISK_RUNTIME_DIR", self.run_dir.path())
             .stdin(Stdio::null())
             .output()
             .unwrap()
+    }
+
+    /// This device's export as `vramdisk status --json` shows it, with its daemon's pid.
+    fn status(&self) -> serde_json::Value {
+        status_of(&self.vramdisk(&["status", "--json"]), self.dev())
     }
 
     /// The daemon's state, as written in its state directory.
@@ -182,16 +196,10 @@ impl Drop for Attached {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             // A failed test: tear down as best we can so later tests find a clean machine.
-            let _ = Command::new(bin())
-                .args(["detach", "--force", self.dev.to_str().unwrap()])
-                .env("VRAMDISK_RUN_DIR", self.run_dir.path())
-                .output();
+            let _ = self.vramdisk(&["detach", "--force", self.dev.to_str().unwrap()]);
             let _ = c.kill();
             let _ = c.wait();
-            let _ = Command::new(bin())
-                .args(["detach", "--force", self.dev.to_str().unwrap()])
-                .env("VRAMDISK_RUN_DIR", self.run_dir.path())
-                .output();
+            let _ = self.vramdisk(&["detach", "--force", self.dev.to_str().unwrap()]);
         }
     }
 }
@@ -221,13 +229,56 @@ fn wait_timeout(child: &mut Child, t: Duration) -> Option<std::process::ExitStat
     }
 }
 
+/// The export attached at `dev` in the output of `vramdisk status --json`.
+fn status_of(out: &Output, dev: &str) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "vramdisk status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let exports: Vec<&serde_json::Value> = all
+        .as_array()
+        .expect("status --json prints an array of daemons")
+        .iter()
+        .flat_map(|d| d["exports"].as_array().unwrap())
+        .filter(|e| e["attach"] == dev)
+        .collect();
+    assert_eq!(
+        exports.len(),
+        1,
+        "status shows {} exports attached at {dev}:\n{all:#}",
+        exports.len()
+    );
+    exports[0].clone()
+}
+
 /// No loop device bound to the image, no FUSE mount, no state directory.
 fn assert_nothing_left(state: &serde_json::Value, run_dir: &Path) {
-    let n = state["loop_number"].as_u64().unwrap();
-    let image = state["image"].as_str().unwrap();
-    let backing = std::fs::read_to_string(format!("/sys/block/loop{n}/loop/backing_file"))
-        .unwrap_or_default();
-    assert_ne!(backing.trim(), image, "loop{n} is still bound to {image}");
+    let dev = state["device"].as_str().unwrap();
+    match state["method"].as_str().unwrap() {
+        "fuse" => {
+            let n = state["loop_number"].as_u64().unwrap();
+            let image = state["image"].as_str().unwrap();
+            let backing = std::fs::read_to_string(format!("/sys/block/loop{n}/loop/backing_file"))
+                .unwrap_or_default();
+            assert_ne!(backing.trim(), image, "loop{n} is still bound to {image}");
+        }
+        "nbd" => {
+            // A connected nbd device has a pid file naming its server.
+            let name = dev.strip_prefix("/dev/").unwrap();
+            let pid = std::fs::read_to_string(format!("/sys/block/{name}/pid"));
+            assert!(pid.is_err(), "{dev} is still connected (pid {pid:?})");
+        }
+        "ublk" => {
+            let id = dev.strip_prefix("/dev/ublkb").unwrap();
+            assert!(
+                !Path::new(&format!("/dev/ublkc{id}")).exists(),
+                "ublk device {id} was not deleted"
+            );
+        }
+        other => panic!("unknown method {other}"),
+    }
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let run = run_dir.to_str().unwrap();
     assert!(
@@ -435,6 +486,28 @@ fn discard_frees_memory_and_reads_zeros() {
     }
     assert_eq!(d.allocated(), 64 << 20);
 
+    // `vramdisk status` finds the daemon through its control socket and shows where the
+    // device is attached, with what went through it.
+    let st = d.status();
+    assert_eq!(st["attach"], d.dev());
+    assert_eq!(st["pid"], d.child.as_ref().unwrap().id());
+    assert_eq!(st["backend"], backend());
+    assert_eq!(st["size"], 128u64 << 20);
+    assert_eq!(st["allocated"], 64u64 << 20);
+    assert!(
+        st["write_bytes"].as_u64().unwrap() >= 64 << 20,
+        "status counted {} bytes written, 64 MiB went through the device",
+        st["write_bytes"]
+    );
+    let table = d.vramdisk(&["status"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    let line = table
+        .lines()
+        .find(|l| l.contains(d.dev()))
+        .unwrap_or_else(|| panic!("no status line shows {}:\n{table}", d.dev()));
+    assert!(line.starts_with(&st["pid"].to_string()), "{line}");
+    assert!(table.lines().next().unwrap().contains("ATTACH"), "{table}");
+
     // Discard the first 32 MiB: the memory goes back, the range reads as zeros.
     run_ok(
         "blkdiscard",
@@ -537,13 +610,13 @@ fn swap_holds_pages_under_memory_pressure() {
         return;
     }
     if Command::new("python3").arg("-c").arg("1").output().is_err() {
-        eprintln!("SKIPPED swap_holds_pages_under_memory_pressure: no python3");
+        skipped("swap_holds_pages_under_memory_pressure: no python3");
         return;
     }
     // A process limited to 32 MiB of RAM fills 128 MiB with random bytes and checks them:
     // most of it must go out to our swap device and come back intact.
     let Some((cg, _v1)) = swap_cgroup(32 << 20) else {
-        eprintln!("SKIPPED swap_holds_pages_under_memory_pressure: no writable memory cgroup");
+        skipped("swap_holds_pages_under_memory_pressure: no writable memory cgroup");
         return;
     };
     let d = Attached::start(&["--size", "256M", "--swap"]);
@@ -612,6 +685,7 @@ fn daemon_mode_with_pid_file() {
         ])
         .arg(&pid_file)
         .env("VRAMDISK_RUN_DIR", run_dir.path())
+        .env("VRAMDISK_RUNTIME_DIR", run_dir.path())
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -631,6 +705,12 @@ fn daemon_mode_with_pid_file() {
         .parse()
         .unwrap();
     assert!(!process_gone(pid), "the daemon is not running");
+    let status = Command::new(bin())
+        .args(["status", "--json"])
+        .env("VRAMDISK_RUNTIME_DIR", run_dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(status_of(&status, dev)["pid"], pid);
     // The device works.
     run_ok(
         "dd",
@@ -645,6 +725,7 @@ fn daemon_mode_with_pid_file() {
     let out = Command::new(bin())
         .args(["detach", dev])
         .env("VRAMDISK_RUN_DIR", run_dir.path())
+        .env("VRAMDISK_RUNTIME_DIR", run_dir.path())
         .output()
         .unwrap();
     assert!(
@@ -674,6 +755,13 @@ fn killed_daemon_fails_io_and_detach_recovers() {
         .open(&d.dev)
         .unwrap();
     assert!(read_fd_direct(&held, 0, 4096).is_ok());
+
+    // Its control socket, which detach must clean up after the kill.
+    let sock = d
+        .run_dir
+        .path()
+        .join(format!("{}.sock", d.child.as_ref().unwrap().id()));
+    assert!(sock.exists(), "no control socket at {}", sock.display());
 
     let mut child = d.child.take().unwrap();
     child.kill().unwrap(); // SIGKILL
@@ -753,21 +841,35 @@ fn unavailable_methods_say_why() {
             .output()
             .unwrap()
     };
-    if !Path::new("/dev/nbd0").exists() {
+    if let Some(why) = vramdisk::attach::kernel_nbd::unavailable() {
         let out = try_via("nbd");
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
-            err.contains("this kernel has no nbd driver (/dev/nbd0 missing): use --via fuse"),
+            err.contains(&why) && err.contains("use --via fuse"),
             "{err}"
         );
+        if !Path::new("/dev/nbd0").exists() {
+            assert!(
+                err.contains("this kernel has no nbd driver (/dev/nbd0 missing)"),
+                "{err}"
+            );
+        }
     } else {
-        eprintln!("SKIPPED nbd part of unavailable_methods_say_why: this kernel has nbd");
+        skipped("nbd part of unavailable_methods_say_why: this kernel has nbd");
     }
-    let out = try_via("ublk");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("ublk") && err.contains("--via fuse"), "{err}");
+    if let Some(why) = vramdisk::attach::ublk::unavailable() {
+        let out = try_via("ublk");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&why) && err.contains("--via fuse"), "{err}");
+        if Path::new("/dev/ublk-control").exists() {
+            // The kernel has ublk, so the build lacks it: say how to get it.
+            assert!(err.contains("--features ublk"), "{err}");
+        }
+    } else {
+        skipped("ublk part of unavailable_methods_say_why: this kernel and build have ublk");
+    }
 
     let out = Command::new(bin())
         .args(["detach", "/dev/loop250"])
@@ -840,4 +942,162 @@ fn read_direct(dev: &Path, offset: u64, len: usize) -> Vec<u8> {
         .open(dev)
         .unwrap();
     read_fd_direct(&f, offset, len).unwrap()
+}
+
+/// Whether the kernel attach method `via` can be tested here: root, the kernel driver, and
+/// (for ublk) a build with the feature. Prints a SKIPPED line saying why not, or panics
+/// where `require` is set in the environment.
+fn kernel_method_capable(test: &str, via: &str, require: &str) -> bool {
+    let why = if !nix_is_root() {
+        Some("not root".to_string())
+    } else if via == "nbd" {
+        vramdisk::attach::kernel_nbd::unavailable()
+    } else {
+        vramdisk::attach::ublk::unavailable()
+    };
+    let Some(why) = why else {
+        return true;
+    };
+    if std::env::var_os(require).is_some() {
+        panic!("{test}: cannot run ({why}) but {require} is set");
+    }
+    skipped(&format!("{test}: {why}"));
+    false
+}
+
+/// The same checks as on FUSE + loop, through a kernel method: raw O_DIRECT data,
+/// discard giving memory back, write zeroes, ext4 with a remount and fsck, status, a clean
+/// detach; then kill -9 of the daemon fails I/O within seconds and detach recovers.
+fn kernel_method_end_to_end(via: &str, prefix: &str) {
+    let d = Attached::start(&["--via", via, "--size", "256M", "--chunk-size", "2M"]);
+    assert!(d.dev().starts_with(prefix), "{via} attached {}", d.dev());
+    assert_eq!(d.state()["method"], via);
+    let name = d.dev.file_name().unwrap().to_str().unwrap().to_string();
+    let lbs =
+        std::fs::read_to_string(format!("/sys/block/{name}/queue/logical_block_size")).unwrap();
+    assert_eq!(lbs.trim(), "4096");
+    let allocated = |d: &Attached| d.status()["allocated"].as_u64().unwrap();
+    assert_eq!(allocated(&d), 0);
+
+    let data = pattern(11, 32 << 20);
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc_o_direct())
+            .open(&d.dev)
+            .unwrap();
+        f.write_all(AlignedBuf::from(&data).as_slice()).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert_eq!(read_direct(&d.dev, 0, 32 << 20), data);
+    assert_eq!(allocated(&d), 32 << 20);
+    run_ok(
+        "blkdiscard",
+        &["-o", "0", "-l", &(16u64 << 20).to_string(), d.dev()],
+    );
+    assert_eq!(allocated(&d), 16 << 20, "blkdiscard did not free memory");
+    let back = read_direct(&d.dev, 0, 32 << 20);
+    assert!(back[..16 << 20].iter().all(|&b| b == 0));
+    assert!(back[16 << 20..] == data[16 << 20..]);
+    run_ok(
+        "blkdiscard",
+        &[
+            "-z",
+            "-o",
+            &(20u64 << 20).to_string(),
+            "-l",
+            "4096",
+            d.dev(),
+        ],
+    );
+    let back = read_direct(&d.dev, 20 << 20, 8192);
+    assert!(back[..4096].iter().all(|&b| b == 0));
+    assert_eq!(back[4096..], data[(20 << 20) + 4096..(20 << 20) + 8192]);
+
+    run_ok("mkfs.ext4", &["-q", "-F", d.dev()]);
+    let mnt = tempfile::tempdir().unwrap();
+    let m = mnt.path().to_str().unwrap();
+    run_ok("mount", &[d.dev(), m]);
+    let mut files = Vec::new();
+    for f in 0..16u64 {
+        let path = mnt.path().join(format!("f{f}.bin"));
+        std::fs::write(&path, pattern(f, (f as usize * 77_777) % (3 << 20))).unwrap();
+        files.push(path.to_str().unwrap().to_string());
+    }
+    let names: Vec<&str> = files.iter().map(|s| s.as_str()).collect();
+    let sums = run_ok("sha256sum", &names);
+    let sums_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(sums_file.path(), &sums).unwrap();
+    let mut d = d;
+    let refused = d.detach(&[]);
+    assert!(
+        !refused.status.success(),
+        "detach of a mounted device worked"
+    );
+    run_ok("umount", &[m]);
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    run_ok("mount", &[d.dev(), m]);
+    run_ok(
+        "sha256sum",
+        &["-c", "--quiet", sums_file.path().to_str().unwrap()],
+    );
+    run_ok("umount", &[m]);
+    let fsck = run("e2fsck", &["-fn", d.dev()]);
+    assert!(
+        fsck.status.success(),
+        "e2fsck -fn found problems:\n{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    d.detach_clean();
+
+    // kill -9: I/O fails within seconds, never hangs; detach cleans up.
+    let mut d = Attached::start(&["--via", via, "--size", "64M"]);
+    let state = d.state();
+    let mut child = d.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let dd = run(
+        "timeout",
+        &[
+            "20",
+            "dd",
+            &format!("if={}", d.dev()),
+            "of=/dev/null",
+            "bs=4k",
+            "count=1",
+            "iflag=direct",
+        ],
+    );
+    assert_ne!(dd.status.code(), Some(124), "dd hung on the dead device");
+    assert!(!dd.status.success(), "dd read from a dead device");
+    let out = d.detach(&[]);
+    assert!(
+        out.status.success(),
+        "detach after kill -9 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_nothing_left(&state, d.run_dir.path());
+}
+
+#[test]
+fn kernel_nbd_end_to_end() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kernel_method_capable(
+        "kernel_nbd_end_to_end",
+        "nbd",
+        "VRAMDISK_REQUIRE_KERNEL_NBD",
+    ) {
+        return;
+    }
+    kernel_method_end_to_end("nbd", "/dev/nbd");
+}
+
+#[test]
+fn ublk_end_to_end() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kernel_method_capable("ublk_end_to_end", "ublk", "VRAMDISK_REQUIRE_UBLK") {
+        return;
+    }
+    kernel_method_end_to_end("ublk", "/dev/ublkb");
 }

@@ -1,4 +1,4 @@
-//! Attach through the kernel's NBD driver, where it exists (`/dev/nbd0`).
+//! Attach through the kernel's NBD driver, where the kernel has it (the `nbd` module).
 //!
 //! No nbd-client and no TCP: the daemon makes one Unix socketpair per connection, serves the
 //! NBD transmission phase on one end with the in-process server, and hands the other ends to
@@ -7,16 +7,18 @@
 //! starts directly in the transmission phase, with the flags sent here.
 //!
 //! The netlink messages are built and parsed here by hand (they are a few attributes); the
-//! encoders are pure functions, tested byte for byte. The transmission phase itself belongs
-//! to the NBD server (`crate::nbd`), reached through [`TransmissionServer`]; until the server
-//! provides one, [`unavailable`] says so and `--via nbd` fails with that sentence.
+//! encoders are pure functions, tested byte for byte. The transmission phase itself is the
+//! NBD server's (`crate::nbd::server::serve_transmission_only`), the same loop TCP and Unix
+//! socket clients get, entered without a handshake.
 
+use crate::engine::metered::DeviceMetrics;
 use crate::engine::{BlockDevice, Capabilities};
+use crate::nbd::server::{Export, Limits};
 use anyhow::{Context, Result, bail};
-use futures::future::BoxFuture;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
 /// The generic netlink family of the NBD driver.
 pub const NBD_GENL_FAMILY_NAME: &str = "nbd";
@@ -63,45 +65,54 @@ const NLA_TYPE_MASK: u16 = !(1 << 15 | 1 << 14);
 const NLMSG_HDRLEN: usize = 16;
 const GENL_HDRLEN: usize = 4;
 
-/// Serves the NBD transmission phase (no handshake) of `device` on one connected socket,
-/// with the transmission flags [`transmission_flags`] gave the kernel. Implemented by the
-/// NBD server; the future ends when the kernel disconnects.
-pub trait TransmissionServer: Send + Sync + 'static {
-    /// Serves one connection until it closes.
-    fn serve(
-        &self,
-        socket: tokio::net::UnixStream,
-        device: Arc<dyn BlockDevice>,
-        flags: u16,
-    ) -> BoxFuture<'static, Result<()>>;
-}
+/// Most payload bytes in flight on one kernel connection before the server stops reading
+/// its requests: the kernel's largest request (32 MiB) twice over.
+const INFLIGHT_PER_CONNECTION: usize = 64 << 20;
 
-/// The in-process NBD server's transmission entry point, once it exists.
-///
-/// HOOK for the NBD server (src/nbd/server.rs): return `Some(Arc::new(...))` of a type that
-/// runs `crate::nbd::server`'s transmission loop on the given socket. Until then kernel NBD
-/// attach is unavailable (FUSE + loop is used instead).
-pub fn transmission_server() -> Option<Arc<dyn TransmissionServer>> {
-    None
-}
+/// The largest request the kernel's nbd driver sends (its `max_hw_sectors`, 65536 sectors).
+const KERNEL_MAX_REQUEST: u32 = 32 << 20;
 
 /// Where this method cannot work, one sentence saying why.
+///
+/// What counts is the driver's netlink interface: with it the kernel makes a device for
+/// each connect, so `/dev/nbd0` need not exist (the module may be loaded with `nbds_max=0`).
 pub fn unavailable() -> Option<String> {
-    if !Path::new("/dev/nbd0").exists() {
-        return Some(
+    let family = GenlSocket::open().and_then(|mut s| s.family(NBD_GENL_FAMILY_NAME));
+    match family {
+        Ok(_) => None,
+        Err(_) if !Path::new("/dev/nbd0").exists() => Some(
             "this kernel has no nbd driver (/dev/nbd0 missing): use --via fuse \
              (or 'modprobe nbd' where the module exists)"
                 .into(),
-        );
+        ),
+        // Kernels before 4.12 have /dev/nbd0 but no netlink interface, and attaching
+        // without nbd-client needs it.
+        Err(e) => Some(format!(
+            "this kernel's nbd driver has no netlink interface ({e:#}): use --via fuse"
+        )),
     }
-    if transmission_server().is_none() {
-        return Some(
-            "kernel nbd attach needs the in-process NBD server, which this build does not \
-             have yet: use --via fuse"
-                .into(),
-        );
-    }
-    None
+}
+
+/// Serves the NBD transmission phase of `export` on `socket`, one end of a socketpair whose
+/// other end the kernel holds: no handshake (the kernel negotiates nothing), simple replies,
+/// the transmission flags `flags` that the kernel was given. This is the NBD server's own
+/// transmission loop ([`crate::nbd::server::serve_transmission_only`]); it returns when the
+/// kernel disconnects (the request count) or `shutdown` is cancelled.
+pub async fn serve_connection(
+    socket: tokio::net::UnixStream,
+    export: Arc<Export>,
+    flags: u16,
+    shutdown: CancellationToken,
+) -> Result<u64> {
+    let limits = Limits {
+        max_connections: 1,
+        inflight_bytes: INFLIGHT_PER_CONNECTION,
+        handshake_timeout: std::time::Duration::from_secs(30),
+        max_per_client: 1,
+        tls: None,
+        busy_poll: std::time::Duration::ZERO,
+    };
+    crate::nbd::server::serve_transmission_only(socket, &export, flags, &limits, &shutdown).await
 }
 
 /// The NBD transmission flags for a device with `caps`.
@@ -116,10 +127,11 @@ pub fn transmission_flags(caps: &Capabilities) -> u16 {
     if caps.can_fua {
         f |= NBD_FLAG_SEND_FUA;
     }
-    if caps.can_trim {
+    // The server refuses trims and zeroes on a read-only export, so they are not offered.
+    if !caps.read_only && caps.can_trim {
         f |= NBD_FLAG_SEND_TRIM;
     }
-    if caps.can_zero {
+    if !caps.read_only && caps.can_zero {
         f |= NBD_FLAG_SEND_WRITE_ZEROES;
     }
     if caps.can_multi_conn {
@@ -470,35 +482,59 @@ pub struct KernelNbd {
     index: u32,
     path: PathBuf,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    shutdown: CancellationToken,
+    /// Set when every connection has ended (the kernel let go, or the device was
+    /// disconnected by someone else).
+    connections_left: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl KernelNbd {
     /// Makes `connections` socketpairs, serves the transmission phase of `device` on one end
-    /// of each with `server`, and connects the other ends to a kernel nbd device.
+    /// of each (on `runtime`), and connects the other ends to a free kernel nbd device.
+    /// Every connection's task and buffers exist before the kernel sees the device.
     pub fn attach(
         device: Arc<dyn BlockDevice>,
+        metrics: Option<Arc<DeviceMetrics>>,
         runtime: &tokio::runtime::Handle,
-        server: Arc<dyn TransmissionServer>,
         connections: usize,
     ) -> Result<KernelNbd> {
-        if !Path::new("/dev/nbd0").exists() {
-            bail!(unavailable().unwrap_or_default());
+        if let Some(why) = unavailable() {
+            bail!(why);
         }
         let caps = device.capabilities();
+        if caps.max_block < KERNEL_MAX_REQUEST {
+            bail!(
+                "the kernel's nbd driver sends requests of up to 32 MiB but this device takes at \
+                 most {} bytes: use --via fuse",
+                caps.max_block
+            );
+        }
         let flags = transmission_flags(&caps);
+        prewarm_buffers(&*device, connections.max(1) * PREWARM_PER_CONNECTION)?;
+        let export = Arc::new(Export {
+            name: String::new(),
+            description: String::new(),
+            device: device.clone(),
+            metrics,
+        });
+        let shutdown = CancellationToken::new();
+        let connections = connections.max(1);
+        let left = Arc::new(std::sync::atomic::AtomicUsize::new(connections));
         let mut kernel_ends = Vec::new();
         let mut tasks = Vec::new();
-        for _ in 0..connections.max(1) {
+        for i in 0..connections {
             let (ours, theirs) = std::os::unix::net::UnixStream::pair()
                 .context("creating a socketpair for kernel nbd")?;
             ours.set_nonblocking(true)?;
             let _guard = runtime.enter();
             let stream = tokio::net::UnixStream::from_std(ours)?;
-            let fut = server.serve(stream, device.clone(), flags);
+            let fut = serve_connection(stream, export.clone(), flags, shutdown.clone());
+            let left = left.clone();
             tasks.push(runtime.spawn(async move {
                 if let Err(e) = fut.await {
-                    tracing::warn!("kernel nbd connection ended: {e:#}");
+                    tracing::warn!("kernel nbd connection {i} ended: {e:#}");
                 }
+                left.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             }));
             kernel_ends.push(theirs);
         }
@@ -508,14 +544,17 @@ impl KernelNbd {
             size: device.size(),
             block_size: 4096,
             server_flags: flags as u64,
-            client_flags: NBD_CFLAG_DESTROY_ON_DISCONNECT,
+            // Not DESTROY_ON_DISCONNECT: that would delete a /dev/nbdN the module made at
+            // load time, which scripts (and the next attach) may expect to find.
+            client_flags: 0,
             timeout_secs: Some(30),
             dead_conn_timeout_secs: None,
-            backend_identifier: Some(format!("vramdisk-{}", std::process::id())),
+            backend_identifier: Some(backend_identifier(std::process::id())),
         };
         let index = match connect(&req, &fds) {
             Ok(i) => i,
             Err(e) => {
+                shutdown.cancel();
                 tasks.iter().for_each(|t| t.abort());
                 return Err(e);
             }
@@ -526,6 +565,8 @@ impl KernelNbd {
             index,
             path: PathBuf::from(format!("/dev/nbd{index}")),
             tasks,
+            shutdown,
+            connections_left: left,
         })
     }
 
@@ -534,14 +575,78 @@ impl KernelNbd {
         &self.path
     }
 
+    /// The N of `/dev/nbdN`.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Whether the kernel still holds at least one connection.
+    pub fn is_connected(&self) -> bool {
+        self.connections_left
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    }
+
     /// Disconnects the device and stops serving it.
     pub fn detach(&mut self) -> Result<()> {
-        let r = disconnect(self.index);
+        let r = if self.is_connected() {
+            disconnect(self.index)
+        } else {
+            Ok(())
+        };
+        self.shutdown.cancel();
         for t in self.tasks.drain(..) {
             t.abort();
         }
         r
     }
+}
+
+/// Buffers of each size the pool keeps ready per connection (requests in flight at once on
+/// it, before more are allocated).
+const PREWARM_PER_CONNECTION: usize = 2;
+/// Buffer sizes made ready: 4 KiB up to what the block layer sends by default (its
+/// `max_sectors_kb` is at most 1280 KiB); larger requests, which need a raised
+/// `max_sectors_kb`, get their buffers on first use.
+const PREWARM_MAX: usize = 2 << 20;
+
+/// Fills the device's buffer pool with `count` buffers of every size class up to
+/// [`PREWARM_MAX`], so that serving requests (swap included) does not allocate once the
+/// kernel sees the device.
+fn prewarm_buffers(device: &dyn BlockDevice, count: usize) -> Result<()> {
+    let pool = device.buffers();
+    let mut size = 4096;
+    while size <= PREWARM_MAX {
+        let mut held = Vec::with_capacity(count);
+        for _ in 0..count {
+            match pool
+                .try_get(size)
+                .with_context(|| format!("preparing {size}-byte I/O buffers"))?
+            {
+                Some(b) => held.push(b),
+                None => break,
+            }
+        }
+        drop(held);
+        size *= 2;
+    }
+    Ok(())
+}
+
+/// What `/sys/block/nbdN/backend` says for a device attached by the daemon with `pid`.
+pub fn backend_identifier(pid: u32) -> String {
+    format!("vramdisk-{pid}")
+}
+
+/// After a daemon died: disconnects `/dev/nbd<index>` if it is still the one that daemon
+/// attached (its backend identifier says so), so that the index is free again.
+pub fn disconnect_stale(index: u32, pid: u32) -> Result<()> {
+    let backend =
+        std::fs::read_to_string(format!("/sys/block/nbd{index}/backend")).unwrap_or_default();
+    if backend.trim() == backend_identifier(pid) {
+        disconnect(index)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -699,7 +804,7 @@ mod tests {
 
     #[test]
     fn says_why_unavailable_here() {
-        if Path::new("/dev/nbd0").exists() {
+        if Path::new("/dev/nbd0").exists() || Path::new("/sys/module/nbd").exists() {
             eprintln!("SKIPPED says_why_unavailable_here: this kernel has nbd");
             return;
         }
@@ -710,12 +815,395 @@ mod tests {
 
     #[test]
     fn netlink_family_resolves_where_nbd_exists() {
-        if !Path::new("/dev/nbd0").exists() {
-            eprintln!("SKIPPED netlink_family_resolves_where_nbd_exists: no /dev/nbd0");
+        if !Path::new("/sys/module/nbd").exists() {
+            eprintln!("SKIPPED netlink_family_resolves_where_nbd_exists: no nbd module");
             return;
         }
         let mut s = GenlSocket::open().unwrap();
         assert!(s.family(NBD_GENL_FAMILY_NAME).unwrap() > 0);
+    }
+
+    /// Byte for byte, written out by hand from the netlink and NBD uapi headers rather than
+    /// with the encoder's helpers: one socket, no optional attributes.
+    #[test]
+    fn connect_message_bytes() {
+        let req = ConnectRequest {
+            index: None,
+            size: 0x1_0000_0000,
+            block_size: 4096,
+            server_flags: 0x16d,
+            client_flags: NBD_CFLAG_DESTROY_ON_DISCONNECT,
+            timeout_secs: None,
+            dead_conn_timeout_secs: None,
+            backend_identifier: None,
+        };
+        let m = encode_connect(0x1c, 5, &req, &[7]);
+        let mut want: Vec<u8> = Vec::new();
+        let u16b = |v: u16| v.to_ne_bytes();
+        let u32b = |v: u32| v.to_ne_bytes();
+        let u64b = |v: u64| v.to_ne_bytes();
+        // nlmsghdr: len, type (family), flags REQUEST|ACK, seq 5, port 0.
+        want.extend_from_slice(&u32b(84));
+        want.extend_from_slice(&u16b(0x1c));
+        want.extend_from_slice(&u16b(1 | 4));
+        want.extend_from_slice(&u32b(5));
+        want.extend_from_slice(&u32b(0));
+        // genlmsghdr: cmd CONNECT (1), version 1, reserved.
+        want.extend_from_slice(&[1, 1, 0, 0]);
+        // Four u64 attributes of 12 bytes each: SIZE_BYTES (2), BLOCK_SIZE_BYTES (3),
+        // SERVER_FLAGS (5), CLIENT_FLAGS (6).
+        for (ty, v) in [(2u16, 0x1_0000_0000u64), (3, 4096), (5, 0x16d), (6, 1)] {
+            want.extend_from_slice(&u16b(12));
+            want.extend_from_slice(&u16b(ty));
+            want.extend_from_slice(&u64b(v));
+        }
+        // SOCKETS (7 | NLA_F_NESTED) holding one ITEM (1 | NESTED) holding FD (1) = 7.
+        want.extend_from_slice(&u16b(16));
+        want.extend_from_slice(&u16b(7 | 0x8000));
+        want.extend_from_slice(&u16b(12));
+        want.extend_from_slice(&u16b(1 | 0x8000));
+        want.extend_from_slice(&u16b(8));
+        want.extend_from_slice(&u16b(1));
+        want.extend_from_slice(&u32b(7));
+        assert_eq!(want.len(), 84);
+        assert_eq!(m, want);
+    }
+
+    #[test]
+    fn get_family_and_disconnect_bytes() {
+        let mut want = Vec::new();
+        want.extend_from_slice(&28u32.to_ne_bytes());
+        want.extend_from_slice(&0x10u16.to_ne_bytes()); // GENL_ID_CTRL
+        want.extend_from_slice(&5u16.to_ne_bytes()); // REQUEST | ACK
+        want.extend_from_slice(&3u32.to_ne_bytes());
+        want.extend_from_slice(&0u32.to_ne_bytes());
+        want.extend_from_slice(&[3, 1, 0, 0]); // CTRL_CMD_GETFAMILY, version 1
+        want.extend_from_slice(&8u16.to_ne_bytes());
+        want.extend_from_slice(&2u16.to_ne_bytes()); // CTRL_ATTR_FAMILY_NAME
+        want.extend_from_slice(b"nbd\0");
+        assert_eq!(encode_get_family(3, "nbd"), want);
+
+        let mut want = Vec::new();
+        want.extend_from_slice(&28u32.to_ne_bytes());
+        want.extend_from_slice(&0x1cu16.to_ne_bytes());
+        want.extend_from_slice(&5u16.to_ne_bytes());
+        want.extend_from_slice(&9u32.to_ne_bytes());
+        want.extend_from_slice(&0u32.to_ne_bytes());
+        want.extend_from_slice(&[2, 1, 0, 0]); // NBD_CMD_DISCONNECT
+        want.extend_from_slice(&8u16.to_ne_bytes());
+        want.extend_from_slice(&1u16.to_ne_bytes()); // NBD_ATTR_INDEX
+        want.extend_from_slice(&6u32.to_ne_bytes());
+        assert_eq!(encode_disconnect(0x1c, 9, 6), want);
+    }
+
+    /// A client that speaks to the server the way the kernel's nbd driver does: no
+    /// handshake, 28-byte simple requests, simple replies matched by handle.
+    struct KernelLikeClient {
+        sock: std::os::unix::net::UnixStream,
+    }
+
+    const REQ_MAGIC: u32 = 0x2560_9513;
+    const REPLY_MAGIC: u32 = 0x6744_6698;
+    const T_READ: u16 = 0;
+    const T_WRITE: u16 = 1;
+    const T_DISC: u16 = 2;
+    const T_FLUSH: u16 = 3;
+    const T_TRIM: u16 = 4;
+    const T_WRITE_ZEROES: u16 = 6;
+    const F_FUA: u16 = 1;
+    const F_NO_HOLE: u16 = 2;
+
+    impl KernelLikeClient {
+        fn new(sock: std::os::unix::net::UnixStream) -> Self {
+            sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .unwrap();
+            KernelLikeClient { sock }
+        }
+
+        fn request(flags: u16, ty: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
+            let mut b = Vec::with_capacity(28);
+            b.extend_from_slice(&REQ_MAGIC.to_be_bytes());
+            b.extend_from_slice(&flags.to_be_bytes());
+            b.extend_from_slice(&ty.to_be_bytes());
+            b.extend_from_slice(&handle.to_be_bytes());
+            b.extend_from_slice(&offset.to_be_bytes());
+            b.extend_from_slice(&len.to_be_bytes());
+            b
+        }
+
+        fn send(&mut self, bytes: &[u8]) {
+            use std::io::Write;
+            self.sock.write_all(bytes).unwrap();
+        }
+
+        /// One simple reply: (error, handle).
+        fn reply(&mut self) -> (u32, u64) {
+            use std::io::Read;
+            let mut h = [0u8; 16];
+            self.sock.read_exact(&mut h).expect("a reply");
+            assert_eq!(
+                u32::from_be_bytes(h[0..4].try_into().unwrap()),
+                REPLY_MAGIC,
+                "not a simple reply: {h:02x?}"
+            );
+            (
+                u32::from_be_bytes(h[4..8].try_into().unwrap()),
+                u64::from_be_bytes(h[8..16].try_into().unwrap()),
+            )
+        }
+
+        fn payload(&mut self, len: usize) -> Vec<u8> {
+            use std::io::Read;
+            let mut d = vec![0u8; len];
+            self.sock.read_exact(&mut d).unwrap();
+            d
+        }
+
+        fn write(&mut self, handle: u64, offset: u64, data: &[u8], flags: u16) -> u32 {
+            let mut b = Self::request(flags, T_WRITE, handle, offset, data.len() as u32);
+            b.extend_from_slice(data);
+            self.send(&b);
+            let (err, h) = self.reply();
+            assert_eq!(h, handle);
+            err
+        }
+
+        fn read(&mut self, handle: u64, offset: u64, len: usize) -> Result<Vec<u8>, u32> {
+            self.send(&Self::request(0, T_READ, handle, offset, len as u32));
+            let (err, h) = self.reply();
+            assert_eq!(h, handle);
+            if err != 0 {
+                return Err(err);
+            }
+            Ok(self.payload(len))
+        }
+
+        fn simple(&mut self, ty: u16, flags: u16, handle: u64, offset: u64, len: u32) -> u32 {
+            self.send(&Self::request(flags, ty, handle, offset, len));
+            let (err, h) = self.reply();
+            assert_eq!(h, handle);
+            err
+        }
+    }
+
+    fn host_device(size: u64) -> Arc<dyn BlockDevice> {
+        use crate::engine::host::HostBackend;
+        use crate::engine::{SparseDevice, SparseOptions};
+        let mut o = SparseOptions::new(size);
+        o.buffer_limit = 256 << 20;
+        Arc::new(SparseDevice::new(HostBackend::new(), o).unwrap())
+    }
+
+    fn pattern(seed: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    /// Starts `n` connections on `device` the way [`KernelNbd::attach`] does; returns the
+    /// kernel's ends and the serving tasks.
+    fn start_connections(
+        rt: &tokio::runtime::Runtime,
+        device: Arc<dyn BlockDevice>,
+        n: usize,
+        shutdown: &CancellationToken,
+    ) -> (
+        Vec<KernelLikeClient>,
+        Vec<tokio::task::JoinHandle<Result<u64>>>,
+    ) {
+        let flags = transmission_flags(&device.capabilities());
+        let export = Arc::new(Export {
+            name: String::new(),
+            description: String::new(),
+            device,
+            metrics: None,
+        });
+        let mut clients = Vec::new();
+        let mut tasks = Vec::new();
+        for _ in 0..n {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            ours.set_nonblocking(true).unwrap();
+            let _g = rt.enter();
+            let stream = tokio::net::UnixStream::from_std(ours).unwrap();
+            tasks.push(rt.spawn(serve_connection(
+                stream,
+                export.clone(),
+                flags,
+                shutdown.clone(),
+            )));
+            clients.push(KernelLikeClient::new(theirs));
+        }
+        (clients, tasks)
+    }
+
+    #[test]
+    fn serves_kernel_requests_without_a_handshake() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let device = host_device(64 << 20);
+        let shutdown = CancellationToken::new();
+        let (mut clients, mut tasks) = start_connections(&rt, device.clone(), 1, &shutdown);
+        let mut c = clients.pop().unwrap();
+
+        // The kernel expects no greeting: nothing may arrive before the first request.
+        c.sock
+            .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        let mut probe = [0u8; 1];
+        let got = std::io::Read::read(&mut c.sock, &mut probe);
+        assert!(
+            matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut),
+            "the server sent something before any request: {got:?}"
+        );
+        c.sock
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+
+        // Write (with FUA, which the flags offer), read back.
+        let data = pattern(1, 64 << 10);
+        assert_eq!(c.write(1, 1 << 20, &data, F_FUA), 0);
+        assert_eq!(c.read(2, 1 << 20, data.len()).unwrap(), data);
+        assert_eq!(c.simple(T_FLUSH, 0, 3, 0, 0), 0);
+        // Trim reads back as zeros.
+        assert_eq!(c.simple(T_TRIM, 0, 4, 1 << 20, 4096), 0);
+        let back = c.read(5, 1 << 20, 8192).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0));
+        assert_eq!(back[4096..], data[4096..8192]);
+        // Write zeroes, as the kernel sends it for REQ_NOUNMAP.
+        assert_eq!(
+            c.simple(T_WRITE_ZEROES, F_NO_HOLE, 6, (1 << 20) + 8192, 4096),
+            0
+        );
+        let back = c.read(7, (1 << 20) + 8192, 8192).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0));
+        assert_eq!(back[4096..], data[12288..16384]);
+        // Past the end: EINVAL for a read, ENOSPC for a write (as the NBD spec asks), no
+        // data, and the connection goes on.
+        assert_eq!(c.read(8, 64 << 20, 4096), Err(libc::EINVAL as u32));
+        assert_eq!(
+            c.write(9, (64 << 20) - 4096, &data[..8192], 0),
+            libc::ENOSPC as u32
+        );
+
+        // Pipelined like a queue of 32 requests: every write goes out before any reply
+        // is read, then every read; replies are matched by handle, in any order.
+        let mut batch = Vec::new();
+        for i in 0..32u64 {
+            batch.extend(KernelLikeClient::request(
+                0,
+                T_WRITE,
+                100 + i,
+                i * 65536,
+                4096,
+            ));
+            batch.extend(pattern(i as u8, 4096));
+        }
+        c.send(&batch);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..32 {
+            let (err, h) = c.reply();
+            assert_eq!(err, 0);
+            assert!(seen.insert(h), "handle {h} answered twice");
+        }
+        assert_eq!(seen, (100..132).collect());
+        let mut batch = Vec::new();
+        for i in 0..32u64 {
+            batch.extend(KernelLikeClient::request(
+                0,
+                T_READ,
+                200 + i,
+                i * 65536,
+                4096,
+            ));
+        }
+        c.send(&batch);
+        for _ in 0..32 {
+            let (err, h) = c.reply();
+            assert_eq!(err, 0);
+            let i = h - 200;
+            assert!(i < 32, "unexpected handle {h}");
+            assert_eq!(c.payload(4096), pattern(i as u8, 4096), "read {i}");
+        }
+
+        // NBD_CMD_DISC ends the connection cleanly; the count includes every request.
+        c.send(&KernelLikeClient::request(0, T_DISC, 999, 0, 0));
+        let served = rt
+            .block_on(tasks.pop().unwrap())
+            .unwrap()
+            .expect("a clean disconnect");
+        assert_eq!(served, 9 + 64 + 1);
+        assert!(device.stats().allocated > 0);
+    }
+
+    #[test]
+    fn several_connections_serve_one_device() {
+        // The kernel spreads requests over every socket it was given (NBD_ATTR_SOCKETS);
+        // CAN_MULTI_CONN promises that a write acknowledged on one is seen on all.
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let device = host_device(16 << 20);
+        assert_ne!(
+            transmission_flags(&device.capabilities()) as u64 & NBD_FLAG_CAN_MULTI_CONN,
+            0
+        );
+        let shutdown = CancellationToken::new();
+        let (mut clients, tasks) = start_connections(&rt, device, 4, &shutdown);
+        let threads: Vec<_> = clients
+            .drain(..)
+            .enumerate()
+            .map(|(i, mut c)| {
+                std::thread::spawn(move || {
+                    for k in 0..64u64 {
+                        let off = (i as u64 * 64 + k) * 8192;
+                        let d = pattern((i * 64 + k as usize) as u8, 8192);
+                        assert_eq!(c.write(k, off, &d, 0), 0);
+                    }
+                    c
+                })
+            })
+            .collect();
+        let mut clients: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        // Each connection reads what the next one wrote.
+        for (i, c) in clients.iter_mut().enumerate() {
+            let other = (i + 1) % 4;
+            for k in 0..64u64 {
+                let off = (other as u64 * 64 + k) * 8192;
+                let want = pattern((other * 64 + k as usize) as u8, 8192);
+                assert_eq!(c.read(1000 + k, off, 8192).unwrap(), want);
+            }
+        }
+        // The kernel going away (sockets closed) ends every connection without an error.
+        drop(clients);
+        for t in tasks {
+            rt.block_on(t).unwrap().expect("EOF is a clean end");
+        }
+    }
+
+    #[test]
+    fn garbage_ends_the_connection_with_an_error() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let shutdown = CancellationToken::new();
+        let (mut clients, mut tasks) = start_connections(&rt, host_device(1 << 20), 1, &shutdown);
+        let mut c = clients.pop().unwrap();
+        c.send(&[0xffu8; 28]);
+        let r = rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(10), tasks.pop().unwrap()).await
+        });
+        let err = r.expect("no hang").unwrap().unwrap_err();
+        assert!(format!("{err:#}").contains("protocol violation"), "{err:#}");
+    }
+
+    #[test]
+    fn shutdown_ends_idle_connections() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let shutdown = CancellationToken::new();
+        let (_clients, tasks) = start_connections(&rt, host_device(1 << 20), 2, &shutdown);
+        shutdown.cancel();
+        for t in tasks {
+            let r = rt.block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(10), t).await
+            });
+            r.expect("no hang").unwrap().unwrap();
+        }
     }
 
     #[test]

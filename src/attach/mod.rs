@@ -5,9 +5,9 @@
 //! - [`fuse_loop`]: a FUSE file with a loop device on it. Needs only FUSE and loop, which
 //!   every machine we have offers; this is what `auto` picks today.
 //! - [`kernel_nbd`]: the kernel's nbd driver, given socketpairs to the in-process NBD server
-//!   over generic netlink. Where `/dev/nbd0` exists and the NBD server provides its
-//!   transmission entry point.
-//! - [`ublk`]: not built (see that module).
+//!   over generic netlink. Where `/dev/nbd0` and its netlink interface exist.
+//! - [`ublk`]: the kernel's ublk driver, where `/dev/ublk-control` exists and the build has
+//!   the cargo feature `ublk`.
 //!
 //! Around them: [`state`] (per-device state files, recovery after a dead daemon),
 //! [`usage`] (is the device mounted or swap?), [`safety`] (memory locking and friends for
@@ -47,6 +47,8 @@ pub enum Method {
     FuseLoop,
     /// The kernel's nbd driver.
     KernelNbd,
+    /// The kernel's ublk driver.
+    Ublk,
 }
 
 impl Method {
@@ -55,6 +57,7 @@ impl Method {
         match self {
             Method::FuseLoop => "fuse",
             Method::KernelNbd => "nbd",
+            Method::Ublk => "ublk",
         }
     }
 }
@@ -71,11 +74,15 @@ pub fn choose(via: Via) -> Result<(Method, String)> {
             None => Ok((Method::KernelNbd, "kernel nbd (--via nbd)".into())),
             Some(why) => bail!(why),
         },
-        Via::Ublk => bail!(ublk::unavailable().unwrap_or_default()),
+        Via::Ublk => match ublk::unavailable() {
+            None => Ok((Method::Ublk, "ublk (--via ublk)".into())),
+            Some(why) => bail!(why),
+        },
         Via::Auto => {
             let mut why_not = Vec::new();
-            if let Some(w) = ublk::unavailable() {
-                why_not.push(format!("not ublk: {w}"));
+            match ublk::unavailable() {
+                None => return Ok((Method::Ublk, "ublk".into())),
+                Some(w) => why_not.push(format!("not ublk: {w}")),
             }
             match kernel_nbd::unavailable() {
                 None => return Ok((Method::KernelNbd, "kernel nbd".into())),
@@ -96,14 +103,16 @@ pub fn choose(via: Via) -> Result<(Method, String)> {
 }
 
 /// Tunables of an attachment.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AttachOptions {
     /// Where the FUSE filesystem is mounted.
     pub mountpoint: std::path::PathBuf,
-    /// Threads serving requests (FUSE method).
+    /// Threads serving requests (FUSE method), or ublk queues.
     pub threads: usize,
     /// Kernel nbd connections.
     pub connections: usize,
+    /// Where the NBD server counts the kernel's connections (status, metrics).
+    pub metrics: Option<Arc<crate::engine::metered::DeviceMetrics>>,
 }
 
 /// A device attached by one of the methods.
@@ -112,6 +121,8 @@ pub enum Attachment {
     FuseLoop(fuse_loop::FuseLoop),
     /// Kernel nbd.
     KernelNbd(kernel_nbd::KernelNbd),
+    /// ublk.
+    Ublk(ublk::Ublk),
 }
 
 impl Attachment {
@@ -136,14 +147,18 @@ impl Attachment {
                     &fo,
                 )?))
             }
-            Method::KernelNbd => {
-                let server = kernel_nbd::transmission_server()
-                    .context(kernel_nbd::unavailable().unwrap_or_default())?;
-                Ok(Attachment::KernelNbd(kernel_nbd::KernelNbd::attach(
+            Method::KernelNbd => Ok(Attachment::KernelNbd(kernel_nbd::KernelNbd::attach(
+                device,
+                opts.metrics.clone(),
+                runtime,
+                opts.connections,
+            )?)),
+            Method::Ublk => {
+                let plan = ublk::plan(&device.capabilities(), device.size(), opts.threads)?;
+                Ok(Attachment::Ublk(ublk::Ublk::attach(
                     device,
-                    runtime,
-                    server,
-                    opts.connections,
+                    runtime.clone(),
+                    plan,
                 )?))
             }
         }
@@ -154,17 +169,20 @@ impl Attachment {
         match self {
             Attachment::FuseLoop(f) => f.device_path(),
             Attachment::KernelNbd(n) => n.device_path(),
+            Attachment::Ublk(u) => u.device_path(),
         }
     }
 
     /// Whether the attachment is still in place (someone may have detached the loop device
-    /// behind our back with `losetup -d`).
+    /// behind our back with `losetup -d`, disconnected the nbd device, or deleted the ublk
+    /// one).
     pub fn is_intact(&self) -> bool {
         match self {
             Attachment::FuseLoop(f) => {
                 loop_dev::backing_file(f.loop_number()).as_deref() == Some(f.image())
             }
-            Attachment::KernelNbd(_) => true,
+            Attachment::KernelNbd(n) => n.is_connected(),
+            Attachment::Ublk(u) => u.is_intact(),
         }
     }
 
@@ -173,6 +191,7 @@ impl Attachment {
         match self {
             Attachment::FuseLoop(f) => f.detach(force, timeout),
             Attachment::KernelNbd(n) => n.detach(),
+            Attachment::Ublk(u) => u.detach(),
         }
     }
 }

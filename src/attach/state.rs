@@ -189,8 +189,9 @@ pub fn find(name: &str) -> Result<(PathBuf, State)> {
 }
 
 /// Undoes what a state describes, for a daemon that is gone: detaches its loop device if it
-/// is still bound to the daemon's image, lazily unmounts the stale FUSE mount, and removes
-/// the state directory. Without `force`, refuses while the device is mounted or swap.
+/// is still bound to the daemon's image, lazily unmounts the stale FUSE mount, disconnects a
+/// kernel nbd device or deletes a ublk device it left, removes its control socket and the
+/// state directory. Without `force`, refuses while the device is mounted or swap.
 pub fn recover(dir: &Path, state: &State, force: bool) -> Result<()> {
     if let (Some(n), Some(image)) = (state.loop_number, &state.image)
         && loop_dev::backing_file(n).as_deref() == Some(image.as_path())
@@ -218,6 +219,35 @@ pub fn recover(dir: &Path, state: &State, force: bool) -> Result<()> {
             );
         }
     }
+    let kernel_device = match state.method.as_str() {
+        "nbd" => device_number(&state.device, "nbd").filter(|n| {
+            std::fs::read_to_string(format!("/sys/block/nbd{n}/backend"))
+                .is_ok_and(|b| b.trim() == super::kernel_nbd::backend_identifier(state.pid))
+        }),
+        "ublk" => device_number(&state.device, "ublkb")
+            .filter(|n| Path::new(&format!("/dev/ublkc{n}")).exists()),
+        _ => None,
+    };
+    if let Some(n) = kernel_device {
+        let users = usage::users(&state.device);
+        if !users.is_idle(false) && !force {
+            bail!(
+                "{} is {} and its daemon (pid {}) is dead, so its I/O fails: stop using it \
+                 (umount / swapoff) and run detach again, or use --force",
+                state.device.display(),
+                users.describe(false),
+                state.pid
+            );
+        }
+        if users.swap {
+            let _ = super::swapoff(&state.device);
+        }
+        if state.method == "nbd" {
+            super::kernel_nbd::disconnect_stale(n, state.pid)?;
+        } else {
+            super::ublk::delete_stale(n)?;
+        }
+    }
     if let Some(mnt) = &state.mountpoint {
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         if usage::is_mountpoint(&mountinfo, mnt) {
@@ -230,8 +260,23 @@ pub fn recover(dir: &Path, state: &State, force: bool) -> Result<()> {
     if let Some(p) = &state.pid_file {
         let _ = std::fs::remove_file(p);
     }
+    // The dead daemon's control socket, unless a live process (another daemon that got the
+    // same pid) answers on it.
+    let sock = crate::ops::control::runtime_dir().join(format!("{}.sock", state.pid));
+    if sock.exists() && std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        let _ = std::fs::remove_file(&sock);
+    }
     std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(())
+}
+
+/// The N of `/dev/<prefix>N`.
+fn device_number(dev: &Path, prefix: &str) -> Option<u32> {
+    dev.file_name()?
+        .to_str()?
+        .strip_prefix(prefix)?
+        .parse()
+        .ok()
 }
 
 /// Recovers every state whose daemon is gone and whose device is not in use; returns how
@@ -267,6 +312,14 @@ mod tests {
         let t = process_start_time(me).expect("start time of this process");
         assert_eq!(process_start_time(me), Some(t));
         assert_eq!(process_start_time(u32::MAX), None);
+    }
+
+    #[test]
+    fn device_numbers() {
+        assert_eq!(device_number(Path::new("/dev/nbd12"), "nbd"), Some(12));
+        assert_eq!(device_number(Path::new("/dev/ublkb0"), "ublkb"), Some(0));
+        assert_eq!(device_number(Path::new("/dev/ublkc0"), "ublkb"), None);
+        assert_eq!(device_number(Path::new("/dev/loop3"), "nbd"), None);
     }
 
     #[test]

@@ -77,7 +77,8 @@ Examples:
   In the foreground (Ctrl-C detaches; the first line on stdout is the device):
     vramdisk attach --backend host --size 1G
 
-The device's counters (memory in use) are in /run/vramdisk/PID/mnt/stats; SIGUSR1 logs them.
+`vramdisk status` shows each attached device (ATTACH), its memory in use and its traffic;
+SIGUSR1 makes the daemon log its memory use.
 detach refuses while the device is mounted or swap (unless --force) and also cleans up after
 a daemon that was killed.";
 
@@ -265,13 +266,12 @@ fn serve_attached(
     let (backend, backend_why) = device_args.resolve_backend();
     info!("backend: {backend_why}");
     info!("attach method: {why}");
-    let device = device_args
+    let built = device_args
         .build(backend)?
         .into_iter()
         .next()
         .context("no device was built")?
         .device;
-    let size = device.size();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -279,11 +279,30 @@ fn serve_attached(
         .thread_name("vramdisk-rt")
         .build()
         .context("starting the async runtime")?;
+    let signals = Signals::install(&runtime)?;
+
+    // The daemon's shared state: counters on the device, and the control socket that
+    // `vramdisk status` asks.
+    let stop_daemon = tokio_util::sync::CancellationToken::new();
+    let daemon = runtime.block_on(crate::ops::Daemon::start(
+        vec![crate::ops::ManagedDevice {
+            name: String::new(),
+            device: built,
+            backend: format!("{backend:?}").to_lowercase(),
+            plan: Default::default(),
+            read_only_view: false,
+        }],
+        stop_daemon.clone(),
+    ))?;
+    let export = daemon.exports()[0].clone();
+    let device: Arc<dyn crate::engine::BlockDevice> = export.device.clone();
+    let size = device.size();
 
     let opts = AttachOptions {
         mountpoint: dir.join("mnt"),
         threads: args.threads,
         connections: 4,
+        metrics: Some(export.metrics().clone()),
     };
     let mut attachment = Attachment::attach(method, device.clone(), runtime.handle(), &opts)?;
     let dev_path = attachment.device_path().to_path_buf();
@@ -295,7 +314,7 @@ fn serve_attached(
             Some(f.image().to_path_buf()),
             Some(f.mountpoint().join(attach::fuse_loop::STATS_NAME)),
         ),
-        Attachment::KernelNbd(_) => (None, None, None, None),
+        Attachment::KernelNbd(_) | Attachment::Ublk(_) => (None, None, None, None),
     };
     let me = std::process::id();
     let st = state::State {
@@ -312,8 +331,14 @@ fn serve_attached(
         backend: device.describe(),
         pid_file: args.pid_file.clone(),
     };
+    let nbd_shutdown = tokio_util::sync::CancellationToken::new();
     let setup = (|| -> Result<()> {
         state::write(dir, &st)?;
+        export.set_attach_path(Some(dev_path.display().to_string()));
+        {
+            let _in_runtime = runtime.enter();
+            daemon.start_control(None)?;
+        }
         if args.swap {
             attach::mkswap(&dev_path)?;
             attach::swapon(&dev_path)?;
@@ -323,13 +348,20 @@ fn serve_attached(
             std::fs::write(p, format!("{me}\n"))
                 .with_context(|| format!("writing pid file {}", p.display()))?;
         }
+        if !args.listen.is_empty() || !args.socket.is_empty() {
+            let urls = start_nbd(args, &runtime, &export, nbd_shutdown.clone())?;
+            daemon.set_listen(urls);
+        }
         Ok(())
     })();
     if let Err(e) = setup {
+        nbd_shutdown.cancel();
         if args.swap {
             let _ = attach::swapoff(&dev_path);
         }
         let _ = attachment.detach(true, Duration::from_secs(5));
+        stop_daemon.cancel();
+        let _ = runtime.block_on(daemon.stop());
         return Err(e);
     }
 
@@ -344,14 +376,15 @@ fn serve_attached(
         info!("daemon memory: {} resident (locked)", format_size(rss));
     }
 
-    let nbd_shutdown = tokio_util::sync::CancellationToken::new();
-    if !args.listen.is_empty() || !args.socket.is_empty() {
-        start_nbd(args, &runtime, device.clone(), nbd_shutdown.clone())?;
-    }
     notify.ready(&dev_path)?;
+    daemon.ready();
 
-    let result = main_loop(args, &runtime, &mut attachment, &device, &st, dir);
+    let result = main_loop(args, &runtime, signals, &mut attachment, &device, &st, dir);
     nbd_shutdown.cancel();
+    stop_daemon.cancel();
+    if let Err(e) = runtime.block_on(daemon.stop()) {
+        warn!("{e:#}");
+    }
     if let Some(p) = &args.pid_file {
         let _ = std::fs::remove_file(p);
     }
@@ -362,30 +395,32 @@ fn serve_attached(
     result
 }
 
-/// Serves the device over NBD too, through the NBD server's interface.
-///
-/// HOOK: this only calls `crate::nbd::server::serve` (written separately); attach adds
-/// nothing of its own to NBD.
+/// Serves the device over NBD too, through the NBD server's interface, counted on the
+/// same export; returns the addresses for status.
 fn start_nbd(
     args: &AttachArgs,
     runtime: &tokio::runtime::Runtime,
-    device: Arc<dyn crate::engine::BlockDevice>,
+    export: &crate::ops::ExportState,
     shutdown: tokio_util::sync::CancellationToken,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     use crate::nbd::server::{self, Export, Limits, Listener};
+    let mut urls = Vec::new();
     let listeners = runtime.block_on(async {
         let mut ls = Vec::new();
         for addr in &args.listen {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
+            urls.push(format!("nbd://{}", l.local_addr()?));
             ls.push(Listener::Tcp(l));
         }
         for path in &args.socket {
             ls.push(Listener::bind_unix(path)?);
+            urls.push(format!("nbd+unix:///?socket={}", path.display()));
         }
         Ok::<_, anyhow::Error>(ls)
     })?;
+    let device: Arc<dyn crate::engine::BlockDevice> = export.device.clone();
     let export = Export {
         name: String::new(),
         description: format!(
@@ -394,7 +429,7 @@ fn start_nbd(
             device.describe()
         ),
         device,
-        metrics: None,
+        metrics: Some(export.metrics().clone()),
     };
     let limits = Limits {
         max_connections: 64,
@@ -409,35 +444,53 @@ fn start_nbd(
             error!("NBD server stopped: {e:#}");
         }
     });
-    for a in &args.listen {
-        info!("also serving NBD on nbd://{a}");
+    for u in &urls {
+        info!("also serving NBD on {u}");
     }
-    for p in &args.socket {
-        info!("also serving NBD on nbd+unix:///?socket={}", p.display());
+    Ok(urls)
+}
+
+/// The signals the daemon acts on.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers. Done before the device path is printed: a SIGTERM (a
+    /// `vramdisk detach`) that arrives right after it must detach, not kill the daemon with
+    /// the device still attached. Signals that arrive before the main loop wait for it.
+    fn install(runtime: &tokio::runtime::Runtime) -> Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _g = runtime.enter();
+        // SIGHUP (the terminal went away) is a polite stop too: dying on it would turn
+        // every later I/O on the device into an error.
+        Ok(Signals {
+            int: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+            term: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+            hup: signal(SignalKind::hangup()).context("installing a SIGHUP handler")?,
+            usr1: signal(SignalKind::user_defined1()).context("installing a SIGUSR1 handler")?,
+        })
     }
-    Ok(())
 }
 
 fn main_loop(
     args: &AttachArgs,
     runtime: &tokio::runtime::Runtime,
+    signals: Signals,
     attachment: &mut Attachment,
     device: &Arc<dyn crate::engine::BlockDevice>,
     st: &state::State,
     dir: &Path,
 ) -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    // SIGHUP (the terminal went away) is a polite stop too: dying on it would turn every
-    // later I/O on the device into an error.
-    let (mut int, mut term, mut hup, mut usr1) = {
-        let _g = runtime.enter();
-        (
-            signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
-            signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
-            signal(SignalKind::hangup()).context("installing a SIGHUP handler")?,
-            signal(SignalKind::user_defined1()).context("installing a SIGUSR1 handler")?,
-        )
-    };
+    let Signals {
+        mut int,
+        mut term,
+        mut hup,
+        mut usr1,
+    } = signals;
     loop {
         let event = runtime.block_on(async {
             tokio::select! {

@@ -311,6 +311,39 @@ pub async fn serve(
     Ok(())
 }
 
+/// Serves the transmission phase alone on a connected socket whose peer skipped the
+/// handshake: the kernel's nbd driver, given sockets over netlink, negotiates nothing and
+/// starts sending requests at once. Replies are simple (the kernel knows no other kind) and
+/// `flags` are the transmission flags the peer was told. Returns when the peer sends
+/// `NBD_CMD_DISC`, closes the socket, or `shutdown` is cancelled; the error says why a
+/// connection was dropped for a protocol violation or a failed socket.
+pub async fn serve_transmission_only(
+    stream: UnixStream,
+    export: &Export,
+    flags: u16,
+    limits: &Limits,
+    shutdown: &CancellationToken,
+) -> Result<u64> {
+    let neg = handshake::Negotiated {
+        export: 0,
+        framing: Framing::Simple,
+        allocation_context: None,
+        flags,
+    };
+    let _counted = export.metrics.as_ref().map(|m| m.connection());
+    let (rd, wr) = stream.into_split();
+    // No busy polling: these connections share the caller's runtime threads with the others.
+    let summary = transmission::run(rd, wr, export, &neg, limits, Duration::ZERO, shutdown).await;
+    match summary.ended {
+        transmission::Ended::Protocol(_)
+        | transmission::Ended::ReadFailed(_)
+        | transmission::Ended::WriteFailed => {
+            bail!("{} after {} requests", summary.ended, summary.requests)
+        }
+        _ => Ok(summary.requests),
+    }
+}
+
 /// A connected byte stream that splits into independently owned halves, and moves
 /// between runtimes through its std form (it belongs to the reactor of the runtime it was
 /// made on).

@@ -30,13 +30,13 @@ use super::server::{Export, Limits};
 use crate::engine::{BlockDevice, Capabilities, Extent, IoBuf, IoError, ZeroFlags};
 use nix::errno::Errno;
 use nix::sys::socket::{MsgFlags, recv};
-use std::cell::Cell;
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -118,24 +118,38 @@ impl Poller {
 }
 
 thread_local! {
-    /// Connections in the transmission phase on this thread (each runs on one thread from
-    /// start to end: see `server::Workers`).
-    static CONNECTIONS_HERE: Cell<usize> = const { Cell::new(0) };
+    /// Connections in the transmission phase on this thread. The server's connections stay
+    /// on one thread from start to end (see `server::Workers`).
+    static CONNECTIONS_HERE: Arc<AtomicUsize> = Arc::new(AtomicUsize::new(0));
 }
 
-/// Counts a connection on this thread while it lives.
-struct HereGuard;
+/// Counts a connection on the thread it started on, while it lives.
+struct HereGuard {
+    count: Arc<AtomicUsize>,
+    thread: std::thread::ThreadId,
+}
 
 impl HereGuard {
     fn new() -> Self {
-        CONNECTIONS_HERE.with(|c| c.set(c.get() + 1));
-        HereGuard
+        let count = CONNECTIONS_HERE.with(Arc::clone);
+        count.fetch_add(1, Ordering::Relaxed);
+        HereGuard {
+            count,
+            thread: std::thread::current().id(),
+        }
+    }
+
+    /// This connection is the only one on this thread (and still on the thread it started
+    /// on: a task of a work-stealing runtime may have moved).
+    fn alone(&self) -> bool {
+        self.count.load(Ordering::Relaxed) == 1 && std::thread::current().id() == self.thread
     }
 }
 
 impl Drop for HereGuard {
     fn drop(&mut self) {
-        CONNECTIONS_HERE.with(|c| c.set(c.get() - 1));
+        // The count of the thread it started on, wherever the task is now.
+        self.count.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -641,6 +655,7 @@ struct Conn<R, S> {
     extents: Vec<Extent>,
     requests: u64,
     poller: Poller,
+    here: HereGuard,
 }
 
 /// Runs the transmission phase on a connection whose handshake chose `export`, polling
@@ -658,7 +673,6 @@ where
     R: Source,
     S: Sink,
 {
-    let _here = HereGuard::new();
     let sink = Arc::new(sink);
     let out = Arc::new(Outbox {
         state: Mutex::new(OutState::default()),
@@ -689,6 +703,7 @@ where
         extents: Vec::new(),
         requests: 0,
         poller: Poller::new(busy_poll),
+        here: HereGuard::new(),
     };
     let ended = conn.serve(shutdown).await;
     let hard = ended.is_violation() || matches!(ended, Ended::ReadFailed(_) | Ended::WriteFailed);
@@ -786,9 +801,7 @@ impl<R: Source, S: Sink> Conn<R, S> {
 
     /// Whether waiting for the client may start with a poll (see [`Poller`]).
     fn may_poll(&self) -> bool {
-        !self.poller.budget.is_zero()
-            && CONNECTIONS_HERE.with(Cell::get) == 1
-            && self.out.lock().ops == 0
+        !self.poller.budget.is_zero() && self.here.alone() && self.out.lock().ops == 0
     }
 
     /// Writes the reader's batch now, as far as the socket takes it without waiting; the
