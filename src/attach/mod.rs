@@ -3,9 +3,10 @@
 //! Three methods, chosen at run time by what the kernel offers (`--via auto`) or by name:
 //!
 //! - [`fuse_loop`]: a FUSE file with a loop device on it. Needs only FUSE and loop, which
-//!   every machine we have offers; this is what `auto` picks today.
+//!   every machine we have offers, and the only method run end to end so far: `auto` picks
+//!   it wherever it works.
 //! - [`kernel_nbd`]: the kernel's nbd driver, given socketpairs to the in-process NBD server
-//!   over generic netlink. Where `/dev/nbd0` and its netlink interface exist.
+//!   over generic netlink. Where the nbd module and its netlink family are loaded.
 //! - [`ublk`]: the kernel's ublk driver, where `/dev/ublk-control` exists and the build has
 //!   the cargo feature `ublk`.
 //!
@@ -63,7 +64,9 @@ impl Method {
 }
 
 /// The method `via` asks for, or one sentence saying why it cannot be used here.
-/// `auto` prefers ublk, then kernel nbd (no FUSE round trip), then FUSE + loop.
+/// `auto` prefers FUSE + loop, then kernel nbd, then ublk. The other two skip FUSE's round
+/// trip and should be faster, but no machine here has their drivers, so they have not run
+/// end to end yet; until they have, a user gets them only by asking (`--via`).
 pub fn choose(via: Via) -> Result<(Method, String)> {
     match via {
         Via::Fuse => match fuse_loop::unavailable() {
@@ -80,21 +83,23 @@ pub fn choose(via: Via) -> Result<(Method, String)> {
         },
         Via::Auto => {
             let mut why_not = Vec::new();
-            match ublk::unavailable() {
-                None => return Ok((Method::Ublk, "ublk".into())),
-                Some(w) => why_not.push(format!("not ublk: {w}")),
+            match fuse_loop::unavailable() {
+                None => return Ok((Method::FuseLoop, "FUSE + loop".into())),
+                Some(w) => why_not.push(format!("not FUSE + loop: {w}")),
             }
             match kernel_nbd::unavailable() {
-                None => return Ok((Method::KernelNbd, "kernel nbd".into())),
+                None => {
+                    return Ok((
+                        Method::KernelNbd,
+                        format!("kernel nbd ({})", why_not.join("; ")),
+                    ));
+                }
                 Some(w) => why_not.push(format!("not nbd: {w}")),
             }
-            match fuse_loop::unavailable() {
-                None => Ok((
-                    Method::FuseLoop,
-                    format!("FUSE + loop ({})", why_not.join("; ")),
-                )),
+            match ublk::unavailable() {
+                None => Ok((Method::Ublk, format!("ublk ({})", why_not.join("; ")))),
                 Some(w) => bail!(
-                    "no attach method works on this machine: {w}; {}",
+                    "no attach method works on this machine: {}; not ublk: {w}",
                     why_not.join("; ")
                 ),
             }
