@@ -2,8 +2,8 @@
 
 use super::chunk_map::{Allocated, Segment};
 use super::{
-    Backend, BlockDevice, BufferPool, Capabilities, ChunkMap, DeviceStats, Extent, IoError,
-    IoResult, ZeroFlags, check_range,
+    Backend, BlockDevice, BufferBudget, BufferPool, Capabilities, ChunkMap, DeviceStats, Extent,
+    IoError, IoResult, ZeroFlags, check_range,
 };
 use async_trait::async_trait;
 use futures::future::try_join_all;
@@ -23,8 +23,12 @@ pub struct SparseOptions {
     /// Allocate every chunk at start and never free one (no allocation on the I/O path,
     /// as swap needs); TRIM then zeroes instead of freeing.
     pub preallocate: bool,
-    /// Most bytes of I/O buffers in use at once, process-wide for this device.
+    /// Most bytes of I/O buffers in use at once for this device; ignored when
+    /// `buffer_budget` is given.
     pub buffer_limit: usize,
+    /// A budget for I/O buffers shared with other devices (the daemon's `--buffer-memory`
+    /// covers all its exports together).
+    pub buffer_budget: Option<BufferBudget>,
     /// Largest payload of one request.
     pub max_request: u32,
 }
@@ -39,6 +43,7 @@ impl SparseOptions {
             read_only: false,
             preallocate: false,
             buffer_limit: 1 << 30,
+            buffer_budget: None,
             max_request: 32 << 20,
         }
     }
@@ -56,7 +61,11 @@ pub struct SparseDevice<B: Backend> {
 impl<B: Backend> SparseDevice<B> {
     /// Builds the device; with `preallocate`, takes all its memory now and fails if it can't.
     pub fn new(backend: B, opts: SparseOptions) -> IoResult<Self> {
-        let buffers = BufferPool::new(backend.host_allocator(), opts.buffer_limit);
+        let budget = opts
+            .buffer_budget
+            .clone()
+            .unwrap_or_else(|| BufferBudget::new(opts.buffer_limit));
+        let buffers = BufferPool::with_budget(backend.host_allocator(), budget);
         let map = ChunkMap::new(opts.size, opts.chunk_size, opts.max_memory);
         let dev = SparseDevice {
             backend,

@@ -140,6 +140,7 @@ async fn drive(input: &[u8], exports: &[Export]) {
         inflight_bytes: 1 << 20,
         handshake_timeout: Duration::from_secs(5),
         max_per_client: 1,
+        client_inflight_bytes: 1 << 20,
         tls: None,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -148,7 +149,7 @@ async fn drive(input: &[u8], exports: &[Export]) {
         let neg = handshake::negotiate(&mut server, exports, "fuzz", TlsMode::Off).await;
         if let Ok(Outcome::Transmission(n)) = neg {
             let (rd, wr) = server.into_split();
-            transmission::run(rd, wr, &exports[n.export], &n, &limits, &shutdown).await;
+            transmission::run(rd, wr, &exports[n.export], &n, &limits, None, &shutdown).await;
         }
     };
     let talk = async {

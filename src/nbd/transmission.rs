@@ -20,14 +20,17 @@
 //! (the `busy` flag of [`Outbox`]) keeps the byte stream in order.
 //!
 //! Backpressure: every request holds permits of a per-connection semaphore sized by
-//! [`Limits::inflight_bytes`] (its data bytes plus a fixed overhead) until its reply is
-//! written; when the budget is spent the reader stops reading, and TCP pushes back on the
-//! client. Buffers come from the device's bounded pool, which caps memory process-wide.
+//! [`Limits::inflight_bytes`] (the I/O buffer its data takes plus a fixed overhead) until
+//! its reply is written, and as many of its client's semaphore, which all connections from
+//! one source share ([`Limits::client_inflight_bytes`]); when either budget is spent the
+//! reader stops reading, and TCP pushes back on the client. Buffers come from the devices'
+//! bounded pool (`--buffer-memory`), which caps memory daemon-wide; the client budget keeps
+//! one client, however many connections it opens, from taking all of it.
 
 use super::handshake::{BlockSizes, Negotiated};
 use super::proto::{self, Frame, Framing, NbdError, Request, StatusDescriptor};
 use super::server::{Export, Limits};
-use crate::engine::{BlockDevice, Capabilities, Extent, IoBuf, IoError, ZeroFlags};
+use crate::engine::{BlockDevice, BufferPool, Capabilities, Extent, IoBuf, IoError, ZeroFlags};
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
@@ -116,7 +119,14 @@ pub(crate) struct Summary {
 /// A reply ready to be written, holding its request's budget until it is.
 pub(crate) struct Reply {
     body: Body,
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: Option<Permit>,
+}
+
+/// The budget a request holds until its reply is written: its connection's, and its
+/// client's.
+pub(crate) struct Permit {
+    _conn: OwnedSemaphorePermit,
+    _client: Option<OwnedSemaphorePermit>,
 }
 
 enum Body {
@@ -142,7 +152,7 @@ enum Part {
 }
 
 impl Reply {
-    fn new(body: Body, permit: Option<OwnedSemaphorePermit>) -> Self {
+    fn new(body: Body, permit: Option<Permit>) -> Self {
         Reply {
             body,
             _permit: permit,
@@ -525,6 +535,9 @@ struct Conn<R, S> {
     discard_limit: u64,
     budget: Arc<Semaphore>,
     budget_max: u64,
+    /// The budget shared by every connection of this client, if any.
+    client_budget: Option<Arc<Semaphore>>,
+    client_max: u64,
     extents: Vec<Extent>,
     requests: u64,
 }
@@ -536,6 +549,7 @@ pub(crate) async fn run<R, S>(
     export: &Export,
     neg: &Negotiated,
     limits: &Limits,
+    client_budget: Option<Arc<Semaphore>>,
     shutdown: &CancellationToken,
 ) -> Summary
 where
@@ -570,6 +584,10 @@ where
         discard_limit: (2 * max_payload).max(MIN_DISCARD_LIMIT),
         budget: Arc::new(Semaphore::new(budget_max as usize)),
         budget_max,
+        client_max: client_budget.as_ref().map_or(0, |_| {
+            (limits.client_inflight_bytes as u64).clamp(1 << 20, Semaphore::MAX_PERMITS as u64)
+        }),
+        client_budget,
         extents: Vec::new(),
         requests: 0,
     };
@@ -615,7 +633,6 @@ enum Next {
 }
 
 type OpResult = Result<(), Ended>;
-type Permit = OwnedSemaphorePermit;
 
 impl<R: AsyncRead + Unpin, S: Sink> Conn<R, S> {
     fn extended(&self) -> bool {
@@ -739,7 +756,7 @@ impl<R: AsyncRead + Unpin, S: Sink> Conn<R, S> {
         self.batch.push_back(reply);
     }
 
-    fn send(&mut self, body: Body, permit: Option<OwnedSemaphorePermit>) {
+    fn send(&mut self, body: Body, permit: Option<Permit>) {
         self.push(Reply::new(body, permit));
     }
 
@@ -776,16 +793,40 @@ impl<R: AsyncRead + Unpin, S: Sink> Conn<R, S> {
     }
 
     async fn permit(&mut self, data: u64) -> Result<Permit, Ended> {
-        let n = (data + REQUEST_OVERHEAD).min(self.budget_max) as u32;
-        if let Ok(p) = self.budget.clone().try_acquire_many_owned(n) {
-            return Ok(p);
-        }
-        self.flush_replies();
-        self.budget
-            .clone()
-            .acquire_many_owned(n)
-            .await
-            .map_err(|_| Ended::Protocol("in-flight budget closed".into()))
+        let closed = |_| Ended::Protocol("in-flight budget closed".into());
+        let want = data + REQUEST_OVERHEAD;
+        let n = want.min(self.budget_max) as u32;
+        let conn = match self.budget.clone().try_acquire_many_owned(n) {
+            Ok(p) => p,
+            Err(_) => {
+                self.flush_replies();
+                self.budget
+                    .clone()
+                    .acquire_many_owned(n)
+                    .await
+                    .map_err(closed)?
+            }
+        };
+        let n = want.min(self.client_max) as u32;
+        let client = match self
+            .client_budget
+            .as_ref()
+            .map(|b| b.clone().try_acquire_many_owned(n))
+        {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(_)) => {
+                // The client's other connections hold its share: wait for their replies
+                // to go out, as for this connection's own budget.
+                self.flush_replies();
+                let b = self.client_budget.clone().expect("checked above");
+                Some(b.acquire_many_owned(n).await.map_err(closed)?)
+            }
+        };
+        Ok(Permit {
+            _conn: conn,
+            _client: client,
+        })
     }
 
     async fn buffer(&mut self, len: u64) -> Result<IoBuf, IoError> {
@@ -893,11 +934,18 @@ impl<R: AsyncRead + Unpin, S: Sink> Conn<R, S> {
         )
     }
 
-    /// Data bytes a request will hold while in flight, as far as the header tells; refused
-    /// requests count for nothing beyond the fixed overhead.
+    /// Bytes of I/O buffer a request will hold while in flight, as far as the header tells
+    /// (buffers come in power-of-two sizes, so a budget counted in buffers bounds memory);
+    /// refused requests count for nothing beyond the fixed overhead.
     fn data_charge(&self, req: &Request) -> u64 {
         match req.command {
-            proto::CMD_READ | proto::CMD_WRITE if req.length <= self.max_payload => req.length,
+            proto::CMD_READ | proto::CMD_WRITE if req.length <= self.max_payload => {
+                if req.length == 0 {
+                    0
+                } else {
+                    BufferPool::charge(req.length as usize) as u64
+                }
+            }
             _ => 0,
         }
     }
@@ -1425,11 +1473,21 @@ mod tests {
             inflight_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(5),
             max_per_client: 1,
+            client_inflight_bytes: 64 << 20,
             tls: None,
         };
         let task = tokio::spawn(async move {
             let (rd, wr) = server.into_split();
-            run(rd, wr, &export, &neg, &limits, &CancellationToken::new()).await
+            run(
+                rd,
+                wr,
+                &export,
+                &neg,
+                &limits,
+                None,
+                &CancellationToken::new(),
+            )
+            .await
         });
         (client, task)
     }
@@ -1767,12 +1825,22 @@ mod tests {
             inflight_bytes: 1 << 20,
             handshake_timeout: Duration::from_secs(5),
             max_per_client: 1,
+            client_inflight_bytes: 64 << 20,
             tls: None,
         };
         let pool = export.device.buffers().clone();
         let task = tokio::spawn(async move {
             let (rd, wr) = server.into_split();
-            run(rd, wr, &export, &neg, &limits, &CancellationToken::new()).await
+            run(
+                rd,
+                wr,
+                &export,
+                &neg,
+                &limits,
+                None,
+                &CancellationToken::new(),
+            )
+            .await
         });
         let (mut crd, mut cwr) = c.into_split();
         let sender = tokio::spawn(async move {
@@ -1831,11 +1899,21 @@ mod tests {
             inflight_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(5),
             max_per_client: 1,
+            client_inflight_bytes: 64 << 20,
             tls: None,
         };
         let task = tokio::spawn(async move {
             let (rd, wr) = server.into_split();
-            run(rd, wr, &export, &neg, &limits, &CancellationToken::new()).await
+            run(
+                rd,
+                wr,
+                &export,
+                &neg,
+                &limits,
+                None,
+                &CancellationToken::new(),
+            )
+            .await
         });
         let mut c = c;
         let mut w = Vec::new();
