@@ -320,7 +320,15 @@ impl Client {
                 } else if !self.settling
                     && (0..BLOCK).all(|i| data[i] == want[i] || data[i] == new[i])
                 {
-                    t.torn.fetch_add(1, Ordering::Relaxed);
+                    // Legal, and rare: worth seeing what it looked like.
+                    if t.torn.fetch_add(1, Ordering::Relaxed) < 10 {
+                        eprintln!(
+                            "torn read (legal) client {} block {global}, version {cur} with the \
+                             killed {killed} landing: {}",
+                            self.id,
+                            self.describe(global, data)
+                        );
+                    }
                 } else {
                     let when = if self.settling {
                         "after its connection ended"
