@@ -1,7 +1,8 @@
 //! Hand-crafted hostile clients on raw sockets: wrong magic, truncated headers, writes that
 //! promise more payload than they send, oversized payloads and options, lengths that overflow
 //! the offset, unknown commands, option floods, disconnects with requests in flight, a
-//! client that never reads its replies, idle and greedy connections, SIGTERM under a
+//! client that never reads its replies, idle and greedy connections, a greedy client that
+//! tries to take every I/O buffer over many connections, SIGTERM under a
 //! pipelined load. Each gets the spec's error or a closed connection; after each, the
 //! server is alive, a bystander client that stayed connected reads back its own data, and
 //! nothing outside the hostile request's range has changed.
@@ -693,6 +694,142 @@ fn read_full(s: &mut Box<dyn common::RawStream>, buf: &mut [u8]) -> Result<bool,
     Ok(true)
 }
 
+/// A TCP connection to `srv`'s TCP listener from the local address `from` (127.0.0.x), so
+/// that the server counts it as another client than 127.0.0.1.
+fn tcp_from(port: u16, from: &str, write_timeout: Duration) -> Box<dyn common::RawStream> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{from}:0").parse().unwrap())
+            .expect("binding a second loopback address");
+        sock.connect(([127, 0, 0, 1], port).into())
+            .await
+            .expect("connecting from a second loopback address")
+    });
+    let s = s.into_std().unwrap();
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(write_timeout)).unwrap();
+    Box::new(s)
+}
+
+/// One greedy client on many connections tries to take every I/O buffer of the daemon:
+/// half its connections ask for 32 MiB reads and never read the replies, the other half
+/// send 32 MiB write headers and never finish the payload. Another client (another
+/// source: a TCP address, or a Unix socket user) still gets buffers for its own 32 MiB
+/// requests at once, because one client may hold at most its share
+/// (`--client-inflight-memory`, by default half of `--buffer-memory`).
+fn greedy_client_does_not_starve_others(transport: Transport) {
+    if common::standin_skips("vramdisk's buffer memory shares") {
+        return;
+    }
+    // The greedy client comes over `transport`; the bystander over TCP from 127.0.0.1,
+    // so the two are different sources on either transport. Over TCP, the greedy client
+    // connects from 127.0.0.2.
+    let sock = tempfile::tempdir().unwrap();
+    let sock_path = sock.path().join("greedy.sock");
+    let mut c = ServerConfig::sized(EXPORT);
+    c.extra_args = [
+        "--buffer-memory",
+        "256M",
+        "--inflight-memory",
+        "32M",
+        "--socket",
+        sock_path.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut srv = Server::start(c, Transport::Tcp);
+    let common::Endpoint::Tcp(port) = *srv.endpoint() else {
+        unreachable!("started on TCP")
+    };
+    let mut by = Bystander::new(&srv);
+    let base = rss_kib(srv.pid());
+    let greedy_stream = || -> Box<dyn common::RawStream> {
+        match transport {
+            Transport::Tcp => tcp_from(port, "127.0.0.2", Duration::from_secs(1)),
+            Transport::Unix => {
+                let s = std::os::unix::net::UnixStream::connect(&sock_path).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+                Box::new(s)
+            }
+        }
+    };
+    // 16 connections of 32 MiB each would take 512 MiB, twice the daemon's buffers.
+    let mut greedy = Vec::new();
+    for i in 0..16u64 {
+        let mut g = Conn { s: greedy_stream() };
+        assert_eq!(&g.bytes(18)[..8], b"NBDMAGIC");
+        g.send(&3u32.to_be_bytes());
+        g.option(OPT_GO, &[0; 6]);
+        while g.option_reply(OPT_GO).0 != REP_ACK {}
+        if i % 2 == 0 {
+            let reads: Vec<u8> = (0..4u64)
+                .flat_map(|k| header(CMD_READ, k, k * 32 * MIB % EXPORT, 32 << 20))
+                .collect();
+            g.send(&reads);
+        } else {
+            g.send(&header(CMD_WRITE, 1, 0, 32 << 20));
+            // Only part of it fits in the socket unless the server reads, and it may not
+            // (that is the point): a short wait, and on.
+            let _ = g.s.write_all(&vec![0x66; MIB as usize]);
+        }
+        greedy.push(g);
+    }
+    // The greedy client has taken what it may.
+    std::thread::sleep(Duration::from_millis(1500));
+    let taken = rss_kib(srv.pid()).saturating_sub(base);
+    // The bystander's big requests get their buffers at once.
+    for round in 0..3u64 {
+        let data = common::random_bytes(32 << 20);
+        let t0 = Instant::now();
+        by.c.write(TARGET - GUARD, &data[..(MIB + 2 * GUARD) as usize])
+            .unwrap();
+        by.c.write(16 * MIB, &data).unwrap();
+        assert_eq!(by.c.read(16 * MIB, 32 << 20).unwrap(), data);
+        let took = t0.elapsed();
+        assert!(
+            took < Duration::from_secs(3),
+            "round {round}: the bystander's 32 MiB requests took {took:?} beside a greedy client"
+        );
+        by.target
+            .copy_from_slice(&data[..(MIB + 2 * GUARD) as usize]);
+    }
+    // A third source gets in and is served too.
+    let mut third = Conn {
+        s: tcp_from(port, "127.0.0.3", Duration::from_secs(10)),
+    };
+    assert_eq!(&third.bytes(18)[..8], b"NBDMAGIC");
+    third.send(&3u32.to_be_bytes());
+    third.option(OPT_GO, &[0; 6]);
+    while third.option_reply(OPT_GO).0 != REP_ACK {}
+    third
+        .read(0, 32 << 20)
+        .expect("a third client reads 32 MiB");
+    // The greedy client did fill buffers (so the test tested something), but no more than
+    // its share of 128 MiB: without the share, its 8 readers alone fill 256 MiB.
+    assert!(
+        taken > 32 << 10,
+        "the greedy client took only {} MiB",
+        taken >> 10
+    );
+    assert!(
+        taken < 160 << 10,
+        "the greedy client took {} MiB of the 256 MiB",
+        taken >> 10
+    );
+    by.check(&mut srv, "a greedy client", None);
+    drop(greedy);
+    drop(third);
+    by.check(&mut srv, "the greedy client leaving", None);
+    assert_connections_all_closed(&mut srv, 1);
+}
+
 over_both_transports! {
     bad_magic_and_truncated_headers => bad_magic_and_truncation;
     payloads_cut_short_or_too_large => short_and_oversized_payloads;
@@ -704,4 +841,5 @@ over_both_transports! {
     read_only_exports_refuse_every_change => read_only_refuses_changes;
     sigterm_with_128_pipelined_requests => sigterm_with_pipelined_requests;
     vanished_clients_give_their_connection_slot_back => vanished_clients_free_their_slots;
+    a_greedy_client_does_not_starve_others => greedy_client_does_not_starve_others;
 }

@@ -109,6 +109,8 @@ pub async fn serve_connection(
         inflight_bytes: INFLIGHT_PER_CONNECTION,
         handshake_timeout: std::time::Duration::from_secs(30),
         max_per_client: 1,
+        // One connection of the kernel's several; the device's buffer pool bounds them all.
+        client_inflight_bytes: INFLIGHT_PER_CONNECTION,
         tls: None,
         busy_poll: std::time::Duration::ZERO,
     };

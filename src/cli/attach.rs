@@ -436,6 +436,8 @@ fn start_nbd(
         inflight_bytes: 128 << 20,
         handshake_timeout: Duration::from_secs(30),
         max_per_client: 64,
+        // One client may hold half the device's buffers, as `serve` allows by default.
+        client_inflight_bytes: usize::try_from(args.device.buffer_memory / 2).unwrap_or(usize::MAX),
         tls: None,
         busy_poll: Duration::from_micros(server::DEFAULT_BUSY_POLL_US),
     };

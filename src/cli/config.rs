@@ -77,6 +77,7 @@ struct ServerSection {
     socket: Option<OneOrMany>,
     max_connections: Option<u64>,
     inflight_memory: Option<Size>,
+    client_inflight_memory: Option<Size>,
     handshake_timeout: Option<u64>,
     max_connections_per_client: Option<u64>,
     busy_poll: Option<u64>,
@@ -185,6 +186,9 @@ fn file_argv(path: &Path) -> Result<(Vec<String>, Vec<ExportOverride>)> {
     }
     if let Some(v) = &s.inflight_memory {
         argv.push(format!("--inflight-memory={}", v.arg()));
+    }
+    if let Some(v) = &s.client_inflight_memory {
+        argv.push(format!("--client-inflight-memory={}", v.arg()));
     }
     if let Some(v) = s.handshake_timeout {
         argv.push(format!("--handshake-timeout={v}"));
@@ -368,6 +372,11 @@ pub fn build_devices(
     let specs = device.export_specs()?;
     let mut out = Vec::new();
     let mut logged = None;
+    // --buffer-memory bounds the buffers of every export together; an export given its own
+    // buffer_memory in the config file has a budget of its own.
+    let shared = crate::engine::BufferBudget::new(
+        usize::try_from(device.buffer_memory).unwrap_or(usize::MAX),
+    );
     for (i, spec) in specs.into_iter().enumerate() {
         let ov = overrides.iter().find(|o| o.name == spec.name);
         let mut dev_args = match ov {
@@ -393,7 +402,8 @@ pub fn build_devices(
         if read_only_view {
             dev_args.read_only = false;
         }
-        for d in dev_args.build(backend)? {
+        let budget = (dev_args.buffer_memory == device.buffer_memory).then(|| shared.clone());
+        for d in dev_args.build_sharing(backend, budget)? {
             out.push(crate::ops::ManagedDevice {
                 name: d.name,
                 device: d.device,

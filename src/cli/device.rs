@@ -84,7 +84,7 @@ pub struct DeviceArgs {
     #[arg(long, value_name = "SIZE", value_parser = size_arg)]
     pub keep_free: Option<u64>,
 
-    /// Most memory used for I/O buffers in flight, per device.
+    /// Most memory used for I/O buffers in flight, all exports together.
     #[arg(long, value_name = "SIZE", value_parser = size_arg, default_value = "1G")]
     pub buffer_memory: u64,
 }
@@ -174,8 +174,18 @@ impl DeviceArgs {
         }
     }
 
-    /// Builds every device these arguments ask for, default export first.
+    /// Builds every device these arguments ask for, default export first; their I/O
+    /// buffers share one budget of --buffer-memory.
     pub fn build(&self, backend: BackendKind) -> Result<Vec<NamedDevice>> {
+        self.build_sharing(backend, None)
+    }
+
+    /// Like [`DeviceArgs::build`], with the buffers counted against `budget` when given.
+    pub fn build_sharing(
+        &self,
+        backend: BackendKind,
+        budget: Option<crate::engine::BufferBudget>,
+    ) -> Result<Vec<NamedDevice>> {
         let specs = self.export_specs()?;
         if backend == BackendKind::Host && (!self.gpu.is_empty() || self.keep_free.is_some()) {
             bail!("--gpu and --keep-free apply to GPU memory: drop them or use --backend cuda");
@@ -185,8 +195,15 @@ impl DeviceArgs {
             crate::engine::cuda::gpus(&self.gpu)?;
         }
         let mut devices = Vec::new();
+        // One budget for every export's buffers: --buffer-memory bounds the daemon.
+        let budget = budget.unwrap_or_else(|| {
+            crate::engine::BufferBudget::new(
+                usize::try_from(self.buffer_memory).unwrap_or(usize::MAX),
+            )
+        });
         for spec in specs {
-            let opts = self.options(spec.size)?;
+            let mut opts = self.options(spec.size)?;
+            opts.buffer_budget = Some(budget.clone());
             let device: Arc<dyn BlockDevice> = match backend {
                 BackendKind::Host => Arc::new(
                     SparseDevice::new(HostBackend::new(), opts)

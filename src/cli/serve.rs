@@ -34,6 +34,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = super::size::parse_size, default_value = "128M")]
     inflight_memory: u64,
 
+    /// Most payload bytes in flight over all connections of one client address (TCP) or
+    /// one user (Unix socket), so that one client cannot take every I/O buffer of the
+    /// daemon. Default: half of --buffer-memory.
+    #[arg(long, value_name = "SIZE", value_parser = super::size::parse_size)]
+    client_inflight_memory: Option<u64>,
+
     /// Seconds a new client has to finish the handshake (TLS included); one that sends
     /// nothing is dropped then.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
@@ -211,6 +217,26 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
             format_size(args.device.buffer_memory)
         );
     }
+    let client_inflight = args
+        .client_inflight_memory
+        .unwrap_or(args.device.buffer_memory / 2);
+    if client_inflight > args.device.buffer_memory / 2 {
+        bail!(
+            "--client-inflight-memory {} is more than half of --buffer-memory {}: one client \
+             could take every I/O buffer and stall the others; lower --client-inflight-memory \
+             or raise --buffer-memory",
+            format_size(client_inflight),
+            format_size(args.device.buffer_memory)
+        );
+    }
+    if args.inflight_memory > client_inflight {
+        bail!(
+            "--inflight-memory {} is more than --client-inflight-memory {}: a connection could \
+             never use its budget; lower --inflight-memory or raise --client-inflight-memory",
+            format_size(args.inflight_memory),
+            format_size(client_inflight)
+        );
+    }
     let devices = super::config::build_devices(&args.device, &args.ops, &overrides)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -293,6 +319,7 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
         let limits = Limits {
             max_connections: args.max_connections.max(1),
             inflight_bytes: args.inflight_memory as usize,
+            client_inflight_bytes: usize::try_from(client_inflight).unwrap_or(usize::MAX),
             handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
             max_per_client: args.max_connections_per_client.max(1),
             tls,

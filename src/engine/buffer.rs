@@ -4,8 +4,9 @@
 //! classes (powers of two from 4 KiB) and go back to their class on drop, so the I/O path
 //! does not allocate once warm: large `malloc`s would `mmap` and fault on every request, and
 //! pinned CUDA allocations cost milliseconds. The pool's byte budget bounds the memory held by
-//! buffers in flight across the whole process; [`BufferPool::get`] waits for budget instead
-//! of growing without limit.
+//! buffers in flight; [`BufferPool::get`] waits for budget instead of growing without limit.
+//! Several pools (one per device) may share one [`BufferBudget`], which then bounds them all
+//! together: the daemon's `--buffer-memory`.
 
 use super::{HostAllocator, IoError, IoResult};
 use std::ops::{Deref, DerefMut};
@@ -28,8 +29,45 @@ unsafe impl Send for FreeBuf {}
 struct PoolInner {
     allocator: Arc<dyn HostAllocator>,
     free: Vec<Mutex<Vec<FreeBuf>>>,
-    budget: Arc<Semaphore>,
+    budget: BufferBudget,
+}
+
+/// Bytes of I/O buffers that may be handed out at once, shared by every pool made with it.
+/// Buffers are charged their whole size class ([`BufferPool::charge`]). Cheap to clone.
+#[derive(Clone)]
+pub struct BufferBudget {
+    permits: Arc<Semaphore>,
     limit: usize,
+}
+
+impl BufferBudget {
+    /// A budget of `limit` bytes (at least one 4 KiB buffer).
+    pub fn new(limit: usize) -> Self {
+        let limit = limit.clamp(1 << MIN_CLASS_SHIFT, Semaphore::MAX_PERMITS);
+        BufferBudget {
+            permits: Arc::new(Semaphore::new(limit)),
+            limit,
+        }
+    }
+
+    /// The most bytes handed out at once.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Bytes not handed out now.
+    pub fn available(&self) -> usize {
+        self.permits.available_permits()
+    }
+}
+
+impl std::fmt::Debug for BufferBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BufferBudget")
+            .field("limit", &self.limit)
+            .field("available", &self.available())
+            .finish()
+    }
 }
 
 /// A bounded pool of I/O buffers backed by a [`HostAllocator`]. Cheap to clone.
@@ -41,7 +79,7 @@ pub struct BufferPool {
 impl std::fmt::Debug for BufferPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BufferPool")
-            .field("limit", &self.inner.limit)
+            .field("budget", &self.inner.budget)
             .finish()
     }
 }
@@ -59,20 +97,34 @@ fn class_size(class: usize) -> usize {
 impl BufferPool {
     /// A pool that holds at most `limit` bytes in buffers handed out at once.
     pub fn new(allocator: Arc<dyn HostAllocator>, limit: usize) -> Self {
-        let limit = limit.clamp(1 << MIN_CLASS_SHIFT, Semaphore::MAX_PERMITS);
+        Self::with_budget(allocator, BufferBudget::new(limit))
+    }
+
+    /// A pool whose buffers count against `budget`, which other pools may share.
+    pub fn with_budget(allocator: Arc<dyn HostAllocator>, budget: BufferBudget) -> Self {
         BufferPool {
             inner: Arc::new(PoolInner {
                 allocator,
                 free: (0..CLASSES).map(|_| Mutex::new(Vec::new())).collect(),
-                budget: Arc::new(Semaphore::new(limit)),
-                limit,
+                budget,
             }),
         }
     }
 
-    /// The most bytes this pool hands out at once.
+    /// The most bytes this pool (with any sharing its budget) hands out at once.
     pub fn limit(&self) -> usize {
-        self.inner.limit
+        self.inner.budget.limit
+    }
+
+    /// The budget this pool's buffers count against.
+    pub fn budget(&self) -> &BufferBudget {
+        &self.inner.budget
+    }
+
+    /// Bytes of budget a buffer of `len` bytes takes: its size class, a power of two of at
+    /// least 4 KiB (`usize::MAX` beyond the largest class).
+    pub fn charge(len: usize) -> usize {
+        class_of(len).map_or(usize::MAX, class_size)
     }
 
     /// A buffer of `len` bytes (contents unspecified), waiting while the pool's budget is
@@ -82,6 +134,7 @@ impl BufferPool {
         let permit = self
             .inner
             .budget
+            .permits
             .clone()
             .acquire_many_owned(size as u32)
             .await
@@ -95,6 +148,7 @@ impl BufferPool {
         match self
             .inner
             .budget
+            .permits
             .clone()
             .try_acquire_many_owned(size as u32)
         {
@@ -107,10 +161,10 @@ impl BufferPool {
         let class = class_of(len)
             .ok_or_else(|| IoError::Backend(format!("I/O buffer of {len} bytes is too large")))?;
         let size = class_size(class);
-        if size > self.inner.limit || size > u32::MAX as usize {
+        if size > self.inner.budget.limit || size > u32::MAX as usize {
             return Err(IoError::Backend(format!(
                 "I/O buffer of {len} bytes exceeds the buffer pool limit of {} bytes",
-                self.inner.limit
+                self.inner.budget.limit
             )));
         }
         Ok((class, size))
@@ -236,5 +290,25 @@ mod tests {
         let b = pool.get(33 << 10).await.unwrap();
         assert_eq!(b.as_ptr(), p, "freed buffer is reused");
         assert!(pool.get(128 << 10).await.is_err(), "larger than the budget");
+    }
+
+    #[tokio::test]
+    async fn pools_sharing_a_budget_are_bounded_together() {
+        let budget = BufferBudget::new(256 << 10);
+        let a = BufferPool::with_budget(Arc::new(HeapAllocator), budget.clone());
+        let b = BufferPool::with_budget(Arc::new(HeapAllocator), budget.clone());
+        assert_eq!(BufferPool::charge(100 << 10), 128 << 10);
+        assert_eq!(BufferPool::charge(1), 4096);
+        let x = a.get(100 << 10).await.unwrap();
+        let y = b.get(128 << 10).await.unwrap();
+        assert_eq!(budget.available(), 0);
+        assert!(
+            a.try_get(1).unwrap().is_none(),
+            "the other pool spent the budget"
+        );
+        drop(y);
+        assert!(a.try_get(128 << 10).unwrap().is_some());
+        drop(x);
+        assert_eq!(budget.available(), 256 << 10);
     }
 }

@@ -24,7 +24,7 @@ mod sparse;
 pub mod cuda;
 
 pub use backend::{Backend, HostAllocator};
-pub use buffer::{BufferPool, IoBuf};
+pub use buffer::{BufferBudget, BufferPool, IoBuf};
 pub use chunk_map::ChunkMap;
 pub use error::{IoError, IoResult};
 pub use sparse::{SparseDevice, SparseOptions};

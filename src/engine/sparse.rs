@@ -2,8 +2,8 @@
 
 use super::chunk_map::{Allocated, Segment};
 use super::{
-    Backend, BlockDevice, BufferPool, Capabilities, ChunkMap, DeviceStats, Extent, IoError,
-    IoResult, ZeroFlags, check_range,
+    Backend, BlockDevice, BufferBudget, BufferPool, Capabilities, ChunkMap, DeviceStats, Extent,
+    IoError, IoResult, ZeroFlags, check_range,
 };
 use async_trait::async_trait;
 use futures::future::try_join_all;
@@ -23,8 +23,12 @@ pub struct SparseOptions {
     /// Allocate every chunk at start and never free one (no allocation on the I/O path,
     /// as swap needs); TRIM then zeroes instead of freeing.
     pub preallocate: bool,
-    /// Most bytes of I/O buffers in use at once, process-wide for this device.
+    /// Most bytes of I/O buffers in use at once for this device; ignored when
+    /// `buffer_budget` is given.
     pub buffer_limit: usize,
+    /// A budget for I/O buffers shared with other devices (the daemon's `--buffer-memory`
+    /// covers all its exports together).
+    pub buffer_budget: Option<BufferBudget>,
     /// Largest payload of one request.
     pub max_request: u32,
 }
@@ -39,6 +43,7 @@ impl SparseOptions {
             read_only: false,
             preallocate: false,
             buffer_limit: 1 << 30,
+            buffer_budget: None,
             max_request: 32 << 20,
         }
     }
@@ -56,7 +61,11 @@ pub struct SparseDevice<B: Backend> {
 impl<B: Backend> SparseDevice<B> {
     /// Builds the device; with `preallocate`, takes all its memory now and fails if it can't.
     pub fn new(backend: B, opts: SparseOptions) -> IoResult<Self> {
-        let buffers = BufferPool::new(backend.host_allocator(), opts.buffer_limit);
+        let budget = opts
+            .buffer_budget
+            .clone()
+            .unwrap_or_else(|| BufferBudget::new(opts.buffer_limit));
+        let buffers = BufferPool::with_budget(backend.host_allocator(), budget);
         let map = ChunkMap::new(opts.size, opts.chunk_size, opts.max_memory);
         let dev = SparseDevice {
             backend,
@@ -409,5 +418,145 @@ mod tests {
             dev.read(t * (1 << 20) + 333, &mut back).await.unwrap();
             assert_eq!(back, pattern(t, (1 << 20) - 666));
         }
+    }
+
+    /// Many threads on the same chunks at once: each owns one slice of every chunk and
+    /// writes, zeroes (with and without NO_HOLE) and trims it, so first writes to a fresh
+    /// chunk race each other and partial zeroes race writes beside them; a reaper frees
+    /// whole chunks (TRIM or write-zeroes) between those, and the chunks are allocated
+    /// again by the next racing writes. The memory cap is tight, so allocations also race
+    /// for the last bytes of it. Every read must see exactly what its owner's model says,
+    /// and once everything is trimmed, no memory may be left charged.
+    #[test]
+    fn racing_writes_zeroes_and_trims_on_shared_chunks() {
+        use futures::executor::block_on;
+        use std::sync::RwLock;
+        const CHUNK: usize = 16 << 10;
+        const CHUNKS: usize = 24;
+        const OWNERS: usize = 4;
+        const SLICE: usize = CHUNK / OWNERS;
+        let mut opts = SparseOptions::new((CHUNK * CHUNKS) as u64);
+        opts.chunk_size = CHUNK;
+        // Two thirds of the chunks: writes beyond get ENOSPC and change nothing.
+        opts.max_memory = Some((CHUNK * CHUNKS * 2 / 3) as u64);
+        let dev = Arc::new(SparseDevice::new(HostBackend::new(), opts).unwrap());
+        // Per chunk: how many times the reaper has freed it. Owners hold the read lock
+        // while they work on their slice, the reaper the write lock while it frees.
+        let gens: Arc<Vec<RwLock<u64>>> = Arc::new((0..CHUNKS).map(|_| RwLock::new(0)).collect());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let owners: Vec<_> = (0..OWNERS)
+            .map(|t| {
+                let (dev, gens) = (dev.clone(), gens.clone());
+                std::thread::spawn(move || {
+                    // Per chunk: the version in my slice (0: zeroes) and the reaper
+                    // generation it was written under.
+                    let mut model = vec![(0u64, 0u64); CHUNKS];
+                    let mut rng = 0x1234_5678_u64 ^ (t as u64) << 40;
+                    let mut next = |n: u64| {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        rng % n
+                    };
+                    let (mut ops, mut nospace, mut version) = (0u64, 0u64, 0u64);
+                    let mut buf = vec![0u8; SLICE];
+                    while std::time::Instant::now() < deadline {
+                        let c = next(CHUNKS as u64) as usize;
+                        let off = (c * CHUNK + t * SLICE) as u64;
+                        let g = gens[c].read().unwrap();
+                        if model[c].1 != *g {
+                            model[c] = (0, *g);
+                        }
+                        match next(6) {
+                            0 | 1 => {
+                                version += 1;
+                                let data = pattern(version << 8 | t as u64, SLICE);
+                                match block_on(dev.write(off, &data, false)) {
+                                    Ok(()) => model[c] = (version, *g),
+                                    Err(IoError::NoSpace(_)) => nospace += 1,
+                                    Err(e) => panic!("write: {e}"),
+                                }
+                            }
+                            2 => {
+                                let flags = ZeroFlags {
+                                    may_trim: next(2) == 0,
+                                    ..ZeroFlags::default()
+                                };
+                                match block_on(dev.write_zeroes(off, SLICE as u64, flags)) {
+                                    Ok(()) => model[c] = (0, *g),
+                                    // NO_HOLE on a hole must allocate; the cap may say no,
+                                    // and a hole reads as zeroes anyway.
+                                    Err(IoError::NoSpace(_)) => nospace += 1,
+                                    Err(e) => panic!("write zeroes: {e}"),
+                                }
+                            }
+                            3 => {
+                                block_on(dev.trim(off, SLICE as u64)).unwrap();
+                                model[c] = (0, *g);
+                            }
+                            _ => {}
+                        }
+                        block_on(dev.read(off, &mut buf)).unwrap();
+                        let want = match model[c].0 {
+                            0 => vec![0u8; SLICE],
+                            v => pattern(v << 8 | t as u64, SLICE),
+                        };
+                        assert!(
+                            buf == want,
+                            "owner {t}, chunk {c}: read back other data than version {}",
+                            model[c].0
+                        );
+                        drop(g);
+                        ops += 1;
+                    }
+                    (ops, nospace)
+                })
+            })
+            .collect();
+        let reaper = {
+            let (dev, gens, stop) = (dev.clone(), gens.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut frees = 0u64;
+                let mut i = 0usize;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    let c = (i * 7) % CHUNKS;
+                    let mut g = gens[c].write().unwrap();
+                    let off = (c * CHUNK) as u64;
+                    if i.is_multiple_of(2) {
+                        block_on(dev.trim(off, CHUNK as u64)).unwrap();
+                    } else {
+                        let flags = ZeroFlags {
+                            may_trim: true,
+                            ..ZeroFlags::default()
+                        };
+                        block_on(dev.write_zeroes(off, CHUNK as u64, flags)).unwrap();
+                    }
+                    assert!(dev.map().get(c as u64).is_none(), "chunk {c} not freed");
+                    *g += 1;
+                    frees += 1;
+                    drop(g);
+                    std::thread::yield_now();
+                }
+                frees
+            })
+        };
+        let mut total = 0;
+        let mut nospace = 0;
+        for o in owners {
+            let (n, f) = o.join().expect("an owner saw wrong data");
+            total += n;
+            nospace += f;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let frees = reaper.join().unwrap();
+        assert!(total > 1000 && frees > 100, "{total} ops, {frees} frees");
+        let cap = dev.stats().max_memory.unwrap();
+        assert!(dev.stats().allocated <= cap, "over the cap");
+        assert!(nospace > 0, "the cap was never reached: {total} ops");
+        block_on(dev.trim(0, (CHUNK * CHUNKS) as u64)).unwrap();
+        assert_eq!(dev.stats().allocated, 0, "memory left charged");
+        assert_eq!(dev.stats().chunks, 0, "chunks left counted");
     }
 }

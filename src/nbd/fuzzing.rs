@@ -140,6 +140,7 @@ async fn drive(input: &[u8], exports: &[Export]) {
         inflight_bytes: 1 << 20,
         handshake_timeout: Duration::from_secs(5),
         max_per_client: 1,
+        client_inflight_bytes: 1 << 20,
         tls: None,
         // Polling would make runs depend on timing; the fuzzer wants them repeatable.
         busy_poll: Duration::ZERO,
@@ -157,6 +158,7 @@ async fn drive(input: &[u8], exports: &[Export]) {
                 &n,
                 &limits,
                 limits.busy_poll,
+                None,
                 &shutdown,
             )
             .await;

@@ -42,8 +42,12 @@ pub struct Export {
 pub struct Limits {
     /// Most connections served at once.
     pub max_connections: usize,
-    /// Most payload bytes in flight per connection.
+    /// Most payload bytes in flight per connection (counted as the I/O buffers they take).
     pub inflight_bytes: usize,
+    /// Most payload bytes in flight over all connections of one source (as for
+    /// `max_per_client`), so that one client cannot take every I/O buffer of the daemon
+    /// however many connections it opens.
+    pub client_inflight_bytes: usize,
     /// Time a client has to finish the handshake (TLS included).
     pub handshake_timeout: Duration,
     /// Most connections at once from one source: a TCP client's IP address, or the user
@@ -123,14 +127,17 @@ struct Shared {
     slots: Arc<Semaphore>,
     shutdown: CancellationToken,
     workers: Workers,
-    /// Open connections per source (see [`Limits::max_per_client`]).
-    per_client: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// Open connections per source (see [`Limits::max_per_client`]), and the source's
+    /// in-flight budget (see [`Limits::client_inflight_bytes`]), shared by them.
+    per_client: std::sync::Mutex<std::collections::HashMap<String, (usize, Arc<Semaphore>)>>,
 }
 
 /// One connection counted against its source; uncounted when dropped.
 struct ClientSlot {
     shared: Arc<Shared>,
     key: String,
+    /// The source's in-flight budget.
+    budget: Arc<Semaphore>,
 }
 
 impl Drop for ClientSlot {
@@ -140,7 +147,7 @@ impl Drop for ClientSlot {
             .per_client
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.key) {
+        if let Some((n, _)) = m.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
                 m.remove(&self.key);
@@ -153,7 +160,13 @@ impl Shared {
     /// Counts a connection from `key`, or `None` if that source has its fill.
     fn admit(self: &Arc<Self>, key: String) -> Option<ClientSlot> {
         let mut m = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(key.clone()).or_insert(0);
+        let (n, budget) = m.entry(key.clone()).or_insert_with(|| {
+            let bytes = self
+                .limits
+                .client_inflight_bytes
+                .clamp(1 << 20, Semaphore::MAX_PERMITS);
+            (0, Arc::new(Semaphore::new(bytes)))
+        });
         if *n >= self.limits.max_per_client {
             return None;
         }
@@ -161,6 +174,7 @@ impl Shared {
         Some(ClientSlot {
             shared: self.clone(),
             key,
+            budget: budget.clone(),
         })
     }
 }
@@ -333,7 +347,8 @@ pub async fn serve_transmission_only(
     let _counted = export.metrics.as_ref().map(|m| m.connection());
     let (rd, wr) = stream.into_split();
     // No busy polling: these connections share the caller's runtime threads with the others.
-    let summary = transmission::run(rd, wr, export, &neg, limits, Duration::ZERO, shutdown).await;
+    let summary =
+        transmission::run(rd, wr, export, &neg, limits, Duration::ZERO, None, shutdown).await;
     match summary.ended {
         transmission::Ended::Protocol(_)
         | transmission::Ended::ReadFailed(_)
@@ -470,9 +485,10 @@ async fn accept_loop<A: Acceptor>(listener: A, shared: Arc<Shared>) {
                 conns.spawn_on(
                     async move {
                         let _load = load;
+                        let budget = client_slot.budget.clone();
                         let _client_slot = client_slot;
                         match A::Conn::from_std(stream) {
-                            Ok(s) => connection(s, peer, shared, slot).await,
+                            Ok(s) => connection(s, peer, shared, slot, budget).await,
                             Err(e) => error!("client {peer}: cannot set up its socket: {e}"),
                         }
                     },
@@ -560,6 +576,7 @@ async fn connection<S: Stream>(
     peer: String,
     shared: Arc<Shared>,
     _slot: OwnedSemaphorePermit,
+    client_budget: Arc<Semaphore>,
 ) {
     info!("client {peer} connected");
     let limits = &shared.limits;
@@ -621,6 +638,7 @@ async fn connection<S: Stream>(
                 &neg,
                 limits,
                 limits.busy_poll,
+                Some(client_budget),
                 &shared.shutdown,
             )
             .await
@@ -648,6 +666,7 @@ async fn connection<S: Stream>(
                 &neg,
                 limits,
                 Duration::ZERO,
+                Some(client_budget),
                 &shared.shutdown,
             )
             .await;

@@ -20,14 +20,17 @@
 //! (the `busy` flag of [`Outbox`]) keeps the byte stream in order.
 //!
 //! Backpressure: every request holds permits of a per-connection semaphore sized by
-//! [`Limits::inflight_bytes`] (its data bytes plus a fixed overhead) until its reply is
-//! written; when the budget is spent the reader stops reading, and TCP pushes back on the
-//! client. Buffers come from the device's bounded pool, which caps memory process-wide.
+//! [`Limits::inflight_bytes`] (the I/O buffer its data takes plus a fixed overhead) until
+//! its reply is written, and as many of its client's semaphore, which all connections from
+//! one source share ([`Limits::client_inflight_bytes`]); when either budget is spent the
+//! reader stops reading, and TCP pushes back on the client. Buffers come from the devices'
+//! bounded pool (`--buffer-memory`), which caps memory daemon-wide; the client budget keeps
+//! one client, however many connections it opens, from taking all of it.
 
 use super::handshake::{BlockSizes, Negotiated};
 use super::proto::{self, Frame, Framing, NbdError, Request, StatusDescriptor};
 use super::server::{Export, Limits};
-use crate::engine::{BlockDevice, Capabilities, Extent, IoBuf, IoError, ZeroFlags};
+use crate::engine::{BlockDevice, BufferPool, Capabilities, Extent, IoBuf, IoError, ZeroFlags};
 use nix::errno::Errno;
 use nix::sys::socket::{MsgFlags, recv};
 use std::collections::VecDeque;
@@ -228,7 +231,14 @@ pub(crate) struct Summary {
 /// A reply ready to be written, holding its request's budget until it is.
 pub(crate) struct Reply {
     body: Body,
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: Option<Permit>,
+}
+
+/// The budget a request holds until its reply is written: its connection's, and its
+/// client's.
+pub(crate) struct Permit {
+    _conn: OwnedSemaphorePermit,
+    _client: Option<OwnedSemaphorePermit>,
 }
 
 enum Body {
@@ -254,7 +264,7 @@ enum Part {
 }
 
 impl Reply {
-    fn new(body: Body, permit: Option<OwnedSemaphorePermit>) -> Self {
+    fn new(body: Body, permit: Option<Permit>) -> Self {
         Reply {
             body,
             _permit: permit,
@@ -440,6 +450,8 @@ struct Outbox {
     state: Mutex<OutState>,
     /// Wakes the writer task; it owns the socket (`busy`) when woken.
     wake: Notify,
+    /// Told when the last spawned operation ends after the reader is done.
+    idle: Notify,
     /// Cancelled when writing fails: the reader stops.
     dead: CancellationToken,
 }
@@ -512,6 +524,7 @@ impl Drop for OpGuard {
         st.ops -= 1;
         if st.ops == 0 && st.reader_done {
             self.0.kick(st);
+            self.0.idle.notify_one();
         }
     }
 }
@@ -652,6 +665,9 @@ struct Conn<R, S> {
     discard_limit: u64,
     budget: Arc<Semaphore>,
     budget_max: u64,
+    /// The budget shared by every connection of this client, if any.
+    client_budget: Option<Arc<Semaphore>>,
+    client_max: u64,
     extents: Vec<Extent>,
     requests: u64,
     poller: Poller,
@@ -660,6 +676,8 @@ struct Conn<R, S> {
 
 /// Runs the transmission phase on a connection whose handshake chose `export`, polling
 /// for requests up to `busy_poll` before each wait (see [`Poller`]; zero turns it off).
+// Each argument is a different thing the caller decides; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run<R, S>(
     rd: R,
     sink: S,
@@ -667,6 +685,7 @@ pub(crate) async fn run<R, S>(
     neg: &Negotiated,
     limits: &Limits,
     busy_poll: Duration,
+    client_budget: Option<Arc<Semaphore>>,
     shutdown: &CancellationToken,
 ) -> Summary
 where
@@ -677,6 +696,7 @@ where
     let out = Arc::new(Outbox {
         state: Mutex::new(OutState::default()),
         wake: Notify::new(),
+        idle: Notify::new(),
         dead: CancellationToken::new(),
     });
     let mut writer = AbortOnDrop(tokio::spawn(writer(sink.clone(), out.clone())));
@@ -700,6 +720,10 @@ where
         discard_limit: (2 * max_payload).max(MIN_DISCARD_LIMIT),
         budget: Arc::new(Semaphore::new(budget_max as usize)),
         budget_max,
+        client_max: client_budget.as_ref().map_or(0, |_| {
+            (limits.client_inflight_bytes as u64).clamp(1 << 20, Semaphore::MAX_PERMITS as u64)
+        }),
+        client_budget,
         extents: Vec::new(),
         requests: 0,
         poller: Poller::new(busy_poll),
@@ -725,6 +749,17 @@ where
         // Let operations still running finish and their replies go out; the writer ends
         // after the last one. A forced shutdown aborts it (on drop).
         let _ = (&mut writer.0).await;
+    } else {
+        // Their replies are thrown away, but operations already started still run: wait
+        // for them too, so that once a connection is reported closed none of its writes
+        // can land any more, on top of what the client writes after reconnecting.
+        loop {
+            let idle = out.idle.notified();
+            if out.lock().ops == 0 {
+                break;
+            }
+            idle.await;
+        }
     }
     Summary { ended, requests }
 }
@@ -736,7 +771,6 @@ enum Next {
 }
 
 type OpResult = Result<(), Ended>;
-type Permit = OwnedSemaphorePermit;
 
 impl<R: Source, S: Sink> Conn<R, S> {
     fn extended(&self) -> bool {
@@ -866,7 +900,7 @@ impl<R: Source, S: Sink> Conn<R, S> {
         self.batch.push_back(reply);
     }
 
-    fn send(&mut self, body: Body, permit: Option<OwnedSemaphorePermit>) {
+    fn send(&mut self, body: Body, permit: Option<Permit>) {
         self.push(Reply::new(body, permit));
     }
 
@@ -903,16 +937,40 @@ impl<R: Source, S: Sink> Conn<R, S> {
     }
 
     async fn permit(&mut self, data: u64) -> Result<Permit, Ended> {
-        let n = (data + REQUEST_OVERHEAD).min(self.budget_max) as u32;
-        if let Ok(p) = self.budget.clone().try_acquire_many_owned(n) {
-            return Ok(p);
-        }
-        self.flush_replies();
-        self.budget
-            .clone()
-            .acquire_many_owned(n)
-            .await
-            .map_err(|_| Ended::Protocol("in-flight budget closed".into()))
+        let closed = |_| Ended::Protocol("in-flight budget closed".into());
+        let want = data + REQUEST_OVERHEAD;
+        let n = want.min(self.budget_max) as u32;
+        let conn = match self.budget.clone().try_acquire_many_owned(n) {
+            Ok(p) => p,
+            Err(_) => {
+                self.flush_replies();
+                self.budget
+                    .clone()
+                    .acquire_many_owned(n)
+                    .await
+                    .map_err(closed)?
+            }
+        };
+        let n = want.min(self.client_max) as u32;
+        let client = match self
+            .client_budget
+            .as_ref()
+            .map(|b| b.clone().try_acquire_many_owned(n))
+        {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(_)) => {
+                // The client's other connections hold its share: wait for their replies
+                // to go out, as for this connection's own budget.
+                self.flush_replies();
+                let b = self.client_budget.clone().expect("checked above");
+                Some(b.acquire_many_owned(n).await.map_err(closed)?)
+            }
+        };
+        Ok(Permit {
+            _conn: conn,
+            _client: client,
+        })
     }
 
     async fn buffer(&mut self, len: u64) -> Result<IoBuf, IoError> {
@@ -1021,11 +1079,18 @@ impl<R: Source, S: Sink> Conn<R, S> {
         )
     }
 
-    /// Data bytes a request will hold while in flight, as far as the header tells; refused
-    /// requests count for nothing beyond the fixed overhead.
+    /// Bytes of I/O buffer a request will hold while in flight, as far as the header tells
+    /// (buffers come in power-of-two sizes, so a budget counted in buffers bounds memory);
+    /// refused requests count for nothing beyond the fixed overhead.
     fn data_charge(&self, req: &Request) -> u64 {
         match req.command {
-            proto::CMD_READ | proto::CMD_WRITE if req.length <= self.max_payload => req.length,
+            proto::CMD_READ | proto::CMD_WRITE if req.length <= self.max_payload => {
+                if req.length == 0 {
+                    0
+                } else {
+                    BufferPool::charge(req.length as usize) as u64
+                }
+            }
             _ => 0,
         }
     }
@@ -1533,8 +1598,15 @@ mod tests {
 
     /// Starts the transmission phase on one end of a socket pair; returns the other end.
     fn start(framing: Framing, read_only: bool) -> (UnixStream, tokio::task::JoinHandle<Summary>) {
+        start_on(export(read_only), framing)
+    }
+
+    /// Like [`start`], on a given export.
+    fn start_on(
+        export: Export,
+        framing: Framing,
+    ) -> (UnixStream, tokio::task::JoinHandle<Summary>) {
         let (client, server) = UnixStream::pair().unwrap();
-        let export = export(read_only);
         let neg = Negotiated {
             export: 0,
             framing,
@@ -1546,6 +1618,7 @@ mod tests {
             inflight_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(5),
             max_per_client: 1,
+            client_inflight_bytes: 64 << 20,
             tls: None,
             busy_poll: Duration::from_micros(50),
         };
@@ -1558,6 +1631,7 @@ mod tests {
                 &neg,
                 &limits,
                 limits.busy_poll,
+                None,
                 &CancellationToken::new(),
             )
             .await
@@ -1898,6 +1972,7 @@ mod tests {
             inflight_bytes: 1 << 20,
             handshake_timeout: Duration::from_secs(5),
             max_per_client: 1,
+            client_inflight_bytes: 64 << 20,
             tls: None,
             busy_poll: Duration::from_micros(50),
         };
@@ -1911,6 +1986,7 @@ mod tests {
                 &neg,
                 &limits,
                 limits.busy_poll,
+                None,
                 &CancellationToken::new(),
             )
             .await
@@ -1972,6 +2048,7 @@ mod tests {
             inflight_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(5),
             max_per_client: 1,
+            client_inflight_bytes: 64 << 20,
             tls: None,
             busy_poll: Duration::from_micros(50),
         };
@@ -1984,6 +2061,7 @@ mod tests {
                 &neg,
                 &limits,
                 limits.busy_poll,
+                None,
                 &CancellationToken::new(),
             )
             .await
@@ -2061,5 +2139,245 @@ mod tests {
         drop(sender.await.unwrap());
         drop(crd);
         assert!(matches!(task.await.unwrap().ended, Ended::Eof));
+    }
+
+    /// Bytes that differ from `pattern(seed ^ 1, ..)` everywhere, made 8 at a time.
+    fn pattern(seed: u64, len: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(len + 8);
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        while v.len() < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // The low bit of every byte is the seed's: two seeds that differ there differ in
+            // every byte.
+            let w = (x & !0x0101_0101_0101_0101) | ((seed & 1) * 0x0101_0101_0101_0101);
+            v.extend_from_slice(&w.to_le_bytes());
+        }
+        v.truncate(len);
+        v
+    }
+
+    /// A connection cut at any byte of a batch of pipelined writes (inside a header, inside
+    /// a payload held in the read buffer, inside one read straight into the I/O buffer, on
+    /// the boundaries): once the server has finished the connection, a write it did not
+    /// receive whole has changed nothing, and one sent whole has landed whole or not at all.
+    #[tokio::test]
+    async fn a_write_cut_anywhere_never_lands_in_part() {
+        let dev = export(false).device;
+        let sizes = [
+            1usize,
+            511,
+            4096,
+            20_000,
+            33_000,
+            131_000,
+            150_000,
+            200_000,
+            1 << 20,
+        ];
+        let mut rng = 0x5eed_u64;
+        let mut next = move |n: usize| {
+            rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = rng;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) % n.max(1) as u64) as usize
+        };
+        let (mut whole, mut landed, mut cut_short) = (0, 0, 0);
+        for round in 0..240u64 {
+            let ext = round % 2 == 1;
+            let framing = if ext {
+                Framing::Extended
+            } else {
+                Framing::Simple
+            };
+            // Up to 6 writes at increasing offsets, each over old data of its own.
+            let mut writes = Vec::new();
+            let mut at = next(1 << 20) as u64;
+            let mut batch = Vec::new();
+            for k in 0..1 + next(6) {
+                let len = if next(8) == 0 {
+                    sizes[8]
+                } else {
+                    sizes[next(8)]
+                };
+                let seed = (round << 8 | k as u64) << 1;
+                let old = pattern(seed, len);
+                dev.write(at, &old, false).await.unwrap();
+                batch.extend(request(ext, proto::CMD_WRITE, 0, k as u64, at, len as u64));
+                batch.extend(pattern(seed | 1, len));
+                writes.push((at, len, seed, batch.len()));
+                at += len as u64 + next(5000) as u64;
+            }
+            // Half the cuts anywhere, half on or next to the end of a header or payload.
+            let cut = if next(2) == 0 {
+                1 + next(batch.len())
+            } else {
+                let hlen = proto::request_len(ext);
+                let (_, _, _, end) = writes[next(writes.len())];
+                let at = if next(2) == 0 { end } else { end - hlen };
+                (at + next(3)).saturating_sub(1).clamp(1, batch.len())
+            };
+            let export = Export {
+                name: String::new(),
+                description: String::new(),
+                device: dev.clone(),
+                metrics: None,
+            };
+            let (mut c, task) = start_on(export, framing);
+            // Sent in uneven pieces, so the server's reads end at varied places.
+            let mut sent = 0;
+            while sent < cut {
+                let n = (1 + next(96 << 10)).min(cut - sent);
+                if c.write_all(&batch[sent..sent + n]).await.is_err() {
+                    break;
+                }
+                sent += n;
+                tokio::task::yield_now().await;
+            }
+            drop(c);
+            let s = tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("the connection ends")
+                .unwrap();
+            assert!(
+                !matches!(s.ended, Ended::Shutdown),
+                "round {round}: {}",
+                s.ended
+            );
+            for (k, &(off, len, seed, end)) in writes.iter().enumerate() {
+                let mut got = vec![0u8; len];
+                dev.read(off, &mut got).await.unwrap();
+                let old = pattern(seed, len);
+                if end <= cut {
+                    whole += 1;
+                    if got != old {
+                        assert!(
+                            got == pattern(seed | 1, len),
+                            "round {round}: write {k} ({len} bytes, sent whole) landed in part"
+                        );
+                        landed += 1;
+                    }
+                } else {
+                    cut_short += 1;
+                    let changed = got.iter().zip(&old).filter(|(a, b)| a != b).count();
+                    assert_eq!(
+                        changed,
+                        0,
+                        "round {round}: write {k} of {len} bytes, cut {} bytes before its end, \
+                         changed {changed} bytes",
+                        end - cut
+                    );
+                }
+            }
+        }
+        // Both kinds were tested, and writes sent whole did land.
+        assert!(
+            cut_short > 100 && whole > 100 && landed > 50,
+            "{cut_short} {whole} {landed}"
+        );
+    }
+
+    /// A device whose writes wait before they land, as GPU copies do.
+    struct SlowWrites(Arc<dyn BlockDevice>);
+
+    #[async_trait::async_trait]
+    impl BlockDevice for SlowWrites {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn capabilities(&self) -> Capabilities {
+            self.0.capabilities()
+        }
+        fn describe(&self) -> String {
+            self.0.describe()
+        }
+        fn buffers(&self) -> &crate::engine::BufferPool {
+            self.0.buffers()
+        }
+        fn stats(&self) -> crate::engine::DeviceStats {
+            self.0.stats()
+        }
+        async fn read(&self, offset: u64, buf: &mut [u8]) -> crate::engine::IoResult<()> {
+            self.0.read(offset, buf).await
+        }
+        async fn write(&self, offset: u64, data: &[u8], fua: bool) -> crate::engine::IoResult<()> {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            self.0.write(offset, data, fua).await
+        }
+        async fn write_zeroes(
+            &self,
+            offset: u64,
+            len: u64,
+            flags: ZeroFlags,
+        ) -> crate::engine::IoResult<()> {
+            self.0.write_zeroes(offset, len, flags).await
+        }
+        async fn trim(&self, offset: u64, len: u64) -> crate::engine::IoResult<()> {
+            self.0.trim(offset, len).await
+        }
+        async fn flush(&self) -> crate::engine::IoResult<()> {
+            self.0.flush().await
+        }
+        async fn cache(&self, offset: u64, len: u64) -> crate::engine::IoResult<()> {
+            self.0.cache(offset, len).await
+        }
+        fn extents(
+            &self,
+            offset: u64,
+            len: u64,
+            out: &mut Vec<Extent>,
+        ) -> crate::engine::IoResult<()> {
+            self.0.extents(offset, len, out)
+        }
+    }
+
+    /// However a connection ends (here: dropped for a protocol violation while a write
+    /// still waits for its device), the transmission phase returns only once every write
+    /// it started has landed: when the server says a connection is closed, nothing of it can
+    /// overwrite what the client writes next on a new one.
+    #[tokio::test]
+    async fn a_dropped_connection_ends_after_its_writes_land() {
+        let inner = export(false).device;
+        let export = Export {
+            name: String::new(),
+            description: String::new(),
+            device: Arc::new(SlowWrites(inner.clone())),
+            metrics: None,
+        };
+        for garbage in [true, false] {
+            let (mut c, task) = start_on(
+                Export {
+                    name: String::new(),
+                    description: String::new(),
+                    device: export.device.clone(),
+                    metrics: None,
+                },
+                Framing::Simple,
+            );
+            let fill = if garbage { 0x11 } else { 0x22 };
+            let mut w = request(false, proto::CMD_WRITE, 0, 1, 8192, 4096);
+            w.extend(vec![fill; 4096]);
+            if garbage {
+                w.extend(vec![0xffu8; 28]);
+            }
+            c.write_all(&w).await.unwrap();
+            let t0 = std::time::Instant::now();
+            drop(c);
+            let s = tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("the connection ends")
+                .unwrap();
+            assert_eq!(s.ended.is_violation(), garbage, "{}", s.ended);
+            let mut got = vec![0u8; 4096];
+            inner.read(8192, &mut got).await.unwrap();
+            assert!(
+                got.iter().all(|&b| b == fill),
+                "the connection ended ({}) {:?} after the client left, before its write landed",
+                s.ended,
+                t0.elapsed()
+            );
+        }
     }
 }

@@ -1,0 +1,174 @@
+//! The committed fuzz corpus through the fuzz targets' entry points, with the normal test
+//! suite: every file of `fuzz/corpus/` and `fuzz/seeds/` replayed through its own target
+//! (and through the other two, which cost little), then seeded random mutations of those
+//! files for a bounded time. What a fuzzer found once stays tested without cargo-fuzz.
+//! A panic, a hang (the session entry point fails after 10 s) or a crash is a failure.
+//!
+//! Environment: `VRAMDISK_FUZZ_SEED` (mutation seed, printed), `VRAMDISK_FUZZ_SECS`
+//! (seconds of mutations per target, default 2).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vramdisk::nbd::fuzzing;
+
+const TARGETS: [&str; 3] = ["parsers", "options", "session"];
+
+/// Every input of one target: its corpus and its seeds, in a fixed order.
+fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut out = Vec::new();
+    for dir in ["corpus", "seeds"] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir).join(target)) else {
+            continue;
+        };
+        let mut paths: Vec<PathBuf> = entries.map(|e| e.unwrap().path()).collect();
+        paths.sort();
+        for p in paths {
+            let data = std::fs::read(&p).unwrap();
+            out.push((p, data));
+        }
+    }
+    out
+}
+
+fn run(target: &str, data: &[u8], exports: &[vramdisk::nbd::server::Export]) {
+    match target {
+        "parsers" => fuzzing::parsers(data),
+        "options" => fuzzing::options(data, exports),
+        "session" => fuzzing::session(data, exports),
+        _ => unreachable!(),
+    }
+}
+
+/// splitmix64, reproducible from the printed seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// A few libFuzzer-like edits: bit flips, random bytes, inserted and erased runs, splices
+/// from another input, interesting 32- and 64-bit values (lengths, offsets), truncation.
+fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
+    let mut v = input.to_vec();
+    for _ in 0..1 + rng.below(6) {
+        match rng.below(8) {
+            0 if !v.is_empty() => {
+                let i = rng.below(v.len());
+                v[i] ^= 1 << rng.below(8);
+            }
+            1 if !v.is_empty() => {
+                let i = rng.below(v.len());
+                v[i] = rng.next() as u8;
+            }
+            2 => {
+                let i = rng.below(v.len() + 1);
+                let bytes: Vec<u8> = (0..rng.below(32)).map(|_| rng.next() as u8).collect();
+                v.splice(i..i, bytes);
+            }
+            3 if !v.is_empty() => {
+                let i = rng.below(v.len());
+                let n = rng.below(v.len() - i + 1);
+                v.drain(i..i + n);
+            }
+            4 if v.len() >= 4 => {
+                let i = rng.below(v.len() - 3);
+                let x: u32 =
+                    [0, 1, 512, 4096, 1 << 20, 1 << 25, 0x7fff_ffff, u32::MAX][rng.below(8)];
+                v[i..i + 4].copy_from_slice(&x.to_be_bytes());
+            }
+            5 if v.len() >= 8 => {
+                let i = rng.below(v.len() - 7);
+                let x: u64 = [0, 4 << 20, (4 << 20) - 1, 1 << 63, u64::MAX][rng.below(5)];
+                v[i..i + 8].copy_from_slice(&x.to_be_bytes());
+            }
+            6 if !other.is_empty() => {
+                // The head of this input, the tail of another.
+                let i = rng.below(v.len() + 1);
+                let j = rng.below(other.len());
+                v.truncate(i);
+                v.extend_from_slice(&other[j..]);
+            }
+            _ => {
+                let n = rng.below(v.len() + 1);
+                v.truncate(n);
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn corpus_replays_and_mutations_through_every_target() {
+    let exports = fuzzing::exports();
+    let seed = std::env::var("VRAMDISK_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    let secs = std::env::var("VRAMDISK_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2u64);
+    eprintln!("fuzz corpus: mutation seed {seed} (VRAMDISK_FUZZ_SEED to repeat)");
+    let mut report = Vec::new();
+    for target in TARGETS {
+        let own = inputs(target);
+        assert!(
+            !own.is_empty(),
+            "no committed inputs for the {target} target under fuzz/"
+        );
+        // Replay: the target's own inputs, then the other targets' (any bytes are valid).
+        let t0 = Instant::now();
+        let mut replayed = 0;
+        for other in TARGETS {
+            for (path, data) in inputs(other) {
+                // A panic names the input that caused it.
+                eprintln_on_panic(&path, target, || run(target, &data, &exports));
+                replayed += 1;
+            }
+        }
+        let replay_time = t0.elapsed();
+        // Mutations of the target's own inputs, bounded by time (and at least a few).
+        let mut rng = Rng(seed ^ target.len() as u64);
+        let t0 = Instant::now();
+        let mut mutated = 0;
+        while mutated < 50 || t0.elapsed() < Duration::from_secs(secs) {
+            let (path, a) = &own[rng.below(own.len())];
+            let (_, b) = &own[rng.below(own.len())];
+            let input = mutate(&mut rng, a, b);
+            eprintln_on_panic(path, target, || run(target, &input, &exports));
+            mutated += 1;
+        }
+        report.push(format!(
+            "{target}: {} own inputs, {replayed} replayed in {:.1} s, {mutated} mutations",
+            own.len(),
+            replay_time.as_secs_f64()
+        ));
+    }
+    eprintln!("fuzz corpus: {}", report.join("; "));
+}
+
+/// Runs `f`; if it panics, says which input (or which input's mutation) did it first.
+fn eprintln_on_panic(path: &Path, target: &str, f: impl FnOnce()) {
+    if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        eprintln!(
+            "the {target} target panicked on {} (or a mutation of it)",
+            path.display()
+        );
+        std::panic::resume_unwind(e);
+    }
+}
