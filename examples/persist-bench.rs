@@ -179,14 +179,20 @@ async fn main() {
     assert_eq!(dev.stats().allocated, filled);
     let data_mib = filled >> 20;
 
-    // The device side alone: reading every chunk into an I/O buffer.
+    // The device side alone: reading the data into an I/O buffer, 8 MiB at a time with the
+    // chunks of each 8 MiB read side by side, as a save does.
     let t = Instant::now();
     {
-        let mut buf = dev.buffers().get(CHUNK as usize).await.expect("buffer");
-        for c in 0..size / CHUNK {
-            if holds_data(c, fill) {
-                dev.read(c * CHUNK, &mut buf).await.expect("read");
-            }
+        let mut buf = dev.buffers().get(STEP as usize).await.expect("buffer");
+        for s in 0..size / STEP {
+            let reads = buf
+                .chunks_mut(CHUNK as usize)
+                .enumerate()
+                .filter_map(|(i, piece)| {
+                    let c = s * chunks_per_step + i as u64;
+                    holds_data(c, fill).then(|| dev.read(c * CHUNK, piece))
+                });
+            futures::future::try_join_all(reads).await.expect("read");
         }
     }
     line("device read", data_mib, t.elapsed().as_secs_f64(), "");
@@ -211,17 +217,23 @@ async fn main() {
     persist::verify(&path).expect("verify");
     line("verify", data_mib, t.elapsed().as_secs_f64(), "");
 
-    // The device side alone: writing the data into fresh chunks (allocation included).
+    // The device side alone: writing the data into fresh chunks (allocation included), as a
+    // load does.
     dev.trim(0, size).await.expect("trim");
     assert_eq!(dev.stats().allocated, 0);
     let t = Instant::now();
     {
-        let mut buf = dev.buffers().get(CHUNK as usize).await.expect("buffer");
-        buf.copy_from_slice(&noise[..CHUNK as usize]);
-        for c in 0..size / CHUNK {
-            if holds_data(c, fill) {
-                dev.write(c * CHUNK, &buf, false).await.expect("write");
-            }
+        let mut buf = dev.buffers().get(STEP as usize).await.expect("buffer");
+        buf.copy_from_slice(&noise[..STEP as usize]);
+        for s in 0..size / STEP {
+            let writes = buf
+                .chunks(CHUNK as usize)
+                .enumerate()
+                .filter_map(|(i, piece)| {
+                    let c = s * chunks_per_step + i as u64;
+                    holds_data(c, fill).then(|| dev.write(c * CHUNK, piece, false))
+                });
+            futures::future::try_join_all(writes).await.expect("write");
         }
     }
     line("device write", data_mib, t.elapsed().as_secs_f64(), "");
