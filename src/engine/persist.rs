@@ -291,6 +291,9 @@ fn temp_path_for(path: &Path) -> Result<PathBuf> {
 struct DataFile {
     plain: File,
     direct: Option<File>,
+    /// Cleared by the first direct call the kernel refuses; the page cache is used from then
+    /// on.
+    direct_works: AtomicBool,
 }
 
 fn open_direct(path: &Path, write: bool) -> Option<File> {
@@ -302,22 +305,45 @@ fn open_direct(path: &Path, write: bool) -> Option<File> {
         .ok()
 }
 
-fn is_einval(e: &std::io::Error) -> bool {
-    e.raw_os_error() == Some(libc::EINVAL)
-}
-
 impl DataFile {
+    fn new(plain: File, direct: Option<File>) -> Self {
+        DataFile {
+            plain,
+            direct,
+            direct_works: AtomicBool::new(true),
+        }
+    }
+
+    /// True while the data goes through `O_DIRECT`.
+    fn is_direct(&self) -> bool {
+        self.direct.is_some() && self.direct_works.load(Ordering::Relaxed)
+    }
+
+    fn direct(&self) -> Option<&File> {
+        self.direct.as_ref().filter(|_| self.is_direct())
+    }
+
+    /// Whether a failed direct call should be redone through the page cache: EINVAL is a
+    /// filesystem (or alignment) that direct I/O does not suit, EFAULT a buffer the kernel
+    /// cannot pin for DMA (memory mapped from a driver); neither says anything about the
+    /// file.
+    fn refused(&self, e: &std::io::Error) -> bool {
+        let refused = matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EFAULT));
+        if refused && self.direct_works.swap(false, Ordering::Relaxed) {
+            tracing::info!("direct I/O refused ({e}); going through the page cache");
+        }
+        refused
+    }
+
     /// Reads at least `need` bytes at `at` into `buf`. With direct I/O `buf` (whose length
     /// is a multiple of [`DIRECT_ALIGN`]) is filled as far as the file goes.
     fn read_at_least(&self, buf: &mut [u8], at: u64, need: usize) -> std::io::Result<()> {
         let mut got = 0;
-        let mut direct = self.direct.as_ref();
         while got < need {
+            let direct = self.direct().filter(|_| got.is_multiple_of(DIRECT_ALIGN));
             let r = match direct {
-                Some(d) if got.is_multiple_of(DIRECT_ALIGN) => {
-                    d.read_at(&mut buf[got..], at + got as u64)
-                }
-                _ => self.plain.read_at(&mut buf[got..need], at + got as u64),
+                Some(d) => d.read_at(&mut buf[got..], at + got as u64),
+                None => self.plain.read_at(&mut buf[got..need], at + got as u64),
             };
             match r {
                 Ok(0) => {
@@ -331,7 +357,7 @@ impl DataFile {
                 }
                 Ok(n) => got += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if direct.is_some() && is_einval(&e) => direct = None,
+                Err(e) if direct.is_some() && self.refused(&e) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -341,19 +367,19 @@ impl DataFile {
     /// Writes all of `buf` at `at`; direct where offset and length allow it.
     fn write_all_at(&self, buf: &[u8], at: u64) -> std::io::Result<()> {
         let mut done = 0;
-        let mut direct = self.direct.as_ref();
         while done < buf.len() {
             let aligned = done.is_multiple_of(DIRECT_ALIGN)
                 && (buf.len() - done).is_multiple_of(DIRECT_ALIGN);
+            let direct = self.direct().filter(|_| aligned);
             let r = match direct {
-                Some(d) if aligned => d.write_at(&buf[done..], at + done as u64),
-                _ => self.plain.write_at(&buf[done..], at + done as u64),
+                Some(d) => d.write_at(&buf[done..], at + done as u64),
+                None => self.plain.write_at(&buf[done..], at + done as u64),
             };
             match r {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if direct.is_some() && is_einval(&e) => direct = None,
+                Err(e) if direct.is_some() && self.refused(&e) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -431,9 +457,9 @@ pub async fn save_with(
         // SAFETY: plain call on an open descriptor.
         unsafe { libc::fallocate(plain.as_raw_fd(), 0, 0, most as libc::off_t) };
     }
-    let files = Arc::new(DataFile { plain, direct });
-    let direct_io = files.direct.is_some();
-    let written = write_image(dev, &tmp, files, &plan, geo, progress).await;
+    let files = Arc::new(DataFile::new(plain, direct));
+    let written = write_image(dev, &tmp, files.clone(), &plan, geo, progress).await;
+    let direct_io = files.is_direct();
     progress.finish();
     let (records, data_bytes, file_bytes) = match written {
         Ok(c) => c,
@@ -1034,7 +1060,7 @@ fn read_block(
     let need = map.block_len(k);
     // Direct reads need whole aligned blocks; reading past the data into the table is
     // harmless, and the buffer is a whole block.
-    let want = if files.direct.is_some() {
+    let want = if files.is_direct() {
         need.next_multiple_of(DIRECT_ALIGN).min(buf.capacity())
     } else {
         need
@@ -1077,8 +1103,7 @@ async fn load_data(
         // SAFETY: advice on an open descriptor; failure only loses the hint.
         unsafe { libc::posix_fadvise(plain.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
     }
-    let files = Arc::new(DataFile { plain, direct });
-    let direct_io = files.direct.is_some();
+    let files = Arc::new(DataFile::new(plain, direct));
     let blocks = map.blocks();
     let (job_tx, job_rx) = std::sync::mpsc::channel::<(u64, IoBuf)>();
     let job_rx = Arc::new(Mutex::new(job_rx));
@@ -1186,7 +1211,7 @@ async fn load_data(
         r.await.context("a file reader thread died")?;
     }
     check_whole(path, layout, streamed?)?;
-    Ok(direct_io)
+    Ok(files.is_direct())
 }
 
 /// Reports progress as a bar when stderr is a terminal, as a log line every few seconds
@@ -1646,5 +1671,40 @@ mod tests {
             assert!(!is_zero(&b), "{at}");
             b[at] = 0;
         }
+    }
+
+    #[test]
+    fn refused_direct_calls_are_redone_through_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        if !direct_works(dir.path()) {
+            eprintln!("SKIPPED: no O_DIRECT on the temporary directory's filesystem");
+            return;
+        }
+        let path = dir.path().join("f");
+        let data = pattern(5, 3 * DIRECT_ALIGN);
+        std::fs::write(&path, &data).unwrap();
+        // A buffer one byte off a page boundary: the kernel refuses it for direct I/O (EINVAL).
+        let mut backing = vec![0u8; 4 * DIRECT_ALIGN + 1];
+        let off = backing.as_ptr().align_offset(DIRECT_ALIGN) + 1;
+        let f = DataFile::new(File::open(&path).unwrap(), open_direct(&path, false));
+        assert!(f.is_direct());
+        let buf = &mut backing[off..off + 2 * DIRECT_ALIGN];
+        f.read_at_least(buf, DIRECT_ALIGN as u64, 2 * DIRECT_ALIGN)
+            .unwrap();
+        assert!(
+            buf[..] == data[DIRECT_ALIGN..],
+            "read through the cache differs"
+        );
+        assert!(!f.is_direct(), "direct I/O still on after a refusal");
+
+        let out = dir.path().join("g");
+        std::fs::write(&out, b"").unwrap();
+        let plain = OpenOptions::new().write(true).open(&out).unwrap();
+        let w = DataFile::new(plain, open_direct(&out, true));
+        backing[off..off + 2 * DIRECT_ALIGN].copy_from_slice(&data[..2 * DIRECT_ALIGN]);
+        w.write_all_at(&backing[off..off + 2 * DIRECT_ALIGN], 0)
+            .unwrap();
+        assert!(!w.is_direct());
+        assert!(std::fs::read(&out).unwrap() == data[..2 * DIRECT_ALIGN]);
     }
 }
