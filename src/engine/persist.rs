@@ -387,6 +387,14 @@ impl DataFile {
     }
 }
 
+fn on_tmpfs(file: &File) -> bool {
+    // SAFETY: a plain C struct, all zeros is a valid value; fstatfs fills it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above, on an open descriptor.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    rc == 0 && st.f_type == libc::TMPFS_MAGIC
+}
+
 /// Fraction of the first `len` bytes of `file` held in the page cache (0 when unknown).
 fn cached_fraction(file: &File, len: u64) -> f64 {
     let Ok(len) = usize::try_from(len) else {
@@ -447,10 +455,11 @@ pub async fn save_with(
         IoMode::Buffered => None,
         IoMode::Auto | IoMode::Direct => open_direct(&tmp, true),
     };
-    if direct.is_some() {
+    if direct.is_some() && !on_tmpfs(&plain) {
         // Taking the space up front keeps the file in few extents, and lets ext4 run direct
         // writes into it side by side (writes that extend a file are serialised). The file
         // is cut to its real length at the end; a failure here only loses those benefits.
+        // (On tmpfs it would only zero memory that the writes then overwrite.)
         let most = HEADER_LEN as u64
             + plan.iter().map(|r| r.1).sum::<u64>()
             + (plan.len() * TABLE_ENTRY_LEN + TRAILER_LEN) as u64;
