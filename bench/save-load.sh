@@ -4,34 +4,64 @@
 #   bench/save-load.sh [DIR] [SIZE_MIB]
 #
 # DIR (default: a new directory under the current one) must be on the disk to measure and
-# have room for 2 x SIZE_MIB (default 4096). Prints vramdisk's save and load rates (through
-# engine::persist, host backend, cache dropped before the load) next to dd writing and reading
-# the same number of bytes to the same directory (conv=fsync, cache dropped before the read).
+# have room for 2 x SIZE_MIB (default 4096). For each fill (FILLS, default "10 100": percent
+# of the device's chunks holding data) prints vramdisk's save and load rates (persist-bench:
+# cache dropped before the load; the device side alone timed too), then dd reading the very
+# file vramdisk saved (cache dropped; through the cache and with iflag=direct) and dd writing
+# the same number of bytes to the same directory (conv=fsync; and oflag=direct), bs=8M.
+#
+# Environment:
+#   BACKEND=host|cuda    device memory (default host); GPU=N picks the GPU (default 0)
+#   IO=auto|direct|buffered   vramdisk's file I/O (default auto)
+#   BIN=path             a prebuilt persist-bench (else built here with cargo), for machines
+#                        without cargo, e.g. BIN=.gpu/bin/persist-bench
+#   FILLS="10 100"       fills to run; the last one's image is what dd reads
 set -eu
 dir=${1:-./bench-tmp}
 size=${2:-4096}
+fills=${FILLS:-10 100}
 mkdir -p "$dir"
-cargo build --release --quiet --example persist-bench
-bin=target/release/examples/persist-bench
+if [ -z "${BIN:-}" ]; then
+    cargo build --release --quiet --example persist-bench
+    BIN=target/release/examples/persist-bench
+fi
 
-echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) $(uname -r) dir=$dir size=${size}MiB"
+# secs START END -> seconds; rate MIB START END -> MiB/s (awk: no bc on every machine)
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+rate() { awk -v m="$1" -v a="$2" -v b="$3" 'BEGIN { printf "%.0f", m / (b - a) }'; }
+ddstep() { # name mib dd-args...
+    name=$1 mib=$2
+    shift 2
+    t0=$(date +%s.%N)
+    dd "$@" bs=8M status=none
+    t1=$(date +%s.%N)
+    echo "{\"step\":\"$name\",\"data_mib\":$mib,\"seconds\":$(secs "$t0" "$t1"),\"mib_per_s\":$(rate "$mib" "$t0" "$t1")}"
+}
+nocache() { dd if="$1" iflag=nocache count=0 status=none; }
+
+commit=$(git rev-parse --short HEAD 2>/dev/null || cat .gpu/COMMIT 2>/dev/null || echo unknown)
+echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) commit $commit $(uname -r) $(nproc) cores dir=$dir size=${size}MiB backend=${BACKEND:-host} io=${IO:-auto}"
 echo "# filesystem: $(df -T "$dir" | awk 'NR==2 {print $1, $2}')"
-for fill in 100 10; do
+if [ "${BACKEND:-host}" = cuda ] && command -v nvidia-smi >/dev/null; then
+    echo "# gpu: $(nvidia-smi --query-gpu=name,memory.total,pci.bus_id --format=csv,noheader -i "${GPU:-0}")"
+fi
+echo "# load: $(uptime)"
+for fill in $fills; do
     echo "# vramdisk, ${fill}% of chunks holding data"
-    "$bin" "$dir" "$size" "$fill"
+    PERSIST_BENCH_KEEP=1 "$BIN" "$dir" "$size" "$fill" --backend "${BACKEND:-host}" \
+        --gpu "${GPU:-0}" --io "${IO:-auto}"
 done
 
-echo "# dd, same bytes (${size} MiB), 8 MiB blocks"
-dd if=/dev/urandom of="$dir/src.bin" bs=8M count=$((size / 8)) status=none
-dd if="$dir/src.bin" iflag=nocache count=0 status=none
-dd if="$dir/src.bin" of=/dev/null bs=8M status=none # warm the source into the cache
-t0=$(date +%s.%N)
-dd if="$dir/src.bin" of="$dir/dd.img" bs=8M conv=fsync status=none
-t1=$(date +%s.%N)
-echo "{\"step\":\"dd write\",\"data_mib\":$size,\"seconds\":$(echo "$t1 - $t0" | bc),\"mib_per_s\":$(echo "$size / ($t1 - $t0)" | bc)}"
-dd if="$dir/dd.img" iflag=nocache count=0 status=none
-t0=$(date +%s.%N)
-dd if="$dir/dd.img" of=/dev/null bs=8M status=none
-t1=$(date +%s.%N)
-echo "{\"step\":\"dd read\",\"data_mib\":$size,\"seconds\":$(echo "$t1 - $t0" | bc),\"mib_per_s\":$(echo "$size / ($t1 - $t0)" | bc)}"
-rm -f "$dir/src.bin" "$dir/dd.img"
+img=$dir/bench.img
+mib=$(($(stat -c %s "$img") >> 20))
+echo "# dd on the image vramdisk saved (${mib} MiB), 8 MiB blocks"
+nocache "$img"
+ddstep "dd read" "$mib" if="$img" of=/dev/null
+nocache "$img"
+ddstep "dd read direct" "$mib" if="$img" of=/dev/null iflag=direct
+cat "$img" >/dev/null # the source of the writes comes from memory
+ddstep "dd write" "$mib" if="$img" of="$dir/dd.img" conv=fsync
+rm -f "$dir/dd.img"
+ddstep "dd write direct" "$mib" if="$img" of="$dir/dd.img" oflag=direct conv=fsync
+rm -f "$dir/dd.img" "$img"
+echo "# load: $(uptime)"

@@ -17,26 +17,47 @@
 //!                 crc32c of every byte of the file before this field u32
 //! ```
 //!
-//! The table sits after the data so that a save is one sequential write with no seeking,
-//! and a truncated file loses its trailer and is recognised at once. The writer puts
+//! The table sits after the data so that a save is one sequential stream with no seeking
+//! back, and a truncated file loses its trailer and is recognised at once. The writer puts
 //! everything in a temporary file in the target's directory, fsyncs it, renames it over the
 //! target and fsyncs the directory, so the target is always either the old file or the
 //! complete new one.
 //!
-//! Loading checks the header, the trailer, the table and the file length before it touches
-//! the device, and each record's checksum before that record is written. If a record or the
-//! whole-file checksum still fails, the device is emptied again and the load fails: the
-//! daemon loads before it serves, so no client ever sees a half-loaded device.
+//! **Throughput.** Both directions treat the file as a stream of fixed blocks (8 MiB, aligned
+//! to the file's start) that does not care where records begin, so every file access is one
+//! large aligned `pread`/`pwrite` of a whole block, and the device side moves records straight
+//! between the device and the block buffers: a record is read from the device into its place
+//! in the stream (a save), or written to the device from where it lies in the block (a load).
+//! The block buffers come from the device's [`BufferPool`](super::BufferPool), which for the
+//! CUDA backend is pinned memory, so the GPU copies them by DMA with no staging copy; and by
+//! default the file is opened with `O_DIRECT`, so the disk moves them by DMA too, with no
+//! page-cache copy (see [`IoMode`]). Four threads do the file I/O, several blocks at a time
+//! (a disk needs more than one request in flight to reach its rate), and compute the
+//! records' checksums as pieces that the device side combines with `crc32c_combine`.
+//!
+//! **Loading** checks the header, the trailer, the table and the file length before it touches
+//! the device. The data's checksums can only be checked as the data streams by: reading the
+//! file twice (check, then load) would halve the rate, and holding a whole device's worth of
+//! data in host memory until it is checked is out of the question. So a record is written to
+//! the device as it arrives, and if any record's checksum or the whole-file checksum fails, or
+//! the file ends early, the device is emptied again (trimmed: every chunk freed, or zeroed
+//! where preallocated) before the load fails. The daemon loads before it serves, so no client
+//! ever sees a half-loaded device; the device is left as it was given, empty.
 //!
 //! A save of a device that clients keep writing is not a point-in-time snapshot: each record
 //! is copied as it is at the moment it is read. Quiesce writers (or save at shutdown) for a
 //! consistent image.
 
-use super::{BlockDevice, Extent, IoBuf};
-use anyhow::{Context, Result, bail, ensure};
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use super::{BlockDevice, BufferPool, Extent, IoBuf};
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const MAGIC: &[u8; 8] = b"VRAMDISK";
@@ -45,11 +66,21 @@ const VERSION: u32 = 1;
 const HEADER_LEN: usize = 64;
 const TABLE_ENTRY_LEN: usize = 24;
 const TRAILER_LEN: usize = 48;
-/// Largest record: one device read and one file write. Large enough for the disk to stream,
-/// small enough that a few in flight fit easily in the device's buffer pool.
+/// Largest record: large enough for the disk to stream, small enough that a few in flight
+/// fit easily in the device's buffer pool.
 pub const RECORD_SIZE: u64 = 8 << 20;
-/// Records in flight between the device side and the file side.
-const PIPELINE_DEPTH: usize = 4;
+/// Largest unit of file I/O (one block of the stream).
+const MAX_BLOCK: usize = 8 << 20;
+/// Most blocks in flight between the device side and the file threads.
+const MAX_DEPTH: usize = 8;
+/// Threads doing the file I/O and the checksums.
+const IO_THREADS: usize = 4;
+/// Offset, length and address alignment that `O_DIRECT` needs on the filesystems in use
+/// (their logical block is 512 B or 4 KiB); a filesystem that wants more makes the direct
+/// call fail with EINVAL, and that call is redone through the page cache.
+const DIRECT_ALIGN: usize = 4096;
+/// Environment variable that picks the [`IoMode`] of `save` and `load`.
+pub const IO_MODE_ENV: &str = "VRAMDISK_PERSIST_IO";
 
 /// Receives progress: bytes done so far out of the total given when it was made.
 pub trait Progress: Send + Sync {
@@ -67,6 +98,62 @@ impl Progress for NoProgress {
     fn finish(&self) {}
 }
 
+/// How the file's data is read and written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoMode {
+    /// Direct I/O where the filesystem allows it, except for loading a file that is mostly in
+    /// the page cache already (after a restart without a reboot), which reads faster through
+    /// the cache than from the disk.
+    #[default]
+    Auto,
+    /// `O_DIRECT`: the disk moves data straight to and from the block buffers, with no copy
+    /// through the page cache and no cache left behind. Where the filesystem refuses it
+    /// (tmpfs on older kernels), the page cache is used instead.
+    Direct,
+    /// Through the page cache (`posix_fadvise(SEQUENTIAL)` on loads).
+    Buffered,
+}
+
+impl std::str::FromStr for IoMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(IoMode::Auto),
+            "direct" => Ok(IoMode::Direct),
+            "buffered" => Ok(IoMode::Buffered),
+            _ => bail!("unknown I/O mode '{s}': use auto, direct or buffered"),
+        }
+    }
+}
+
+/// Tuning of a save or load; [`Options::from_env`] is what `save` and `load` use.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// How the file is accessed.
+    pub io: IoMode,
+    /// Bytes per file read or write, a power of two of at least 4 KiB. Default: 8 MiB, or
+    /// less where the device's buffer pool is small (a block is at most half of it).
+    pub block_size: Option<usize>,
+}
+
+impl Options {
+    /// The defaults, with the I/O mode taken from `VRAMDISK_PERSIST_IO` (`auto`, `direct`,
+    /// `buffered`) when set; an unknown value is logged and ignored.
+    pub fn from_env() -> Options {
+        let io = match std::env::var(IO_MODE_ENV) {
+            Ok(v) => v.parse().unwrap_or_else(|e| {
+                tracing::warn!("{IO_MODE_ENV}: {e:#}; using auto");
+                IoMode::Auto
+            }),
+            Err(_) => IoMode::Auto,
+        };
+        Options {
+            io,
+            block_size: None,
+        }
+    }
+}
+
 /// What a save or load did.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Summary {
@@ -82,6 +169,8 @@ pub struct Summary {
     pub file_bytes: u64,
     /// Wall time taken, in milliseconds.
     pub millis: u64,
+    /// The file's data went through `O_DIRECT` (else through the page cache).
+    pub direct_io: bool,
 }
 
 /// One record of the table.
@@ -90,6 +179,48 @@ struct Record {
     offset: u64,
     length: u64,
     crc: u32,
+}
+
+/// The part of one record that lies in one block of the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Piece {
+    /// Index of the record in the table.
+    rec: usize,
+    /// Where the piece starts in the block.
+    at: usize,
+    len: usize,
+}
+
+/// Block size and blocks in flight for a device's buffer pool.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    block: usize,
+    depth: usize,
+}
+
+fn geometry(pool: &BufferPool, opts: &Options) -> Result<Geometry> {
+    let limit = pool.limit();
+    if let Some(b) = opts.block_size {
+        ensure!(
+            b.is_power_of_two() && b >= DIRECT_ALIGN,
+            "block size {b} is not a power of two of at least 4 KiB"
+        );
+    }
+    // At most half the pool, so that a save's device side can always hold the two blocks a
+    // record may straddle while the file threads hold none.
+    let half = limit / 2;
+    let fit = if half == 0 {
+        0
+    } else {
+        1usize << (usize::BITS - 1 - half.leading_zeros())
+    };
+    let block = opts.block_size.unwrap_or(MAX_BLOCK).min(fit);
+    ensure!(
+        block >= DIRECT_ALIGN,
+        "the device's I/O buffer pool ({limit} bytes) is too small to save or load through: it needs at least 8 KiB"
+    );
+    let depth = (half / block).saturating_sub(2).clamp(2, MAX_DEPTH);
+    Ok(Geometry { block, depth })
 }
 
 fn header_bytes(device_size: u64) -> [u8; HEADER_LEN] {
@@ -117,9 +248,9 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
 }
 
-/// Splits the allocated extents of `dev` into records of at most [`RECORD_SIZE`] bytes,
-/// aligned to multiples of it so records line up with chunks.
-fn plan_records(dev: &dyn BlockDevice) -> Result<Vec<(u64, u64)>> {
+/// Splits the allocated extents of `dev` into records of at most `record` bytes, aligned to
+/// multiples of it so records line up with chunks.
+fn plan_records(dev: &dyn BlockDevice, record: u64) -> Result<Vec<(u64, u64)>> {
     let mut extents: Vec<Extent> = Vec::new();
     dev.extents(0, dev.size(), &mut extents)
         .context("reading the device's extent map")?;
@@ -128,13 +259,21 @@ fn plan_records(dev: &dyn BlockDevice) -> Result<Vec<(u64, u64)>> {
         let mut pos = e.offset;
         let end = e.offset + e.length;
         while pos < end {
-            let next = ((pos / RECORD_SIZE) + 1) * RECORD_SIZE;
+            let next = ((pos / record) + 1) * record;
             let len = next.min(end) - pos;
             plan.push((pos, len));
             pos += len;
         }
     }
     Ok(plan)
+}
+
+/// True when every byte is zero. ORs 4 KiB at a time (which vectorises) and stops at the
+/// first block holding data, so a record of data costs one page and a zero record one pass
+/// at memory speed.
+fn is_zero(b: &[u8]) -> bool {
+    b.chunks(4096)
+        .all(|c| c.iter().fold(0u8, |acc, &x| acc | x) == 0)
 }
 
 fn temp_path_for(path: &Path) -> Result<PathBuf> {
@@ -147,105 +286,191 @@ fn temp_path_for(path: &Path) -> Result<PathBuf> {
     Ok(path.with_file_name(tmp))
 }
 
-/// Writes the data of `dev` to `path` (see the module documentation for the format).
+/// The image file, opened through the page cache and, where the filesystem allows it,
+/// a second time with `O_DIRECT`.
+struct DataFile {
+    plain: File,
+    direct: Option<File>,
+    /// Cleared by the first direct call the kernel refuses; the page cache is used from then
+    /// on.
+    direct_works: AtomicBool,
+}
+
+fn open_direct(path: &Path, write: bool) -> Option<File> {
+    OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
+impl DataFile {
+    fn new(plain: File, direct: Option<File>) -> Self {
+        DataFile {
+            plain,
+            direct,
+            direct_works: AtomicBool::new(true),
+        }
+    }
+
+    /// True while the data goes through `O_DIRECT`.
+    fn is_direct(&self) -> bool {
+        self.direct.is_some() && self.direct_works.load(Ordering::Relaxed)
+    }
+
+    fn direct(&self) -> Option<&File> {
+        self.direct.as_ref().filter(|_| self.is_direct())
+    }
+
+    /// Whether a failed direct call should be redone through the page cache: EINVAL is a
+    /// filesystem (or alignment) that direct I/O does not suit, EFAULT a buffer the kernel
+    /// cannot pin for DMA (memory mapped from a driver); neither says anything about the
+    /// file.
+    fn refused(&self, e: &std::io::Error) -> bool {
+        let refused = matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EFAULT));
+        if refused && self.direct_works.swap(false, Ordering::Relaxed) {
+            tracing::info!("direct I/O refused ({e}); going through the page cache");
+        }
+        refused
+    }
+
+    /// Reads at least `need` bytes at `at` into `buf`. With direct I/O `buf` (whose length
+    /// is a multiple of [`DIRECT_ALIGN`]) is filled as far as the file goes.
+    fn read_at_least(&self, buf: &mut [u8], at: u64, need: usize) -> std::io::Result<()> {
+        let mut got = 0;
+        while got < need {
+            let direct = self.direct().filter(|_| got.is_multiple_of(DIRECT_ALIGN));
+            let r = match direct {
+                Some(d) => d.read_at(&mut buf[got..], at + got as u64),
+                None => self.plain.read_at(&mut buf[got..need], at + got as u64),
+            };
+            match r {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "the file ends at byte {} (it was cut short while being loaded)",
+                            at + got as u64
+                        ),
+                    ));
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if direct.is_some() && self.refused(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes all of `buf` at `at`; direct where offset and length allow it.
+    fn write_all_at(&self, buf: &[u8], at: u64) -> std::io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let aligned = done.is_multiple_of(DIRECT_ALIGN)
+                && (buf.len() - done).is_multiple_of(DIRECT_ALIGN);
+            let direct = self.direct().filter(|_| aligned);
+            let r = match direct {
+                Some(d) => d.write_at(&buf[done..], at + done as u64),
+                None => self.plain.write_at(&buf[done..], at + done as u64),
+            };
+            match r {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if direct.is_some() && self.refused(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn on_tmpfs(file: &File) -> bool {
+    // SAFETY: a plain C struct, all zeros is a valid value; fstatfs fills it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above, on an open descriptor.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    rc == 0 && st.f_type == libc::TMPFS_MAGIC
+}
+
+/// Fraction of the first `len` bytes of `file` held in the page cache (0 when unknown).
+fn cached_fraction(file: &File, len: u64) -> f64 {
+    let Ok(len) = usize::try_from(len) else {
+        return 0.0;
+    };
+    if len == 0 {
+        return 0.0;
+    }
+    // SAFETY: a read-only shared mapping of an open file, only given to mincore (which
+    // touches no page of it) and unmapped before returning.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return 0.0;
+        }
+        let page = libc::sysconf(libc::_SC_PAGESIZE).max(4096) as usize;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        let rc = libc::mincore(p, len, vec.as_mut_ptr());
+        libc::munmap(p, len);
+        if rc != 0 {
+            return 0.0;
+        }
+        vec.iter().filter(|&&b| b & 1 != 0).count() as f64 / vec.len() as f64
+    }
+}
+
+/// Writes the data of `dev` to `path` (see the module documentation for the format), with
+/// [`Options::from_env`].
 pub async fn save(dev: &dyn BlockDevice, path: &Path, progress: &dyn Progress) -> Result<Summary> {
+    save_with(dev, path, progress, &Options::from_env()).await
+}
+
+/// Writes the data of `dev` to `path` with the given tuning.
+pub async fn save_with(
+    dev: &dyn BlockDevice,
+    path: &Path,
+    progress: &dyn Progress,
+    opts: &Options,
+) -> Result<Summary> {
     let started = Instant::now();
-    let plan = plan_records(dev)?;
+    let geo = geometry(dev.buffers(), opts)?;
+    let plan = plan_records(dev, RECORD_SIZE.min(geo.block as u64))?;
     let tmp = temp_path_for(path)?;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let file = File::create(&tmp)
+    let plain = File::create(&tmp)
         .with_context(|| format!("cannot create {} (for saving)", tmp.display()))?;
-    let device_size = dev.size();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, IoBuf)>(PIPELINE_DEPTH);
-    let tmp_w = tmp.clone();
-    // The file side runs on a blocking thread so that disk writes never stall the runtime
-    // that serves clients; the device side keeps up to PIPELINE_DEPTH records ahead of it.
-    let writer = tokio::task::spawn_blocking(move || -> Result<(u64, u64, u64)> {
-        let mut file = file;
-        let mut records: Vec<Record> = Vec::new();
-        let header = header_bytes(device_size);
-        file.write_all(&header)?;
-        let mut whole = crc32c::crc32c(&header);
-        let mut data_bytes = 0u64;
-        while let Some((offset, buf)) = rx.blocking_recv() {
-            let crc = crc32c::crc32c(&buf);
-            // Combining costs O(log n) instead of a second pass over the data.
-            whole = crc32c::crc32c_combine(whole, crc, buf.len());
-            file.write_all(&buf)
-                .with_context(|| format!("writing {}", tmp_w.display()))?;
-            records.push(Record {
-                offset,
-                length: buf.len() as u64,
-                crc,
-            });
-            data_bytes += buf.len() as u64;
-        }
-        let mut table = Vec::with_capacity(records.len() * TABLE_ENTRY_LEN);
-        for r in &records {
-            table.extend_from_slice(&r.offset.to_le_bytes());
-            table.extend_from_slice(&r.length.to_le_bytes());
-            table.extend_from_slice(&r.crc.to_le_bytes());
-            table.extend_from_slice(&0u32.to_le_bytes());
-        }
-        let table_offset = HEADER_LEN as u64 + data_bytes;
-        let file_len = table_offset + table.len() as u64 + TRAILER_LEN as u64;
-        whole = crc32c::crc32c_append(whole, &table);
-        let mut trailer = [0u8; TRAILER_LEN];
-        trailer[0..8].copy_from_slice(TAIL_MAGIC);
-        trailer[8..16].copy_from_slice(&(records.len() as u64).to_le_bytes());
-        trailer[16..24].copy_from_slice(&table_offset.to_le_bytes());
-        trailer[24..32].copy_from_slice(&data_bytes.to_le_bytes());
-        trailer[32..40].copy_from_slice(&file_len.to_le_bytes());
-        trailer[40..44].copy_from_slice(&crc32c::crc32c(&table).to_le_bytes());
-        whole = crc32c::crc32c_append(whole, &trailer[..44]);
-        trailer[44..48].copy_from_slice(&whole.to_le_bytes());
-        file.write_all(&table)
-            .and_then(|_| file.write_all(&trailer))
-            .with_context(|| format!("writing {}", tmp_w.display()))?;
-        file.sync_all()
-            .with_context(|| format!("fsync of {}", tmp_w.display()))?;
-        Ok((records.len() as u64, data_bytes, file_len))
-    });
-
-    let mut done = 0u64;
-    let mut read_err: Option<anyhow::Error> = None;
-    for &(offset, len) in &plan {
-        let mut buf = match dev.buffers().get(len as usize).await {
-            Ok(b) => b,
-            Err(e) => {
-                read_err = Some(anyhow::Error::new(e).context("taking an I/O buffer"));
-                break;
-            }
-        };
-        if let Err(e) = dev.read(offset, &mut buf).await {
-            read_err = Some(anyhow::Error::new(e).context(format!(
-                "reading {len} bytes at offset {offset} of the device"
-            )));
-            break;
-        }
-        done += len;
-        progress.update(done);
-        // Data that was written as zeros is stored as a hole: it reads back the same.
-        if buf.iter().all(|&b| b == 0) {
-            continue;
-        }
-        if tx.send((offset, buf)).await.is_err() {
-            break; // The writer failed; its error is reported below.
-        }
-    }
-    drop(tx);
-    let written = writer.await.context("the file writer thread died");
-    progress.finish();
-    let result = match (read_err, written) {
-        (Some(e), _) => Err(e),
-        (None, Err(e)) => Err(e),
-        (None, Ok(Err(e))) => Err(e),
-        (None, Ok(Ok(counts))) => Ok(counts),
+    let direct = match opts.io {
+        IoMode::Buffered => None,
+        IoMode::Auto | IoMode::Direct => open_direct(&tmp, true),
     };
-    let (records, data_bytes, file_bytes) = match result {
+    if direct.is_some() && !on_tmpfs(&plain) {
+        // Taking the space up front keeps the file in few extents, and lets ext4 run direct
+        // writes into it side by side (writes that extend a file are serialised). The file
+        // is cut to its real length at the end; a failure here only loses those benefits.
+        // (On tmpfs it would only zero memory that the writes then overwrite.)
+        let most = HEADER_LEN as u64
+            + plan.iter().map(|r| r.1).sum::<u64>()
+            + (plan.len() * TABLE_ENTRY_LEN + TRAILER_LEN) as u64;
+        // SAFETY: plain call on an open descriptor.
+        unsafe { libc::fallocate(plain.as_raw_fd(), 0, 0, most as libc::off_t) };
+    }
+    let files = Arc::new(DataFile::new(plain, direct));
+    let written = write_image(dev, &tmp, files.clone(), &plan, geo, progress).await;
+    let direct_io = files.is_direct();
+    progress.finish();
+    let (records, data_bytes, file_bytes) = match written {
         Ok(c) => c,
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
@@ -263,12 +488,282 @@ pub async fn save(dev: &dyn BlockDevice, path: &Path, progress: &dyn Progress) -
     }
     Ok(Summary {
         path: path.to_path_buf(),
-        device_size,
+        device_size: dev.size(),
         records,
         data_bytes,
         file_bytes,
         millis: started.elapsed().as_millis() as u64,
+        direct_io,
     })
+}
+
+/// A full block of the stream on its way to the file.
+struct WriteJob {
+    k: u64,
+    buf: IoBuf,
+    pieces: Vec<Piece>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// What the file threads of a save report back.
+#[derive(Default)]
+struct WriteState {
+    /// (record, block, crc of the record's piece in that block, piece length)
+    crcs: Vec<(usize, u64, u32, usize)>,
+    error: Option<anyhow::Error>,
+}
+
+/// The blocks the device side is filling: `blocks[0]` is block `k` of the stream, filled up
+/// to `pos`; a record that does not fit spills into `blocks[1]`.
+struct Filling {
+    blocks: Vec<IoBuf>,
+    pieces: Vec<Vec<Piece>>,
+    k: u64,
+    pos: usize,
+    records: Vec<(u64, u64)>,
+}
+
+/// Streams the records of `plan` from the device into `files`, then writes the table and
+/// trailer and fsyncs. Returns (records, data bytes, file length).
+async fn write_image(
+    dev: &dyn BlockDevice,
+    tmp: &Path,
+    files: Arc<DataFile>,
+    plan: &[(u64, u64)],
+    geo: Geometry,
+    progress: &dyn Progress,
+) -> Result<(u64, u64, u64)> {
+    let shown = tmp.display().to_string();
+    let block = geo.block;
+    let header = header_bytes(dev.size());
+    let state = Arc::new(Mutex::new(WriteState::default()));
+    let failed = Arc::new(AtomicBool::new(false));
+    let (job_tx, job_rx) = std::sync::mpsc::channel::<WriteJob>();
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    // The file side runs on blocking threads so that disk writes never stall the runtime
+    // that serves clients; `slots` bounds the blocks handed to them.
+    let writers: Vec<_> = (0..IO_THREADS)
+        .map(|_| {
+            let (files, job_rx, state, failed, shown) = (
+                files.clone(),
+                job_rx.clone(),
+                state.clone(),
+                failed.clone(),
+                shown.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                loop {
+                    let job = job_rx.lock().unwrap().recv();
+                    let Ok(job) = job else { return };
+                    if failed.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    let crcs: Vec<_> = job
+                        .pieces
+                        .iter()
+                        .map(|p| {
+                            let crc = crc32c::crc32c(&job.buf[p.at..p.at + p.len]);
+                            (p.rec, job.k, crc, p.len)
+                        })
+                        .collect();
+                    let at = job.k * block as u64;
+                    match files.write_all_at(&job.buf, at) {
+                        Ok(()) => state.lock().unwrap().crcs.extend(crcs),
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            let e = anyhow!(e).context(format!(
+                                "writing {} bytes at byte {at} of {shown}",
+                                job.buf.len()
+                            ));
+                            state.lock().unwrap().error.get_or_insert(e);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let slots = Arc::new(tokio::sync::Semaphore::new(geo.depth));
+    let filled = fill_blocks(dev, plan, geo, &header, &job_tx, &slots, &failed, progress).await;
+    drop(job_tx);
+    for w in writers {
+        w.await.context("a file writer thread died")?;
+    }
+    let mut state = std::mem::take(&mut *state.lock().unwrap());
+    let f = filled?;
+    if let Some(e) = state.error.take() {
+        return Err(e);
+    }
+    // The last, partial block is written here, with the table and trailer after it.
+    let (tail_block, pos) = (&f.blocks[0], f.pos);
+    for p in &f.pieces[0] {
+        let crc = crc32c::crc32c(&tail_block[p.at..p.at + p.len]);
+        state.crcs.push((p.rec, f.k, crc, p.len));
+    }
+    state.crcs.sort_unstable_by_key(|c| (c.0, c.1));
+    let mut records = Vec::with_capacity(f.records.len());
+    let mut whole = crc32c::crc32c(&header);
+    let mut data_bytes = 0u64;
+    let mut pieces = state.crcs.iter().peekable();
+    for (rec, &(offset, length)) in f.records.iter().enumerate() {
+        let (mut crc, mut got) = (0u32, 0u64);
+        while let Some(&(_, _, piece_crc, len)) = pieces.next_if(|c| c.0 == rec) {
+            crc = if got == 0 {
+                piece_crc
+            } else {
+                crc32c::crc32c_combine(crc, piece_crc, len)
+            };
+            got += len as u64;
+        }
+        // Every piece is accounted for, or the checksums below would describe other data.
+        ensure!(
+            got == length,
+            "internal error: record {rec} has {got} of its {length} bytes checksummed"
+        );
+        whole = crc32c::crc32c_combine(whole, crc, length as usize);
+        data_bytes += length;
+        records.push(Record {
+            offset,
+            length,
+            crc,
+        });
+    }
+    let mut table = Vec::with_capacity(records.len() * TABLE_ENTRY_LEN);
+    for r in &records {
+        table.extend_from_slice(&r.offset.to_le_bytes());
+        table.extend_from_slice(&r.length.to_le_bytes());
+        table.extend_from_slice(&r.crc.to_le_bytes());
+        table.extend_from_slice(&0u32.to_le_bytes());
+    }
+    let table_offset = HEADER_LEN as u64 + data_bytes;
+    let file_len = table_offset + table.len() as u64 + TRAILER_LEN as u64;
+    whole = crc32c::crc32c_append(whole, &table);
+    let mut trailer = [0u8; TRAILER_LEN];
+    trailer[0..8].copy_from_slice(TAIL_MAGIC);
+    trailer[8..16].copy_from_slice(&(records.len() as u64).to_le_bytes());
+    trailer[16..24].copy_from_slice(&table_offset.to_le_bytes());
+    trailer[24..32].copy_from_slice(&data_bytes.to_le_bytes());
+    trailer[32..40].copy_from_slice(&file_len.to_le_bytes());
+    trailer[40..44].copy_from_slice(&crc32c::crc32c(&table).to_le_bytes());
+    whole = crc32c::crc32c_append(whole, &trailer[..44]);
+    trailer[44..48].copy_from_slice(&whole.to_le_bytes());
+    let tail_at = f.k * block as u64;
+    ensure!(
+        tail_at + pos as u64 == table_offset,
+        "internal error: the data ends at byte {} but the table is to start at {table_offset}",
+        tail_at + pos as u64
+    );
+    let mut tail = Vec::with_capacity(pos + table.len() + TRAILER_LEN);
+    tail.extend_from_slice(&tail_block[..pos]);
+    tail.extend_from_slice(&table);
+    tail.extend_from_slice(&trailer);
+    files
+        .plain
+        .write_all_at(&tail, tail_at)
+        .and_then(|_| files.plain.set_len(file_len))
+        .with_context(|| format!("writing the end of {shown}"))?;
+    files
+        .plain
+        .sync_all()
+        .with_context(|| format!("fsync of {shown}"))?;
+    Ok((records.len() as u64, data_bytes, file_len))
+}
+
+/// The device side of a save: reads each record into its place in the stream, drops records
+/// of zeros, and hands every full block to the file threads.
+#[allow(clippy::too_many_arguments)]
+async fn fill_blocks(
+    dev: &dyn BlockDevice,
+    plan: &[(u64, u64)],
+    geo: Geometry,
+    header: &[u8; HEADER_LEN],
+    jobs: &std::sync::mpsc::Sender<WriteJob>,
+    slots: &Arc<tokio::sync::Semaphore>,
+    failed: &AtomicBool,
+    progress: &dyn Progress,
+) -> Result<Filling> {
+    let pool = dev.buffers();
+    let block = geo.block;
+    let take = || async {
+        pool.get(block)
+            .await
+            .map_err(|e| anyhow!(e).context("taking an I/O buffer"))
+    };
+    let mut f = Filling {
+        blocks: vec![take().await?],
+        pieces: vec![Vec::new()],
+        k: 0,
+        pos: HEADER_LEN,
+        records: Vec::new(),
+    };
+    f.blocks[0][..HEADER_LEN].copy_from_slice(header);
+    let mut done = 0u64;
+    for &(offset, len) in plan {
+        if failed.load(Ordering::Relaxed) {
+            break; // The writer's error is reported by the caller.
+        }
+        let len = len as usize;
+        // A record is at most one block, so it ends in this block or the next.
+        let first = len.min(block - f.pos);
+        let rest = len - first;
+        let read = |at: u64, n: usize| {
+            move |e: super::IoError| {
+                anyhow!(e).context(format!("reading {n} bytes at offset {at} of the device"))
+            }
+        };
+        let pos = f.pos;
+        dev.read(offset, &mut f.blocks[0][pos..pos + first])
+            .await
+            .map_err(read(offset, first))?;
+        if rest > 0 {
+            f.blocks.push(take().await?);
+            let at = offset + first as u64;
+            dev.read(at, &mut f.blocks[1][..rest])
+                .await
+                .map_err(read(at, rest))?;
+        }
+        done += len as u64;
+        progress.update(done);
+        // Data that was written as zeros is stored as a hole: it reads back the same. Its
+        // bytes in the stream are overwritten by the next record.
+        if is_zero(&f.blocks[0][pos..pos + first]) && (rest == 0 || is_zero(&f.blocks[1][..rest])) {
+            f.blocks.truncate(1);
+            continue;
+        }
+        let rec = f.records.len();
+        f.records.push((offset, len as u64));
+        f.pieces[0].push(Piece {
+            rec,
+            at: pos,
+            len: first,
+        });
+        f.pos += first;
+        if rest > 0 {
+            f.pieces.push(vec![Piece {
+                rec,
+                at: 0,
+                len: rest,
+            }]);
+        }
+        if f.pos == block {
+            let slot = slots.clone().acquire_owned().await?;
+            let job = WriteJob {
+                k: f.k,
+                buf: f.blocks.remove(0),
+                pieces: f.pieces.remove(0),
+                _slot: slot,
+            };
+            if jobs.send(job).is_err() {
+                bail!("the file writer threads are gone");
+            }
+            f.k += 1;
+            f.pos = rest;
+            if f.blocks.is_empty() {
+                f.blocks.push(take().await?);
+                f.pieces.push(Vec::new());
+            }
+        }
+    }
+    Ok(f)
 }
 
 /// The parts of a saved file that can be checked without reading its data.
@@ -431,11 +926,33 @@ fn check_whole(path: &Path, layout: &FileLayout, data_crc: u32) -> Result<()> {
     Ok(())
 }
 
-/// Restores the file at `path` into `dev`, which must be freshly made (all holes) and not
-/// yet served. On any error the device is emptied again (see the module documentation).
+/// Restores the file at `path` into `dev` with [`Options::from_env`]; see [`load_with`].
 pub async fn load(dev: &dyn BlockDevice, path: &Path, progress: &dyn Progress) -> Result<Summary> {
-    let started = Instant::now();
+    load_with(dev, path, progress, &Options::from_env()).await
+}
+
+/// Restores the file at `path` into `dev`, which must be freshly made (all holes, or all
+/// zeros if preallocated) and not yet served. On any error the device is emptied again (see
+/// the module documentation).
+pub async fn load_with(
+    dev: &dyn BlockDevice,
+    path: &Path,
+    progress: &dyn Progress,
+    opts: &Options,
+) -> Result<Summary> {
     let layout = inspect(path)?;
+    load_layout(dev, path, layout, progress, opts).await
+}
+
+/// [`load_with`] for a file already inspected.
+async fn load_layout(
+    dev: &dyn BlockDevice,
+    path: &Path,
+    layout: FileLayout,
+    progress: &dyn Progress,
+    opts: &Options,
+) -> Result<Summary> {
+    let started = Instant::now();
     if layout.device_size != dev.size() {
         bail!(
             "{} holds a device of {} bytes but this device has {} bytes: give the same --size as when it was saved",
@@ -444,105 +961,266 @@ pub async fn load(dev: &dyn BlockDevice, path: &Path, progress: &dyn Progress) -
             dev.size()
         );
     }
-    match load_data(dev, path, &layout, progress).await {
-        Ok(()) => {
-            dev.flush()
-                .await
-                .context("flushing the device after loading")?;
-            Ok(Summary {
-                path: path.to_path_buf(),
-                device_size: layout.device_size,
-                records: layout.records.len() as u64,
-                data_bytes: layout.data_bytes,
-                file_bytes: layout.file_bytes,
-                millis: started.elapsed().as_millis() as u64,
-            })
-        }
+    let loaded = load_data(dev, path, &layout, progress, opts).await;
+    progress.finish();
+    let loaded = match loaded {
+        Ok(direct) => dev
+            .flush()
+            .await
+            .context("flushing the device after loading")
+            .map(|_| direct),
+        Err(e) => Err(e),
+    };
+    match loaded {
+        Ok(direct_io) => Ok(Summary {
+            path: path.to_path_buf(),
+            device_size: layout.device_size,
+            records: layout.records.len() as u64,
+            data_bytes: layout.data_bytes,
+            file_bytes: layout.file_bytes,
+            millis: started.elapsed().as_millis() as u64,
+            direct_io,
+        }),
         Err(e) => {
             // Leave nothing of a bad file behind; a trim of the whole device frees it all.
-            let _ = dev.trim(0, dev.size()).await;
+            let e = match dev.trim(0, dev.size()).await {
+                Ok(()) => e,
+                Err(t) => e.context(format!(
+                    "and emptying the device again failed too ({t}): do not use it"
+                )),
+            };
             Err(e.context(format!("{} was not loaded", path.display())))
         }
     }
 }
 
+/// Where the records lie in the file, for cutting blocks of it into pieces.
+struct StreamMap {
+    block: u64,
+    /// File offset of each record's first byte, and one past its last.
+    starts: Vec<u64>,
+    ends: Vec<u64>,
+    /// End of the data (start of the table).
+    data_end: u64,
+}
+
+impl StreamMap {
+    fn new(records: &[Record], block: usize) -> Self {
+        let mut starts = Vec::with_capacity(records.len());
+        let mut ends = Vec::with_capacity(records.len());
+        let mut at = HEADER_LEN as u64;
+        for r in records {
+            starts.push(at);
+            at += r.length;
+            ends.push(at);
+        }
+        StreamMap {
+            block: block as u64,
+            starts,
+            ends,
+            data_end: at,
+        }
+    }
+
+    /// Blocks holding data.
+    fn blocks(&self) -> u64 {
+        if self.starts.is_empty() {
+            0
+        } else {
+            self.data_end.div_ceil(self.block)
+        }
+    }
+
+    /// Bytes of block `k` up to the end of the data.
+    fn block_len(&self, k: u64) -> usize {
+        (self.data_end - k * self.block).min(self.block) as usize
+    }
+
+    /// The pieces of records in block `k`, in file order.
+    fn pieces(&self, k: u64) -> impl Iterator<Item = Piece> + '_ {
+        let base = k * self.block;
+        let s = base.max(HEADER_LEN as u64);
+        let e = (base + self.block).min(self.data_end);
+        let first = self.ends.partition_point(|&end| end <= s);
+        (first..self.starts.len())
+            .take_while(move |&i| self.starts[i] < e)
+            .map(move |i| {
+                let from = self.starts[i].max(s);
+                let to = self.ends[i].min(e);
+                Piece {
+                    rec: i,
+                    at: (from - base) as usize,
+                    len: (to - from) as usize,
+                }
+            })
+    }
+}
+
+/// One block read by a file thread, with the checksums of its pieces.
+type ReadResult = (u64, Result<(IoBuf, Vec<u32>)>);
+
+fn read_block(
+    files: &DataFile,
+    map: &StreamMap,
+    shown: &str,
+    k: u64,
+    mut buf: IoBuf,
+) -> Result<(IoBuf, Vec<u32>)> {
+    let need = map.block_len(k);
+    // Direct reads need whole aligned blocks; reading past the data into the table is
+    // harmless, and the buffer is a whole block.
+    let want = if files.is_direct() {
+        need.next_multiple_of(DIRECT_ALIGN).min(buf.capacity())
+    } else {
+        need
+    };
+    buf.set_len(want);
+    let at = k * map.block;
+    files
+        .read_at_least(&mut buf, at, need)
+        .with_context(|| format!("reading {need} bytes at byte {at} of {shown}"))?;
+    buf.set_len(need);
+    let crcs = map
+        .pieces(k)
+        .map(|p| crc32c::crc32c(&buf[p.at..p.at + p.len]))
+        .collect();
+    Ok((buf, crcs))
+}
+
+/// Streams the data of the file into `dev`, checking every checksum. Returns whether direct
+/// I/O was used.
 async fn load_data(
     dev: &dyn BlockDevice,
     path: &Path,
     layout: &FileLayout,
     progress: &dyn Progress,
-) -> Result<()> {
-    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    sequential(&file);
-    file.seek(SeekFrom::Start(HEADER_LEN as u64))?;
-    let records = layout.records.clone();
-    let pool = dev.buffers().clone();
+    opts: &Options,
+) -> Result<bool> {
     let shown = path.display().to_string();
-    let header_crc = crc32c::crc32c(&layout.header);
-    let handle = tokio::runtime::Handle::current();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(u64, IoBuf)>>(PIPELINE_DEPTH);
-    // The file side reads and checks each record on a blocking thread; only records whose
-    // checksum matched are handed to the device side.
-    let reader = tokio::task::spawn_blocking(move || -> Option<u32> {
-        let mut whole = header_crc;
-        for r in records {
-            let step = (|| -> Result<IoBuf> {
-                let mut buf = handle
-                    .block_on(pool.get(r.length as usize))
-                    .context("taking an I/O buffer")?;
-                file.read_exact(&mut buf)
-                    .with_context(|| format!("reading {shown}"))?;
-                ensure!(
-                    crc32c::crc32c(&buf) == r.crc,
-                    "{shown} is corrupt: the data of the record at device offset {} does not match its checksum",
-                    r.offset
-                );
-                Ok(buf)
-            })();
-            match step {
-                Ok(buf) => {
-                    whole = crc32c::crc32c_combine(whole, r.crc, buf.len());
-                    if tx.blocking_send(Ok((r.offset, buf))).is_err() {
-                        return None;
+    let pool = dev.buffers();
+    let geo = geometry(pool, opts)?;
+    let map = Arc::new(StreamMap::new(&layout.records, geo.block));
+    let plain = File::open(path).with_context(|| format!("cannot open {shown}"))?;
+    let direct = match opts.io {
+        IoMode::Buffered => None,
+        IoMode::Direct => open_direct(path, false),
+        // A file mostly in the page cache comes faster from there than from the disk.
+        IoMode::Auto if cached_fraction(&plain, map.data_end) >= 0.5 => None,
+        IoMode::Auto => open_direct(path, false),
+    };
+    if direct.is_none() {
+        // SAFETY: advice on an open descriptor; failure only loses the hint.
+        unsafe { libc::posix_fadvise(plain.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+    }
+    let files = Arc::new(DataFile::new(plain, direct));
+    let blocks = map.blocks();
+    let (job_tx, job_rx) = std::sync::mpsc::channel::<(u64, IoBuf)>();
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let (res_tx, mut res_rx) = tokio::sync::mpsc::unbounded_channel::<ReadResult>();
+    let readers: Vec<_> = (0..IO_THREADS.min(blocks as usize))
+        .map(|_| {
+            let (files, map, job_rx, res_tx, shown) = (
+                files.clone(),
+                map.clone(),
+                job_rx.clone(),
+                res_tx.clone(),
+                shown.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                loop {
+                    let job = job_rx.lock().unwrap().recv();
+                    let Ok((k, buf)) = job else { return };
+                    let r = read_block(&files, &map, &shown, k, buf);
+                    if res_tx.send((k, r)).is_err() {
+                        return;
                     }
                 }
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return None;
+            })
+        })
+        .collect();
+    drop(res_tx);
+
+    let streamed = async {
+        // The block buffers are taken once and passed round: a buffer goes back to the file
+        // threads as soon as its block is on the device.
+        let mut issued = 0u64;
+        while issued < blocks.min(geo.depth as u64) {
+            let buf = pool
+                .get(geo.block)
+                .await
+                .map_err(|e| anyhow!(e).context("taking an I/O buffer"))?;
+            job_tx.send((issued, buf)).ok();
+            issued += 1;
+        }
+        let mut arrived: BTreeMap<u64, Result<(IoBuf, Vec<u32>)>> = BTreeMap::new();
+        let mut whole = crc32c::crc32c(&layout.header);
+        let mut rec_crc = 0u32;
+        let mut done = 0u64;
+        for k in 0..blocks {
+            // Blocks are checked in file order, whichever thread read them first.
+            let block = loop {
+                if let Some(b) = arrived.remove(&k) {
+                    break b;
+                }
+                let (j, r) = res_rx
+                    .recv()
+                    .await
+                    .context("the file reader threads stopped early")?;
+                arrived.insert(j, r);
+            };
+            let (buf, crcs) = block?;
+            let pieces: Vec<Piece> = map.pieces(k).collect();
+            // Every record that ends in this block is checked before any of the block is
+            // written to the device.
+            for (p, &crc) in pieces.iter().zip(&crcs) {
+                let r = &layout.records[p.rec];
+                let start = k * map.block + p.at as u64;
+                rec_crc = if start == map.starts[p.rec] {
+                    crc
+                } else {
+                    crc32c::crc32c_combine(rec_crc, crc, p.len)
+                };
+                if start + p.len as u64 == map.ends[p.rec] {
+                    ensure!(
+                        rec_crc == r.crc,
+                        "{shown} is corrupt: the data of the record at device offset {} does not match its checksum",
+                        r.offset
+                    );
+                    whole = crc32c::crc32c_combine(whole, rec_crc, r.length as usize);
                 }
             }
-        }
-        Some(whole)
-    });
-    let mut done = 0u64;
-    let mut failure = None;
-    while let Some(item) = rx.recv().await {
-        match item {
-            Ok((offset, buf)) => {
-                if let Err(e) = dev.write(offset, &buf, false).await {
-                    failure = Some(anyhow::Error::new(e).context(format!(
-                        "writing {} bytes at offset {offset} of the device",
-                        buf.len()
-                    )));
-                    break;
+            let writes = pieces.iter().map(|p| {
+                let r = &layout.records[p.rec];
+                let at = r.offset + (k * map.block + p.at as u64 - map.starts[p.rec]);
+                let data = &buf[p.at..p.at + p.len];
+                async move {
+                    dev.write(at, data, false).await.map_err(|e| {
+                        anyhow!(e).context(format!(
+                            "writing {} bytes at offset {at} of the device",
+                            data.len()
+                        ))
+                    })
                 }
-                done += buf.len() as u64;
-                progress.update(done);
-            }
-            Err(e) => {
-                failure = Some(e);
-                break;
+            });
+            futures::future::try_join_all(writes).await?;
+            done += pieces.iter().map(|p| p.len as u64).sum::<u64>();
+            progress.update(done);
+            if issued < blocks {
+                job_tx.send((issued, buf)).ok();
+                issued += 1;
             }
         }
+        Ok::<u32, anyhow::Error>(whole)
     }
-    drop(rx);
-    let whole = reader.await.context("the file reader thread died")?;
-    progress.finish();
-    if let Some(e) = failure {
-        return Err(e);
+    .await;
+    drop(job_tx);
+    // The threads finish the block in hand (if any) and see the channel closed.
+    drop(res_rx);
+    for r in readers {
+        r.await.context("a file reader thread died")?;
     }
-    let whole = whole.context("the file reader stopped early")?;
-    check_whole(path, layout, whole)
+    check_whole(path, layout, streamed?)?;
+    Ok(files.is_direct())
 }
 
 /// Reports progress as a bar when stderr is a terminal, as a log line every few seconds
@@ -580,7 +1258,7 @@ impl ConsoleProgress {
 
     /// Total bytes to be moved by a save of `dev`.
     pub fn save_total(dev: &dyn BlockDevice) -> u64 {
-        plan_records(dev)
+        plan_records(dev, RECORD_SIZE)
             .map(|p| p.iter().map(|r| r.1).sum())
             .unwrap_or(0)
     }
@@ -634,10 +1312,28 @@ mod tests {
     use std::sync::Arc;
 
     fn device(size: u64) -> Arc<dyn BlockDevice> {
+        device_with(size, |_| {})
+    }
+
+    fn device_with(size: u64, tune: impl FnOnce(&mut SparseOptions)) -> Arc<dyn BlockDevice> {
         let mut opts = SparseOptions::new(size);
         opts.chunk_size = 1 << 20;
         opts.buffer_limit = 256 << 20;
+        tune(&mut opts);
         Arc::new(SparseDevice::new(HostBackend::new(), opts).unwrap())
+    }
+
+    fn opts(io: IoMode, block_size: Option<usize>) -> Options {
+        Options { io, block_size }
+    }
+
+    /// Whether the filesystem of `dir` takes O_DIRECT (tmpfs on older kernels does not).
+    fn direct_works(dir: &Path) -> bool {
+        let probe = dir.join("probe");
+        std::fs::write(&probe, b"x").unwrap();
+        let ok = open_direct(&probe, false).is_some();
+        std::fs::remove_file(&probe).unwrap();
+        ok
     }
 
     fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -782,5 +1478,242 @@ mod tests {
         let path = saved(dir.path()).await;
         let msg = refused(&path, 64 << 20).await;
         assert!(msg.contains("same --size"), "{msg}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn round_trip_in_every_mode_and_block_size() {
+        let size = 64 << 20;
+        let src = filled(size).await;
+        let want = contents(&*src).await;
+        let dir = tempfile::tempdir().unwrap();
+        let direct_ok = direct_works(dir.path());
+        if !direct_ok {
+            eprintln!("SKIPPED (in part): no O_DIRECT on the temporary directory's filesystem");
+        }
+        let path = dir.path().join("dev.img");
+        // 4 KiB and 64 KiB blocks: every record straddles blocks (the header shifts the
+        // stream by 64 bytes) and the chunk of zeros is dropped across a block boundary.
+        for save_block in [Some(4096), Some(64 << 10), Some(1 << 20), None] {
+            for io in [IoMode::Direct, IoMode::Buffered, IoMode::Auto] {
+                let s = save_with(&*src, &path, &NoProgress, &opts(io, save_block))
+                    .await
+                    .unwrap();
+                let what = format!("{io:?}, save block {save_block:?}");
+                assert_eq!(s.direct_io, io != IoMode::Buffered && direct_ok, "{what}");
+                // Records are cut at multiples of the block size or 8 MiB, whichever is
+                // smaller, within extents of whole 1 MiB chunks (here never longer than two
+                // chunks, split at 8 MiB); those holding only zeros are dropped.
+                let record = save_block.unwrap_or(MAX_BLOCK).min(1 << 20);
+                let data = want.chunks(record).filter(|c| !is_zero(c)).count() as u64;
+                assert_eq!(s.records, data, "{what}");
+                assert_eq!(s.data_bytes, data * record as u64, "{what}");
+                verify(&path).unwrap();
+                // Loading with other block sizes than the save's: records larger than a
+                // block, blocks holding several records.
+                for load_block in [Some(4096), Some(64 << 10), None] {
+                    let dst = device(size);
+                    let l = load_with(&*dst, &path, &NoProgress, &opts(io, load_block))
+                        .await
+                        .unwrap();
+                    let what = format!("{what}, load block {load_block:?}");
+                    assert_eq!(l.data_bytes, s.data_bytes, "{what}");
+                    assert_eq!(l.direct_io, io == IoMode::Direct && direct_ok, "{what}");
+                    assert!(contents(&*dst).await == want, "{what}: contents differ");
+                    assert_eq!(dst.stats().chunks, 4, "{what}");
+                }
+            }
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_buffer_pools_still_round_trip() {
+        let size = 16 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("small.img");
+        // 8 KiB of buffers: one 4 KiB block at a time on each side.
+        for limit in [8 << 10, 100 << 10, 20 << 20] {
+            let tune = |o: &mut SparseOptions| o.buffer_limit = limit;
+            let src = device_with(size, tune);
+            src.write(5000, &pattern(7, 3 << 20), false).await.unwrap();
+            src.write(size - 70_000, &pattern(8, 70_000), false)
+                .await
+                .unwrap();
+            save(&*src, &path, &NoProgress).await.unwrap();
+            let dst = device_with(size, tune);
+            load(&*dst, &path, &NoProgress).await.unwrap();
+            assert!(
+                contents(&*dst).await == contents(&*src).await,
+                "limit {limit}"
+            );
+        }
+        let tiny = device_with(size, |o| o.buffer_limit = 4096);
+        let err = save(&*tiny, &path, &NoProgress).await.unwrap_err();
+        assert!(format!("{err:#}").contains("too small"), "{err:#}");
+    }
+
+    /// A device whose every byte is data: `records` records of 8 MiB.
+    async fn full(records: u64, preallocate: bool) -> Arc<dyn BlockDevice> {
+        let dev = device_with(records * RECORD_SIZE, |o| o.preallocate = preallocate);
+        for r in 0..records {
+            let data = pattern(r + 11, RECORD_SIZE as usize);
+            dev.write(r * RECORD_SIZE, &data, false).await.unwrap();
+        }
+        dev
+    }
+
+    async fn assert_all_zero(dev: &dyn BlockDevice, what: &str) {
+        assert!(
+            is_zero(&contents(dev).await),
+            "{what}: data left on the device"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn late_checksum_failures_leave_the_device_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("full.img");
+        let records = 5;
+        let src = full(records, false).await;
+        save(&*src, &path, &NoProgress).await.unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let data_end = HEADER_LEN + (records * RECORD_SIZE) as usize;
+        // The last byte of the last record's data, and the whole-file checksum (checked only
+        // once every record has been written to the device).
+        for (at, says) in [
+            (data_end - 1, "record at device offset 33554432"),
+            (good.len() - 1, "whole-file checksum"),
+        ] {
+            let mut bad = good.clone();
+            bad[at] ^= 1;
+            std::fs::write(&path, &bad).unwrap();
+            for io in [IoMode::Direct, IoMode::Buffered] {
+                for preallocate in [false, true] {
+                    let dst = device_with(records * RECORD_SIZE, |o| o.preallocate = preallocate);
+                    let before = dst.stats();
+                    // 1 MiB blocks: dozens of blocks reach the device before the failure.
+                    let err = load_with(&*dst, &path, &NoProgress, &opts(io, Some(1 << 20)))
+                        .await
+                        .unwrap_err();
+                    let msg = format!("{err:#}");
+                    let what = format!("flip at {at}, {io:?}, preallocate {preallocate}");
+                    assert!(
+                        msg.contains(says) && msg.contains("was not loaded"),
+                        "{what}: {msg}"
+                    );
+                    assert_eq!(dst.stats(), before, "{what}");
+                    assert_all_zero(&*dst, &what).await;
+                }
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_cut_short_during_the_load_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cut.img");
+        let src = full(3, false).await;
+        save(&*src, &path, &NoProgress).await.unwrap();
+        let good = std::fs::read(&path).unwrap();
+        // Cut in the middle of the second record, once the header, table and trailer have
+        // been checked (as if another program truncated it then).
+        for io in [IoMode::Direct, IoMode::Buffered] {
+            std::fs::write(&path, &good).unwrap();
+            let layout = inspect(&path).unwrap();
+            let f = OpenOptions::new().write(true).open(&path).unwrap();
+            f.set_len(HEADER_LEN as u64 + RECORD_SIZE + 12345).unwrap();
+            let dst = device(3 * RECORD_SIZE);
+            let err = load_layout(&*dst, &path, layout, &NoProgress, &opts(io, Some(1 << 20)))
+                .await
+                .unwrap_err();
+            let msg = format!("{err:#}");
+            assert!(msg.contains("cut short"), "{io:?}: {msg}");
+            assert_eq!(dst.stats().allocated, 0, "{io:?}");
+            assert_all_zero(&*dst, &format!("{io:?}")).await;
+        }
+    }
+
+    #[test]
+    fn pieces_cover_the_data_exactly_once() {
+        let lens = [5000u64, 4096, 1, 20_000, 3, 8192];
+        let mut offset = 0;
+        let records: Vec<Record> = lens
+            .iter()
+            .map(|&length| {
+                offset += length + 4096;
+                Record {
+                    offset,
+                    length,
+                    crc: 0,
+                }
+            })
+            .collect();
+        for block in [4096usize, 8192, 1 << 20] {
+            let map = StreamMap::new(&records, block);
+            let mut next = HEADER_LEN as u64;
+            let mut per_record = vec![0u64; records.len()];
+            for k in 0..map.blocks() {
+                for p in map.pieces(k) {
+                    let at = k * block as u64 + p.at as u64;
+                    assert_eq!(at, next, "block {block}: gap or overlap");
+                    assert!(p.len > 0 && p.at + p.len <= map.block_len(k));
+                    next += p.len as u64;
+                    per_record[p.rec] += p.len as u64;
+                }
+            }
+            assert_eq!(next, map.data_end);
+            assert_eq!(per_record, lens);
+        }
+        assert_eq!(StreamMap::new(&[], 4096).blocks(), 0);
+    }
+
+    #[test]
+    fn io_modes_parse_and_zero_check_is_exact() {
+        assert_eq!("direct".parse::<IoMode>().unwrap(), IoMode::Direct);
+        assert_eq!("buffered".parse::<IoMode>().unwrap(), IoMode::Buffered);
+        assert_eq!("auto".parse::<IoMode>().unwrap(), IoMode::Auto);
+        assert!("fast".parse::<IoMode>().is_err());
+        let mut b = vec![0u8; 10_000];
+        assert!(is_zero(&b));
+        for at in [0, 4095, 4096, 9999] {
+            b[at] = 1;
+            assert!(!is_zero(&b), "{at}");
+            b[at] = 0;
+        }
+    }
+
+    #[test]
+    fn refused_direct_calls_are_redone_through_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        if !direct_works(dir.path()) {
+            eprintln!("SKIPPED: no O_DIRECT on the temporary directory's filesystem");
+            return;
+        }
+        let path = dir.path().join("f");
+        let data = pattern(5, 3 * DIRECT_ALIGN);
+        std::fs::write(&path, &data).unwrap();
+        // A buffer one byte off a page boundary: the kernel refuses it for direct I/O (EINVAL).
+        let mut backing = vec![0u8; 4 * DIRECT_ALIGN + 1];
+        let off = backing.as_ptr().align_offset(DIRECT_ALIGN) + 1;
+        let f = DataFile::new(File::open(&path).unwrap(), open_direct(&path, false));
+        assert!(f.is_direct());
+        let buf = &mut backing[off..off + 2 * DIRECT_ALIGN];
+        f.read_at_least(buf, DIRECT_ALIGN as u64, 2 * DIRECT_ALIGN)
+            .unwrap();
+        assert!(
+            buf[..] == data[DIRECT_ALIGN..],
+            "read through the cache differs"
+        );
+        assert!(!f.is_direct(), "direct I/O still on after a refusal");
+
+        let out = dir.path().join("g");
+        std::fs::write(&out, b"").unwrap();
+        let plain = OpenOptions::new().write(true).open(&out).unwrap();
+        let w = DataFile::new(plain, open_direct(&out, true));
+        backing[off..off + 2 * DIRECT_ALIGN].copy_from_slice(&data[..2 * DIRECT_ALIGN]);
+        w.write_all_at(&backing[off..off + 2 * DIRECT_ALIGN], 0)
+            .unwrap();
+        assert!(!w.is_direct());
+        assert!(std::fs::read(&out).unwrap() == data[..2 * DIRECT_ALIGN]);
     }
 }
