@@ -652,12 +652,102 @@ fn sigterm_with_pipelined_requests(transport: Transport) {
     let status = srv.terminate(Duration::from_secs(10));
     let took = t0.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let replies = t.join().expect("the client saw a torn reply");
+    let replies = match t.join() {
+        Ok(n) => n,
+        Err(_) => panic!(
+            "the client saw a torn reply ({took:?} after SIGTERM, exit {status:?}); server log:\n{}",
+            srv.log()
+        ),
+    };
     let _ = sender.join();
     assert!(replies > 128, "only {replies} replies before SIGTERM");
     let status = status.expect("the server did not exit within 10 s of SIGTERM");
     assert!(status.success(), "exit status {status}");
     assert!(took < Duration::from_secs(7), "exit took {took:?}");
+}
+
+/// SIGTERM while a client has far more requests queued than the server has read, and reads
+/// its replies slowly: every reply the server sent arrives whole and the stream then ends
+/// cleanly. Over TCP, closing a socket with unread requests resets the connection and throws
+/// away replies not yet delivered, so the server has to wait for the client to take them.
+fn sigterm_with_a_slow_reader(transport: Transport) {
+    if common::standin_skips("exit on SIGTERM with clients connected") {
+        return;
+    }
+    let mut srv = start(&[], transport);
+    let (rd, mut wr) = split_connection(&srv);
+    let mut c = Conn { s: rd };
+    c.bytes(18);
+    wr.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut go = option_bytes(OPT_GO, 6);
+    go.extend_from_slice(&[0; 6]);
+    wr.write_all(&go).unwrap();
+    while c.option_reply(OPT_GO).0 != REP_ACK {}
+    let mut rd = c.s;
+    // 64 KiB reads, sent until the server is gone: far more than the socket buffers hold
+    // in replies, and always some the server has not read when it stops.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let sender = std::thread::spawn(move || {
+        let mut i = 0u64;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            if wr
+                .write_all(&header(CMD_READ, i, (i * 65536) % EXPORT, 65536))
+                .is_err()
+            {
+                break;
+            }
+            i += 1;
+        }
+        wr
+    });
+    // Reads whole replies, slowly, until the stream ends: Ok(replies) at a clean end.
+    let reader = std::thread::spawn(move || -> Result<u64, String> {
+        let mut replies = 0u64;
+        loop {
+            let mut h = [0u8; 16];
+            let mut got = 0;
+            while got < 16 {
+                match rd.read(&mut h[got..]) {
+                    Ok(0) if got == 0 => return Ok(replies),
+                    Ok(0) => return Err(format!("a torn reply header after {replies} replies")),
+                    Ok(k) => got += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        return Err(format!(
+                            "{e} after {replies} replies and {got} bytes of a header \
+                             (replies sent were thrown away)"
+                        ));
+                    }
+                }
+            }
+            if u32::from_be_bytes(h[..4].try_into().unwrap()) != SIMPLE_REPLY_MAGIC {
+                return Err(format!("bad reply magic after {replies} replies"));
+            }
+            if u32::from_be_bytes(h[4..8].try_into().unwrap()) == 0 {
+                let mut d = vec![0u8; 65536];
+                if !matches!(read_full(&mut rd, &mut d), Ok(true)) {
+                    return Err(format!("a torn read reply after {replies} replies"));
+                }
+            }
+            replies += 1;
+            // A slow reader: the server's replies back up in the socket.
+            std::thread::sleep(Duration::from_micros(300));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let status = srv.terminate(Duration::from_secs(10));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = reader.join().expect("the reader thread");
+    drop(sender.join());
+    match seen {
+        Ok(n) => assert!(n > 0, "no reply before the stream ended"),
+        Err(e) => panic!("{e}; server log:\n{}", srv.log()),
+    }
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit status {status:?}"
+    );
 }
 
 /// Two handles on one new connection: one to read, one to write.
@@ -840,6 +930,7 @@ over_both_transports! {
     idle_and_greedy_connections_are_bounded => idle_and_greedy_connections;
     read_only_exports_refuse_every_change => read_only_refuses_changes;
     sigterm_with_128_pipelined_requests => sigterm_with_pipelined_requests;
+    sigterm_with_a_slow_reader_gets_every_reply => sigterm_with_a_slow_reader;
     vanished_clients_give_their_connection_slot_back => vanished_clients_free_their_slots;
     a_greedy_client_does_not_starve_others => greedy_client_does_not_starve_others;
 }

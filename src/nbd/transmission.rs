@@ -156,6 +156,10 @@ impl Drop for HereGuard {
     }
 }
 
+/// Longest a connection that ends cleanly waits for the client to take its last replies
+/// before the socket closes (see `run`).
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
 const READ_BUF: usize = 128 << 10;
 /// When less room than this is left at the end of the read buffer, unread bytes are moved
 /// to its start before the next read.
@@ -375,6 +379,25 @@ pub(crate) trait Sink: Send + Sync + 'static {
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
     /// Waits until the socket may take more.
     fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Bytes written that the peer has not taken yet (TCP: not acknowledged; Unix: not
+    /// read), which closing the socket now could throw away.
+    fn unacknowledged(&self) -> usize;
+    /// Ends the stream in this direction (the peer reads EOF after the last reply).
+    fn shutdown_write(&self);
+}
+
+fn shutdown_write(fd: std::os::fd::RawFd) {
+    // Fails only if the socket is already gone, which is the same end.
+    let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write);
+}
+
+/// `SIOCOUTQ` on a socket: TCP, bytes the peer has not acknowledged; Unix stream, bytes the
+/// peer has not read. Zero if the kernel will not say.
+fn outq(fd: std::os::fd::RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (= SIOCOUTQ) writes one int.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    if rc == 0 { n.max(0) as usize } else { 0 }
 }
 
 impl Sink for tokio::net::tcp::OwnedWriteHalf {
@@ -384,6 +407,12 @@ impl Sink for tokio::net::tcp::OwnedWriteHalf {
     fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
         tokio::net::tcp::OwnedWriteHalf::writable(self)
     }
+    fn unacknowledged(&self) -> usize {
+        outq(AsRef::<tokio::net::TcpStream>::as_ref(self).as_raw_fd())
+    }
+    fn shutdown_write(&self) {
+        shutdown_write(AsRef::<tokio::net::TcpStream>::as_ref(self).as_raw_fd())
+    }
 }
 
 impl Sink for tokio::net::unix::OwnedWriteHalf {
@@ -392,6 +421,12 @@ impl Sink for tokio::net::unix::OwnedWriteHalf {
     }
     fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
         tokio::net::unix::OwnedWriteHalf::writable(self)
+    }
+    fn unacknowledged(&self) -> usize {
+        outq(AsRef::<tokio::net::UnixStream>::as_ref(self).as_raw_fd())
+    }
+    fn shutdown_write(&self) {
+        shutdown_write(AsRef::<tokio::net::UnixStream>::as_ref(self).as_raw_fd())
     }
 }
 
@@ -706,7 +741,7 @@ where
     let mut conn = Conn {
         rd,
         inbuf: InBuf::new(),
-        sink,
+        sink: sink.clone(),
         out: out.clone(),
         batch: VecDeque::with_capacity(BATCH_REPLIES),
         batch_bytes: 0,
@@ -749,6 +784,17 @@ where
         // Let operations still running finish and their replies go out; the writer ends
         // after the last one. A forced shutdown aborts it (on drop).
         let _ = (&mut writer.0).await;
+        // Closing a socket while requests the client sent are still unread resets the
+        // connection: TCP throws away replies not yet acknowledged, and a Unix socket's
+        // reader gets ECONNRESET in place of replies it has not read yet. A client that is
+        // slow to read (or sent more requests as the server stopped) would lose replies, or
+        // see one cut short. So the stream ends with an EOF after the last reply, and the
+        // socket stays open until the client has taken everything.
+        sink.shutdown_write();
+        let deadline = Instant::now() + CLOSE_LINGER;
+        while sink.unacknowledged() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     } else {
         // Their replies are thrown away, but operations already started still run: wait
         // for them too, so that once a connection is reported closed none of its writes
