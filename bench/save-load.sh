@@ -16,11 +16,23 @@
 #   BIN=path             a prebuilt persist-bench (else built here with cargo), for machines
 #                        without cargo, e.g. BIN=.gpu/bin/persist-bench
 #   FILLS="10 100"       fills to run; the last one's image is what dd reads
+#
+# On the GPU machine (no cargo), CUDA device of 16 GiB, on its disk and on tmpfs:
+#   here:  ../shared/tools/gpu-pack --bins && cargo build --release --example persist-bench &&
+#          cp target/release/examples/persist-bench .gpu/bin/          (carry .gpu)
+#   there: BIN=.gpu/bin/persist-bench BACKEND=cuda FILLS=100 sh bench/save-load.sh /var/tmp/vb 16384
+#          BIN=.gpu/bin/persist-bench BACKEND=cuda FILLS=100 sh bench/save-load.sh /dev/shm/vb 16384
 set -eu
 dir=${1:-./bench-tmp}
 size=${2:-4096}
 fills=${FILLS:-10 100}
 mkdir -p "$dir"
+# The image and dd's copy of it lie side by side at the end.
+avail=$(df -Pk "$dir" | awk 'NR==2 {print int($4 / 1024)}')
+if [ "$avail" -lt $((2 * size + 256)) ]; then
+    echo "save-load.sh: $dir has ${avail} MiB free but needs $((2 * size + 256)) MiB: give a smaller SIZE_MIB or another DIR" >&2
+    exit 1
+fi
 if [ -z "${BIN:-}" ]; then
     cargo build --release --quiet --example persist-bench
     BIN=target/release/examples/persist-bench

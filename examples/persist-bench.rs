@@ -66,10 +66,38 @@ fn holds_data(c: u64, fill: u64) -> bool {
     c % 100 < fill
 }
 
-fn line(step: &str, mib: u64, secs: f64, extra: &str) {
+/// Wall time and the CPU time of the whole process (every thread) since it was made.
+struct Timer {
+    wall: Instant,
+    cpu: f64,
+}
+
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+impl Timer {
+    fn start() -> Self {
+        Timer {
+            wall: Instant::now(),
+            cpu: cpu_seconds(),
+        }
+    }
+}
+
+/// One JSON line; cpu_s (CPU seconds, all threads) shows how busy the step kept the CPUs,
+/// which on a shared machine varies less than the rate.
+fn line(step: &str, mib: u64, t: &Timer, extra: &str) {
+    let secs = t.wall.elapsed().as_secs_f64();
     println!(
-        "{{\"step\":\"{step}\",\"data_mib\":{mib},\"seconds\":{secs:.3},\"mib_per_s\":{:.0}{extra}}}",
-        mib as f64 / secs
+        "{{\"step\":\"{step}\",\"data_mib\":{mib},\"seconds\":{secs:.3},\"mib_per_s\":{:.0},\"cpu_s\":{:.3}{extra}}}",
+        mib as f64 / secs,
+        cpu_seconds() - t.cpu
     );
 }
 
@@ -181,7 +209,7 @@ async fn main() {
 
     // The device side alone: reading the data into an I/O buffer, 8 MiB at a time with the
     // chunks of each 8 MiB read side by side, as a save does.
-    let t = Instant::now();
+    let t = Timer::start();
     {
         let mut buf = dev.buffers().get(STEP as usize).await.expect("buffer");
         for s in 0..size / STEP {
@@ -195,10 +223,10 @@ async fn main() {
             futures::future::try_join_all(reads).await.expect("read");
         }
     }
-    line("device read", data_mib, t.elapsed().as_secs_f64(), "");
+    line("device read", data_mib, &t, "");
 
     let path = dir.join("bench.img");
-    let t = Instant::now();
+    let t = Timer::start();
     let s = persist::save_with(&*dev, &path, &NoProgress, &opts)
         .await
         .expect("save");
@@ -208,20 +236,20 @@ async fn main() {
         s.records,
         s.direct_io
     );
-    line("save", data_mib, t.elapsed().as_secs_f64(), &extra);
+    line("save", data_mib, &t, &extra);
     assert_eq!(s.data_bytes, filled);
 
     drop_cache(&path);
     // Reading and checking the file alone (buffered, one thread: the old load's file side).
-    let t = Instant::now();
+    let t = Timer::start();
     persist::verify(&path).expect("verify");
-    line("verify", data_mib, t.elapsed().as_secs_f64(), "");
+    line("verify", data_mib, &t, "");
 
     // The device side alone: writing the data into fresh chunks (allocation included), as a
     // load does.
     dev.trim(0, size).await.expect("trim");
     assert_eq!(dev.stats().allocated, 0);
-    let t = Instant::now();
+    let t = Timer::start();
     {
         let mut buf = dev.buffers().get(STEP as usize).await.expect("buffer");
         buf.copy_from_slice(&noise[..STEP as usize]);
@@ -236,16 +264,16 @@ async fn main() {
             futures::future::try_join_all(writes).await.expect("write");
         }
     }
-    line("device write", data_mib, t.elapsed().as_secs_f64(), "");
+    line("device write", data_mib, &t, "");
 
     dev.trim(0, size).await.expect("trim");
     drop_cache(&path);
-    let t = Instant::now();
+    let t = Timer::start();
     let l = persist::load_with(&*dev, &path, &NoProgress, &opts)
         .await
         .expect("load");
     let extra = format!(",\"direct_io\":{}", l.direct_io);
-    line("load", data_mib, t.elapsed().as_secs_f64(), &extra);
+    line("load", data_mib, &t, &extra);
 
     // The copy must be exact, or the figures mean nothing.
     assert_eq!(dev.stats().allocated, filled);

@@ -50,6 +50,7 @@
 
 use super::{BlockDevice, BufferPool, Extent, IoBuf};
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
@@ -1087,6 +1088,32 @@ fn read_block(
     Ok((buf, crcs))
 }
 
+/// Writes the pieces of block `k` to the device; returns the buffer and the bytes written.
+async fn write_block(
+    dev: &dyn BlockDevice,
+    map: &StreamMap,
+    records: &[Record],
+    k: u64,
+    buf: IoBuf,
+) -> Result<(IoBuf, u64)> {
+    let pieces: Vec<Piece> = map.pieces(k).collect();
+    let writes = pieces.iter().map(|p| {
+        let at = records[p.rec].offset + (k * map.block + p.at as u64 - map.starts[p.rec]);
+        let data = &buf[p.at..p.at + p.len];
+        async move {
+            dev.write(at, data, false).await.map_err(|e| {
+                anyhow!(e).context(format!(
+                    "writing {} bytes at offset {at} of the device",
+                    data.len()
+                ))
+            })
+        }
+    });
+    futures::future::try_join_all(writes).await?;
+    let bytes = pieces.iter().map(|p| p.len as u64).sum();
+    Ok((buf, bytes))
+}
+
 /// Streams the data of the file into `dev`, checking every checksum. Returns whether direct
 /// I/O was used.
 async fn load_data(
@@ -1156,58 +1183,55 @@ async fn load_data(
         let mut whole = crc32c::crc32c(&layout.header);
         let mut rec_crc = 0u32;
         let mut done = 0u64;
-        for k in 0..blocks {
+        // Several blocks on their way to the device at once, so that a GPU copies one while
+        // the chunks of the next are allocated and its checksums checked.
+        let most_writing = (geo.depth / 2).max(1);
+        let mut writing = futures::stream::FuturesUnordered::new();
+        let mut k = 0u64;
+        while k < blocks || !writing.is_empty() {
             // Blocks are checked in file order, whichever thread read them first.
-            let block = loop {
-                if let Some(b) = arrived.remove(&k) {
-                    break b;
+            if writing.len() < most_writing
+                && let Some(block) = arrived.remove(&k)
+            {
+                let (buf, crcs) = block?;
+                // Every record that ends in this block is checked before any of the block
+                // is written to the device.
+                for (p, &crc) in map.pieces(k).zip(&crcs) {
+                    let r = &layout.records[p.rec];
+                    let start = k * map.block + p.at as u64;
+                    rec_crc = if start == map.starts[p.rec] {
+                        crc
+                    } else {
+                        crc32c::crc32c_combine(rec_crc, crc, p.len)
+                    };
+                    if start + p.len as u64 == map.ends[p.rec] {
+                        ensure!(
+                            rec_crc == r.crc,
+                            "{shown} is corrupt: the data of the record at device offset {} does not match its checksum",
+                            r.offset
+                        );
+                        whole = crc32c::crc32c_combine(whole, rec_crc, r.length as usize);
+                    }
                 }
-                let (j, r) = res_rx
-                    .recv()
-                    .await
-                    .context("the file reader threads stopped early")?;
-                arrived.insert(j, r);
-            };
-            let (buf, crcs) = block?;
-            let pieces: Vec<Piece> = map.pieces(k).collect();
-            // Every record that ends in this block is checked before any of the block is
-            // written to the device.
-            for (p, &crc) in pieces.iter().zip(&crcs) {
-                let r = &layout.records[p.rec];
-                let start = k * map.block + p.at as u64;
-                rec_crc = if start == map.starts[p.rec] {
-                    crc
-                } else {
-                    crc32c::crc32c_combine(rec_crc, crc, p.len)
-                };
-                if start + p.len as u64 == map.ends[p.rec] {
-                    ensure!(
-                        rec_crc == r.crc,
-                        "{shown} is corrupt: the data of the record at device offset {} does not match its checksum",
-                        r.offset
-                    );
-                    whole = crc32c::crc32c_combine(whole, rec_crc, r.length as usize);
-                }
+                writing.push(write_block(dev, &map, &layout.records, k, buf));
+                k += 1;
+                continue;
             }
-            let writes = pieces.iter().map(|p| {
-                let r = &layout.records[p.rec];
-                let at = r.offset + (k * map.block + p.at as u64 - map.starts[p.rec]);
-                let data = &buf[p.at..p.at + p.len];
-                async move {
-                    dev.write(at, data, false).await.map_err(|e| {
-                        anyhow!(e).context(format!(
-                            "writing {} bytes at offset {at} of the device",
-                            data.len()
-                        ))
-                    })
+            tokio::select! {
+                r = res_rx.recv(), if k < blocks && writing.len() < most_writing => {
+                    let (j, r) = r.context("the file reader threads stopped early")?;
+                    arrived.insert(j, r);
                 }
-            });
-            futures::future::try_join_all(writes).await?;
-            done += pieces.iter().map(|p| p.len as u64).sum::<u64>();
-            progress.update(done);
-            if issued < blocks {
-                job_tx.send((issued, buf)).ok();
-                issued += 1;
+                Some(w) = writing.next(), if !writing.is_empty() => {
+                    let (buf, bytes) = w?;
+                    done += bytes;
+                    progress.update(done);
+                    // The buffer goes back to the file threads for the next block.
+                    if issued < blocks {
+                        job_tx.send((issued, buf)).ok();
+                        issued += 1;
+                    }
+                }
             }
         }
         Ok::<u32, anyhow::Error>(whole)
@@ -1715,5 +1739,30 @@ mod tests {
             .unwrap();
         assert!(!w.is_direct());
         assert!(std::fs::read(&out).unwrap() == data[..2 * DIRECT_ALIGN]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_device_write_failing_mid_load_leaves_it_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.img");
+        let src = full(4, false).await;
+        save(&*src, &path, &NoProgress).await.unwrap();
+        // Room for half the data: writes fail with ENOSPC while others are in flight.
+        let dst = device_with(4 * RECORD_SIZE, |o| o.max_memory = Some(2 * RECORD_SIZE));
+        let err = load_with(
+            &*dst,
+            &path,
+            &NoProgress,
+            &opts(IoMode::Auto, Some(1 << 20)),
+        )
+        .await
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("writing") && msg.contains("of the device"),
+            "{msg}"
+        );
+        assert_eq!(dst.stats().allocated, 0);
+        assert_all_zero(&*dst, "after ENOSPC").await;
     }
 }
