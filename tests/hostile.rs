@@ -584,15 +584,7 @@ fn sigterm_with_pipelined_requests(transport: Transport) {
     let mut srv = start(&[], transport);
     // Sending and receiving need two threads (a client that stops reading while it sends
     // would stall the server's replies until the shutdown grace runs out).
-    let (rd, mut wr) = split_connection(&srv);
-    let mut c = Conn { s: rd };
-    c.bytes(18);
-    wr.write_all(&3u32.to_be_bytes()).unwrap();
-    let mut go = option_bytes(OPT_GO, 6);
-    go.extend_from_slice(&[0; 6]);
-    wr.write_all(&go).unwrap();
-    while c.option_reply(OPT_GO).0 != REP_ACK {}
-    let mut rd = c.s;
+    let (mut rd, mut wr) = split_transmission(&srv);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut batch = Vec::new();
     for i in 0..128u64 {
@@ -675,15 +667,7 @@ fn sigterm_with_a_slow_reader(transport: Transport) {
         return;
     }
     let mut srv = start(&[], transport);
-    let (rd, mut wr) = split_connection(&srv);
-    let mut c = Conn { s: rd };
-    c.bytes(18);
-    wr.write_all(&3u32.to_be_bytes()).unwrap();
-    let mut go = option_bytes(OPT_GO, 6);
-    go.extend_from_slice(&[0; 6]);
-    wr.write_all(&go).unwrap();
-    while c.option_reply(OPT_GO).0 != REP_ACK {}
-    let mut rd = c.s;
+    let (mut rd, mut wr) = split_transmission(&srv);
     // 64 KiB reads, sent until the server is gone: far more than the socket buffers hold
     // in replies, and always some the server has not read when it stops.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -748,6 +732,21 @@ fn sigterm_with_a_slow_reader(transport: Transport) {
         status.is_some_and(|s| s.success()),
         "exit status {status:?}"
     );
+}
+
+/// A new connection taken through the handshake (NBD_OPT_GO on the default export, simple
+/// replies) and split into a read handle and a write handle, for clients that send and
+/// receive on two threads.
+fn split_transmission(srv: &Server) -> (Box<dyn common::RawStream>, Box<dyn common::RawStream>) {
+    let (rd, mut wr) = split_connection(srv);
+    let mut c = Conn { s: rd };
+    c.bytes(18);
+    wr.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut go = option_bytes(OPT_GO, 6);
+    go.extend_from_slice(&[0; 6]);
+    wr.write_all(&go).unwrap();
+    while c.option_reply(OPT_GO).0 != REP_ACK {}
+    (c.s, wr)
 }
 
 /// Two handles on one new connection: one to read, one to write.

@@ -182,6 +182,18 @@ impl DiskFs {
             + "\n"
     }
 
+    /// FLUSH and FSYNC: both mean "make what was written durable", a device flush for the
+    /// disk image and nothing for the directory.
+    fn sync(&self, ino: INodeNo, reply: ReplyEmpty) {
+        if ino.0 != DISK_INO {
+            return reply.ok();
+        }
+        match self.complete(self.device.flush()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.failed(&e)),
+        }
+    }
+
     fn failed(&self, e: &IoError) -> Errno {
         // Counted, not logged: a log line per failed request could itself need the device
         // (or memory) that just failed.
@@ -349,13 +361,7 @@ impl Filesystem for DiskFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        if ino.0 != DISK_INO {
-            return reply.ok();
-        }
-        match self.complete(self.device.flush()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(self.failed(&e)),
-        }
+        self.sync(ino, reply);
     }
 
     fn fsync(
@@ -366,13 +372,7 @@ impl Filesystem for DiskFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        if ino.0 != DISK_INO {
-            return reply.ok();
-        }
-        match self.complete(self.device.flush()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(self.failed(&e)),
-        }
+        self.sync(ino, reply);
     }
 
     fn fallocate(

@@ -209,9 +209,12 @@ impl Workers {
                 .context("starting a connection thread's runtime")?;
             let handle = rt.handle().clone();
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let connections = Arc::new(AtomicUsize::new(0));
+            let load = connections.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("vramdisk-nbd-{i}"))
                 .spawn(move || {
+                    transmission::set_thread_load(load);
                     rt.block_on(async {
                         let _ = stopped.await;
                     });
@@ -219,7 +222,7 @@ impl Workers {
                 .context("starting a connection thread")?;
             threads.push(Worker {
                 handle,
-                connections: Arc::new(AtomicUsize::new(0)),
+                connections,
                 stop: Some(stop),
                 thread: Some(thread),
             });

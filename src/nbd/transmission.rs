@@ -82,8 +82,8 @@ impl Source for tokio::net::unix::OwnedReadHalf {
 /// The poll is only worth its CPU while the client keeps the connection busy, so it runs
 /// only after a short wait (`warm`): an idle client costs one budget at the end of a burst,
 /// then nothing. It never runs while this connection has operations waiting elsewhere (a
-/// GPU copy: their completions need this thread) nor while other connections share the
-/// thread, which it would hold up.
+/// GPU copy: their completions need this thread), and only on a server connection thread
+/// that serves this connection alone (polling would hold the others up).
 pub(crate) struct Poller {
     budget: Duration,
     /// The previous wait was short: the client is in a tight request loop.
@@ -121,39 +121,22 @@ impl Poller {
 }
 
 thread_local! {
-    /// Connections in the transmission phase on this thread. The server's connections stay
-    /// on one thread from start to end (see `server::Workers`).
-    static CONNECTIONS_HERE: Arc<AtomicUsize> = Arc::new(AtomicUsize::new(0));
+    /// On a server connection thread (`server::Workers`), the count of connections it
+    /// serves; elsewhere (tests, the kernel nbd attach) none, and nothing polls.
+    static THREAD_LOAD: std::cell::OnceCell<Arc<AtomicUsize>> = const { std::cell::OnceCell::new() };
 }
 
-/// Counts a connection on the thread it started on, while it lives.
-struct HereGuard {
-    count: Arc<AtomicUsize>,
-    thread: std::thread::ThreadId,
+/// Makes `load` the connection count of this thread, which serves connections from start to
+/// end on a single-threaded runtime. Called once by each server connection thread.
+pub(crate) fn set_thread_load(load: Arc<AtomicUsize>) {
+    THREAD_LOAD.with(|l| {
+        let _ = l.set(load);
+    });
 }
 
-impl HereGuard {
-    fn new() -> Self {
-        let count = CONNECTIONS_HERE.with(Arc::clone);
-        count.fetch_add(1, Ordering::Relaxed);
-        HereGuard {
-            count,
-            thread: std::thread::current().id(),
-        }
-    }
-
-    /// This connection is the only one on this thread (and still on the thread it started
-    /// on: a task of a work-stealing runtime may have moved).
-    fn alone(&self) -> bool {
-        self.count.load(Ordering::Relaxed) == 1 && std::thread::current().id() == self.thread
-    }
-}
-
-impl Drop for HereGuard {
-    fn drop(&mut self) {
-        // The count of the thread it started on, wherever the task is now.
-        self.count.fetch_sub(1, Ordering::Relaxed);
-    }
+/// This thread is a server connection thread serving exactly one connection.
+fn alone_on_thread() -> bool {
+    THREAD_LOAD.with(|l| l.get().is_some_and(|c| c.load(Ordering::Relaxed) == 1))
 }
 
 /// Longest a connection that ends cleanly waits for the client to take its last replies
@@ -706,7 +689,6 @@ struct Conn<R, S> {
     extents: Vec<Extent>,
     requests: u64,
     poller: Poller,
-    here: HereGuard,
 }
 
 /// Runs the transmission phase on a connection whose handshake chose `export`, polling
@@ -762,7 +744,6 @@ where
         extents: Vec::new(),
         requests: 0,
         poller: Poller::new(busy_poll),
-        here: HereGuard::new(),
     };
     let ended = conn.serve(shutdown).await;
     let hard = ended.is_violation() || matches!(ended, Ended::ReadFailed(_) | Ended::WriteFailed);
@@ -881,7 +862,7 @@ impl<R: Source, S: Sink> Conn<R, S> {
 
     /// Whether waiting for the client may start with a poll (see [`Poller`]).
     fn may_poll(&self) -> bool {
-        !self.poller.budget.is_zero() && self.here.alone() && self.out.lock().ops == 0
+        !self.poller.budget.is_zero() && alone_on_thread() && self.out.lock().ops == 0
     }
 
     /// Writes the reader's batch now, as far as the socket takes it without waiting; the
@@ -1659,17 +1640,30 @@ mod tests {
             allocation_context: (framing != Framing::Simple).then_some(ALLOCATION_CONTEXT_ID),
             flags: transmission_flags(&export.device.capabilities(), framing),
         };
+        let task = spawn_run(server, export, neg, 64 << 20);
+        (client, task)
+    }
+
+    /// Runs the transmission phase of `export` on `server` (busy polling on, no per-client
+    /// budget) with `inflight` bytes of in-flight budget.
+    fn spawn_run(
+        server: UnixStream,
+        export: Export,
+        neg: Negotiated,
+        inflight: usize,
+    ) -> tokio::task::JoinHandle<Summary> {
         let limits = Limits {
             max_connections: 1,
-            inflight_bytes: 64 << 20,
+            inflight_bytes: inflight,
             handshake_timeout: Duration::from_secs(5),
             max_per_client: 1,
             client_inflight_bytes: 64 << 20,
             tls: None,
             busy_poll: Duration::from_micros(50),
         };
-        let task = tokio::spawn(async move {
+        tokio::spawn(async move {
             let (rd, wr) = server.into_split();
+            let shutdown = CancellationToken::new();
             run(
                 rd,
                 wr,
@@ -1678,11 +1672,10 @@ mod tests {
                 &limits,
                 limits.busy_poll,
                 None,
-                &CancellationToken::new(),
+                &shutdown,
             )
             .await
-        });
-        (client, task)
+        })
     }
 
     fn request(ext: bool, cmd: u16, flags: u16, cookie: u64, offset: u64, len: u64) -> Vec<u8> {
@@ -2013,30 +2006,8 @@ mod tests {
             allocation_context: None,
             flags: transmission_flags(&export.device.capabilities(), Framing::Simple),
         };
-        let limits = Limits {
-            max_connections: 1,
-            inflight_bytes: 1 << 20,
-            handshake_timeout: Duration::from_secs(5),
-            max_per_client: 1,
-            client_inflight_bytes: 64 << 20,
-            tls: None,
-            busy_poll: Duration::from_micros(50),
-        };
         let pool = export.device.buffers().clone();
-        let task = tokio::spawn(async move {
-            let (rd, wr) = server.into_split();
-            run(
-                rd,
-                wr,
-                &export,
-                &neg,
-                &limits,
-                limits.busy_poll,
-                None,
-                &CancellationToken::new(),
-            )
-            .await
-        });
+        let task = spawn_run(server, export, neg, 1 << 20);
         let (mut crd, mut cwr) = c.into_split();
         let sender = tokio::spawn(async move {
             for i in 0..4096u64 {
@@ -2089,29 +2060,7 @@ mod tests {
             allocation_context: None,
             flags: transmission_flags(&export.device.capabilities(), Framing::Structured),
         };
-        let limits = Limits {
-            max_connections: 1,
-            inflight_bytes: 64 << 20,
-            handshake_timeout: Duration::from_secs(5),
-            max_per_client: 1,
-            client_inflight_bytes: 64 << 20,
-            tls: None,
-            busy_poll: Duration::from_micros(50),
-        };
-        let task = tokio::spawn(async move {
-            let (rd, wr) = server.into_split();
-            run(
-                rd,
-                wr,
-                &export,
-                &neg,
-                &limits,
-                limits.busy_poll,
-                None,
-                &CancellationToken::new(),
-            )
-            .await
-        });
+        let task = spawn_run(server, export, neg, 64 << 20);
         let mut c = c;
         let mut w = Vec::new();
         // Within the budget, so that the server reads it all without the client reading
