@@ -401,6 +401,87 @@ fn ext4_tree_survives_remount_and_fsck() {
     d.detach_clean();
 }
 
+/// Many threads of direct I/O at 4 KiB and 1 MiB, with lulls between bursts, so that the
+/// daemon's FUSE threads park, poll and wake in every order (attach::pacing); every read
+/// must return what was last written there.
+#[test]
+fn concurrent_direct_io_in_bursts_reads_back() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !capable("concurrent_direct_io_in_bursts_reads_back") {
+        return;
+    }
+    const WORKERS: u64 = 8;
+    const REGION: u64 = 16 << 20;
+    let d = Attached::start(&["--size", "128M", "--threads", "4"]);
+    let dev = d.dev.clone();
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let dev = dev.clone();
+            std::thread::spawn(move || {
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc_o_direct())
+                    .open(&dev)
+                    .unwrap();
+                let base = w * REGION;
+                // What each 4 KiB block of this worker's region holds: (seed, block index
+                // within the write that put it there; the block is pattern(seed + index)),
+                // or never written.
+                let mut model: Vec<Option<(u64, u64)>> = vec![None; (REGION / 4096) as usize];
+                let mut x = w.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                let mut next = || {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x
+                };
+                let mut ops = 0u64;
+                for burst in 0..6u64 {
+                    for _ in 0..150 {
+                        let big = next() % 8 == 0;
+                        let blocks = if big { 256 } else { 1 };
+                        let first = next() % (REGION / 4096 - blocks);
+                        let offset = base + first * 4096;
+                        if next() % 2 == 0 {
+                            let seed = next();
+                            let data: Vec<u8> =
+                                (0..blocks).flat_map(|b| pattern(seed + b, 4096)).collect();
+                            let data = AlignedBuf::from(&data);
+                            f.write_all_at(data.as_slice(), offset).unwrap();
+                            for b in 0..blocks {
+                                model[(first + b) as usize] = Some((seed, b));
+                            }
+                        } else {
+                            let got = read_fd_direct(&f, offset, (blocks * 4096) as usize).unwrap();
+                            for b in 0..blocks {
+                                let block = &got[(b * 4096) as usize..][..4096];
+                                let want = match model[(first + b) as usize] {
+                                    None => vec![0u8; 4096],
+                                    Some((seed, i)) => pattern(seed + i, 4096),
+                                };
+                                assert!(
+                                    block == want.as_slice(),
+                                    "worker {w}, burst {burst}: block at {} differs",
+                                    offset + b * 4096
+                                );
+                            }
+                        }
+                        ops += 1;
+                    }
+                    // A lull: the daemon's threads poll, then park.
+                    std::thread::sleep(Duration::from_millis(20 + 10 * (w % 3)));
+                }
+                ops
+            })
+        })
+        .collect();
+    let ops: u64 = workers.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(ops, WORKERS * 6 * 150);
+    d.detach_clean();
+}
+
 #[test]
 fn forced_detach_of_mounted_device() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -737,6 +818,37 @@ fn daemon_mode_with_pid_file() {
     assert!(!pid_file.exists(), "pid file left behind");
     let left: Vec<_> = std::fs::read_dir(run_dir.path()).unwrap().collect();
     assert!(left.is_empty(), "left in the run directory: {left:?}");
+}
+
+#[test]
+fn attach_cli_mistakes_get_one_plain_sentence() {
+    // Checked before anything is set up, so this runs without root too.
+    for (args, phrase) in [
+        (&["--busy-poll", "5000"][..], "too long"),
+        (&["--threads", "0"][..], "--threads must be"),
+        (
+            &["--pid-file", "/tmp/x.pid"][..],
+            "--pid-file goes with --daemon",
+        ),
+    ] {
+        let out = Command::new(bin())
+            .args(["attach", "--backend", "host", "--size", "16M"])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "attach {args:?} succeeded");
+        let lines: Vec<&str> = err
+            .lines()
+            .filter(|l| l.starts_with("vramdisk: "))
+            .collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "attach {args:?}: expected one error line:\n{err}"
+        );
+        assert!(lines[0].contains(phrase), "attach {args:?}: {err}");
+    }
 }
 
 #[test]

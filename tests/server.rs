@@ -146,6 +146,7 @@ fn cli_mistakes_get_one_plain_sentence() {
         "is not a size",
     );
     assert_cli_error(&with(&["--size", "1G", "--gpu", "0"]), "--gpu");
+    assert_cli_error(&with(&["--size", "1G", "--busy-poll", "5000"]), "too long");
     assert_cli_error(&["--backend", "floppy", "--size", "1G"], "floppy");
 }
 

@@ -18,12 +18,15 @@
 //!   started before the loop device exists (swap safety: nothing is created on the I/O
 //!   path). Each thread drives the async device call to completion itself: for host memory
 //!   the call never actually waits, and a GPU copy waits without holding any other request.
+//!   After each reply the [`Pacer`] decides whether the thread polls for the next request,
+//!   parks because it is not needed, or wakes a parked one (see `pacing`).
 //! - Discard: the loop turns discard into `fallocate(PUNCH_HOLE|KEEP_SIZE)` on the file,
 //!   which becomes [`BlockDevice::trim`]; write-zeroes with NOUNMAP becomes `ZERO_RANGE`.
 //! - A second file, `stats`, reads as the device's counters in JSON, so tests and tools can
 //!   see the daemon's memory without a control socket.
 
 use super::loop_dev::{LoopDevice, LoopOptions};
+use super::pacing::Pacer;
 use crate::engine::{BlockDevice, IoError, ZeroFlags};
 use anyhow::{Context, Result};
 use fuser::{
@@ -33,10 +36,11 @@ use fuser::{
     Request, SessionACL, WriteFlags,
 };
 use std::ffi::OsStr;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tracing::{info, warn};
 
 const ROOT_INO: u64 = 1;
@@ -71,6 +75,9 @@ pub struct FuseLoopOptions {
     pub threads: usize,
     /// Requests in flight the kernel may queue to us (FUSE max_background).
     pub max_background: u16,
+    /// How long a thread that has just replied polls for the next request before it goes
+    /// back to sleep in its read; zero never polls.
+    pub busy_poll: Duration,
 }
 
 /// The largest FUSE request this kernel allows, capped where larger would not help.
@@ -109,6 +116,8 @@ struct DiskFs {
     io_errors: AtomicU64,
     uid: u32,
     gid: u32,
+    /// Parks spare threads and polls for the next request after each reply.
+    pacer: Arc<Pacer>,
 }
 
 fn errno_of(e: &IoError) -> Errno {
@@ -188,10 +197,14 @@ impl DiskFs {
         if ino.0 != DISK_INO {
             return reply.ok();
         }
-        match self.complete(self.device.flush()) {
+        let start = Instant::now();
+        let result = self.complete(self.device.flush());
+        let work = start.elapsed();
+        match result {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.failed(&e)),
         }
+        self.pacer.after_request(work);
     }
 
     fn failed(&self, e: &IoError) -> Errno {
@@ -312,15 +325,18 @@ impl Filesystem for DiskFs {
             return reply.data(&[]);
         }
         let device = &self.device;
+        let start = Instant::now();
         let result = self.complete(async {
             let mut buf = device.buffers().get(len).await?;
             device.read(offset, &mut buf[..len]).await?;
             Ok::<_, IoError>(buf)
         });
+        let work = start.elapsed();
         match result {
             Ok(buf) => reply.data(&buf[..len]),
             Err(e) => reply.error(self.failed(&e)),
         }
+        self.pacer.after_request(work);
     }
 
     fn write(
@@ -347,10 +363,14 @@ impl Filesystem for DiskFs {
         }
         // FUSE passes the kiocb's O_DSYNC/O_SYNC in the flags: the loop's FUA writes.
         let fua = flags.0 & (libc::O_DSYNC | libc::O_SYNC) != 0;
-        match self.complete(self.device.write(offset, data, fua)) {
+        let start = Instant::now();
+        let result = self.complete(self.device.write(offset, data, fua));
+        let work = start.elapsed();
+        match result {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(self.failed(&e)),
         }
+        self.pacer.after_request(work);
     }
 
     fn flush(
@@ -395,6 +415,7 @@ impl Filesystem for DiskFs {
         // the file never grows.
         let len = length.min(self.size.saturating_sub(offset));
         let device = &self.device;
+        let start = Instant::now();
         let result = if mode & FALLOC_FL_PUNCH_HOLE != 0 {
             if mode & FALLOC_FL_KEEP_SIZE == 0 {
                 return reply.error(Errno::EINVAL);
@@ -420,10 +441,12 @@ impl Filesystem for DiskFs {
             // memory, which a sparse device cannot promise without zeroing live data.
             return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
         };
+        let work = start.elapsed();
         match result {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.failed(&e)),
         }
+        self.pacer.after_request(work);
     }
 
     fn readdir(
@@ -514,6 +537,8 @@ impl FuseLoop {
 
         std::fs::create_dir_all(&opts.mountpoint)
             .with_context(|| format!("creating mountpoint {}", opts.mountpoint.display()))?;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let pacer = Arc::new(Pacer::new(opts.busy_poll, threads, cpus));
         let fs = DiskFs {
             size: device.size(),
             read_only: caps.read_only,
@@ -525,6 +550,7 @@ impl FuseLoop {
             io_errors: AtomicU64::new(0),
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
+            pacer: pacer.clone(),
         };
         let mut config = Config::default();
         config.mount_options = vec![
@@ -544,6 +570,12 @@ impl FuseLoop {
                 opts.mountpoint.display()
             )
         })?;
+        pacer.set_fd(
+            session
+                .as_fd()
+                .try_clone_to_owned()
+                .context("duplicating the /dev/fuse descriptor")?,
+        );
         let session = session.spawn().context("starting the FUSE threads")?;
         let mut this = FuseLoop {
             session: Some(session),

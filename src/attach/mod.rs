@@ -17,6 +17,7 @@
 pub mod fuse_loop;
 pub mod kernel_nbd;
 pub mod loop_dev;
+mod pacing;
 pub mod safety;
 pub mod state;
 pub mod ublk;
@@ -116,6 +117,8 @@ pub struct AttachOptions {
     pub threads: usize,
     /// Kernel nbd connections.
     pub connections: usize,
+    /// How long a FUSE thread polls for the next request after replying (zero: never).
+    pub busy_poll: std::time::Duration,
     /// Where the NBD server counts the kernel's connections (status, metrics).
     pub metrics: Option<Arc<crate::engine::metered::DeviceMetrics>>,
 }
@@ -145,6 +148,7 @@ impl Attachment {
                     mountpoint: opts.mountpoint.clone(),
                     threads: opts.threads,
                     max_background: 128,
+                    busy_poll: opts.busy_poll,
                 };
                 Ok(Attachment::FuseLoop(fuse_loop::FuseLoop::attach(
                     device,

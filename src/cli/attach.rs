@@ -3,6 +3,7 @@
 use super::DeviceArgs;
 use super::size::format_size;
 use crate::attach::{self, AttachOptions, Attachment, Method, Via, state, usage};
+use crate::nbd::server;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use std::io::{Read, Write};
@@ -39,6 +40,13 @@ pub struct AttachArgs {
     /// Threads serving I/O requests.
     #[arg(long, value_name = "N", default_value_t = default_threads())]
     threads: usize,
+
+    /// Microseconds a thread that has just served a request polls for the next one before
+    /// it sleeps; 0 never polls. Saves a wakeup per request at queue depth 1 (several times
+    /// faster 4 KiB I/O on a VM whose idle CPUs halt), at the cost of up to this much CPU
+    /// when I/O pauses. At most one FUSE thread polls at a time.
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = server::DEFAULT_BUSY_POLL_US)]
+    busy_poll: u64,
 
     /// Also serve the device over NBD on this TCP address (repeatable).
     #[arg(long, value_name = "ADDR:PORT")]
@@ -83,10 +91,10 @@ detach refuses while the device is mounted or swap (unless --force) and also cle
 a daemon that was killed.";
 
 fn default_threads() -> usize {
-    // Each thread serves one request at a time. With host memory, one thread per core was
-    // best on the 2-core machine we measured (bench/attach: more threads only add context
-    // switches at 4 KiB, fewer leave a core idle at 1 MiB). GPU copies wait on the device,
-    // so more cores get more threads to hide that. Each thread also holds fuser's 16 MiB
+    // Each thread serves one request at a time. Threads that are not needed park (see
+    // attach::pacing), so this is the most that serve at once: one per core (fewer leave a
+    // core idle at 1 MiB), and GPU copies wait on the device, so more cores get more
+    // threads to hide that. Each thread also holds fuser's 16 MiB
     // receive buffer, locked in RAM, so the count is capped.
     std::thread::available_parallelism()
         .map(|n| n.get().clamp(2, 8))
@@ -198,6 +206,14 @@ pub fn run(args: AttachArgs) -> Result<()> {
     if args.threads == 0 || args.threads > 256 {
         bail!("--threads must be between 1 and 256");
     }
+    if args.busy_poll > server::MAX_BUSY_POLL_US {
+        bail!(
+            "--busy-poll {} is too long: polling past {} microseconds only burns CPU; choose \
+             a smaller value (0 turns polling off)",
+            args.busy_poll,
+            server::MAX_BUSY_POLL_US
+        );
+    }
     if args.pid_file.is_some() && !args.daemon {
         bail!("--pid-file goes with --daemon: add --daemon, or drop --pid-file");
     }
@@ -302,6 +318,7 @@ fn serve_attached(
         mountpoint: dir.join("mnt"),
         threads: args.threads,
         connections: 4,
+        busy_poll: Duration::from_micros(args.busy_poll),
         metrics: Some(export.metrics().clone()),
     };
     let mut attachment = Attachment::attach(method, device.clone(), runtime.handle(), &opts)?;
@@ -403,7 +420,7 @@ fn start_nbd(
     export: &crate::ops::ExportState,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<Vec<String>> {
-    use crate::nbd::server::{self, Export, Limits, Listener};
+    use crate::nbd::server::{Export, Limits, Listener};
     let mut urls = Vec::new();
     let listeners = runtime.block_on(async {
         let mut ls = Vec::new();
@@ -439,7 +456,7 @@ fn start_nbd(
         // One client may hold half the device's buffers, as `serve` allows by default.
         client_inflight_bytes: usize::try_from(args.device.buffer_memory / 2).unwrap_or(usize::MAX),
         tls: None,
-        busy_poll: Duration::from_micros(server::DEFAULT_BUSY_POLL_US),
+        busy_poll: Duration::from_micros(args.busy_poll),
     };
     runtime.spawn(async move {
         if let Err(e) = server::serve(vec![export], listeners, limits, shutdown).await {

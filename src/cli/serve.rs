@@ -198,11 +198,12 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
     }
     let tls = tls_setup(&args)?;
     let socket_group = args.socket_group.as_deref().map(parse_group).transpose()?;
-    if args.busy_poll > 1000 {
+    if args.busy_poll > server::MAX_BUSY_POLL_US {
         bail!(
-            "--busy-poll {} is too long: polling past 1000 microseconds only burns CPU; choose \
-             0 to 1000",
-            args.busy_poll
+            "--busy-poll {} is too long: polling past {} microseconds only burns CPU; choose \
+             a smaller value (0 turns polling off)",
+            args.busy_poll,
+            server::MAX_BUSY_POLL_US
         );
     }
     if args.inflight_memory < 32 << 20 {

@@ -65,6 +65,10 @@ pub struct Limits {
 /// it on another CPU), short enough that a client which stopped costs nearly nothing.
 pub const DEFAULT_BUSY_POLL_US: u64 = 50;
 
+/// Largest `--busy-poll` accepted: a client that has not sent its next request within a
+/// millisecond is not in a tight loop, and polling longer only burns CPU.
+pub const MAX_BUSY_POLL_US: u64 = 1000;
+
 /// A bound listening socket.
 pub enum Listener {
     /// TCP.
