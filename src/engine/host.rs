@@ -111,6 +111,10 @@ impl Backend for HostBackend {
         })
     }
 
+    fn host_bytes(&self, chunk: &HostChunk, offset: usize, len: usize) -> Option<NonNull<u8>> {
+        chunk.range(offset, len).ok().and_then(NonNull::new)
+    }
+
     async fn read(&self, chunk: &HostChunk, offset: usize, buf: &mut [u8]) -> IoResult<()> {
         let src = chunk.range(offset, buf.len())?;
         // SAFETY: src is valid for buf.len() bytes (checked) and cannot overlap buf, which

@@ -5,7 +5,9 @@
 //! allocates nothing; readers get a [`MetricsSnapshot`] that may be a few requests apart
 //! between fields, which is all monitoring needs.
 
-use super::{BlockDevice, BufferPool, Capabilities, DeviceStats, Extent, IoResult, ZeroFlags};
+use super::{
+    BlockDevice, BufferPool, Capabilities, DeviceStats, Extent, IoResult, View, ZeroFlags,
+};
 use async_trait::async_trait;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -310,6 +312,13 @@ impl BlockDevice for MeteredDevice {
         self.metrics.record(Op::Extents, len, r.is_ok(), t);
         r
     }
+
+    fn view(&self, offset: u64, len: u64) -> Option<IoResult<View>> {
+        let t = Instant::now();
+        let r = self.inner.view(offset, len)?;
+        self.metrics.record(Op::Read, len, r.is_ok(), t);
+        Some(r)
+    }
 }
 
 #[cfg(test)]
@@ -333,13 +342,15 @@ mod tests {
         let mut buf = vec![0u8; 3000];
         dev.read(100, &mut buf).await.unwrap();
         dev.read(1 << 20, &mut buf).await.unwrap_err();
+        // A read lent in place counts as a read.
+        assert_eq!(dev.view(0, 1000).unwrap().unwrap().len(), 1000);
         dev.trim(0, 4096).await.unwrap();
         dev.flush().await.unwrap();
         let s = dev.metrics().snapshot();
         assert_eq!(s.op(Op::Write).ops, 1);
         assert_eq!(s.op(Op::Write).bytes, 5000);
-        assert_eq!(s.op(Op::Read).ops, 2);
-        assert_eq!(s.op(Op::Read).bytes, 3000);
+        assert_eq!(s.op(Op::Read).ops, 3);
+        assert_eq!(s.op(Op::Read).bytes, 4000);
         assert_eq!(s.op(Op::Read).errors, 1);
         assert_eq!(s.op(Op::Trim).bytes, 4096);
         assert_eq!(s.op(Op::Flush).ops, 1);

@@ -20,6 +20,7 @@ pub mod host;
 pub mod metered;
 pub mod persist;
 mod sparse;
+mod view;
 
 pub mod cuda;
 
@@ -28,6 +29,7 @@ pub use buffer::{BufferBudget, BufferPool, IoBuf};
 pub use chunk_map::ChunkMap;
 pub use error::{IoError, IoResult};
 pub use sparse::{SparseDevice, SparseOptions};
+pub use view::View;
 
 use async_trait::async_trait;
 
@@ -136,6 +138,13 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Appends the allocation state of `[offset, offset + len)` to `out`, in order, merging
     /// neighbours with the same state. Touches only metadata, never backend memory.
     fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> IoResult<()>;
+
+    /// `[offset, offset + len)` lent in place, where the device's memory is host memory the
+    /// CPU can read: a frontend sends it without copying it first. `None` where it is not
+    /// (GPU memory): use [`BlockDevice::read`]. Counts as a read.
+    fn view(&self, _offset: u64, _len: u64) -> Option<IoResult<View>> {
+        None
+    }
 }
 
 /// Checks that `[offset, offset + len)` lies inside a device of `size` bytes.

@@ -3,7 +3,7 @@
 use super::chunk_map::{Allocated, Segment};
 use super::{
     Backend, BlockDevice, BufferBudget, BufferPool, Capabilities, ChunkMap, DeviceStats, Extent,
-    IoError, IoResult, ZeroFlags, check_range,
+    IoError, IoResult, View, ZeroFlags, check_range,
 };
 use async_trait::async_trait;
 use futures::future::try_join_all;
@@ -254,6 +254,27 @@ impl<B: Backend> BlockDevice for SparseDevice<B> {
         check_range(offset, len, self.opts.size)
     }
 
+    fn view(&self, offset: u64, len: u64) -> Option<IoResult<View>> {
+        if let Err(e) = check_range(offset, len, self.opts.size) {
+            return Some(Err(e));
+        }
+        let mut view = View::new();
+        for seg in self.map.segments(offset, len) {
+            match self.map.get(seg.index) {
+                None => view.push_zeros(seg.len),
+                Some(chunk) => {
+                    let ptr = self
+                        .backend
+                        .host_bytes(chunk.mem(), seg.chunk_offset, seg.len)?;
+                    // SAFETY: the backend vouches for `len` bytes at `ptr` inside the
+                    // chunk, which the view holds.
+                    unsafe { view.push_mem(chunk, ptr, seg.len) };
+                }
+            }
+        }
+        Some(Ok(view))
+    }
+
     fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> IoResult<()> {
         check_range(offset, len, self.opts.size)?;
         self.map.extents(offset, len, out);
@@ -276,6 +297,48 @@ mod tests {
         (0..len)
             .map(|i| (seed.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8)
             .collect()
+    }
+
+    #[tokio::test]
+    async fn views_match_reads_and_hold_trimmed_chunks() {
+        let dev = device(64 * 1024, 4096);
+        dev.write(4096 + 10, &pattern(1, 3 * 4096), false)
+            .await
+            .unwrap();
+        // Unaligned, across chunks and holes on both sides.
+        for (off, len) in [
+            (0u64, 64 * 1024u64),
+            (100, 4096 * 5),
+            (4096 + 10, 1),
+            (8000, 0),
+        ] {
+            let v = dev.view(off, len).unwrap().unwrap();
+            let mut lent = vec![0xaau8; len as usize];
+            v.copy_to(&mut lent);
+            let mut read = vec![0x55u8; len as usize];
+            dev.read(off, &mut read).await.unwrap();
+            assert_eq!(lent, read, "{off}+{len}");
+        }
+        assert!(matches!(
+            dev.view(60 * 1024, 8192),
+            Some(Err(IoError::OutOfRange { .. }))
+        ));
+        // A trim while a view is out empties the map at once, but the view still reads
+        // what it lent and the memory goes back only when the view does.
+        let v = dev.view(4096, 4096).unwrap().unwrap();
+        let before = dev.stats().allocated;
+        dev.trim(0, 64 * 1024).await.unwrap();
+        let mut now = vec![1u8; 4096];
+        dev.read(4096, &mut now).await.unwrap();
+        assert!(now.iter().all(|&b| b == 0), "trimmed range reads zeros");
+        assert_eq!(dev.stats().chunks, 1, "the lent chunk is still held");
+        assert_eq!(dev.stats().allocated, 4096);
+        let mut lent = vec![0u8; 4096];
+        v.copy_to(&mut lent);
+        assert_eq!(lent[10..], pattern(1, 4096)[..4096 - 10]);
+        drop(v);
+        assert!(before > 4096);
+        assert_eq!((dev.stats().chunks, dev.stats().allocated), (0, 0));
     }
 
     #[tokio::test]

@@ -6,6 +6,10 @@
 //! GPU backend): whatever already sits in the read buffer is copied, the rest is read from
 //! the socket directly into the `IoBuf`.
 //!
+//! A read of host memory is answered from the chunks in place ([`View`]): the reply's
+//! `writev` points at device memory, so the only copy is the kernel's. Other devices (GPU)
+//! read into an [`IoBuf`] first.
+//!
 //! Each request's operation is a future polled once, inline: the host backend completes
 //! there and then, with no task spawn and no cross-thread wakeup. Only an operation that has
 //! to wait (a GPU copy) is spawned as its own task, so slow requests never hold up the ones
@@ -30,7 +34,9 @@
 use super::handshake::{BlockSizes, Negotiated};
 use super::proto::{self, Frame, Framing, NbdError, Request, StatusDescriptor};
 use super::server::{Export, Limits};
-use crate::engine::{BlockDevice, BufferPool, Capabilities, Extent, IoBuf, IoError, ZeroFlags};
+use crate::engine::{
+    BlockDevice, BufferPool, Capabilities, Extent, IoBuf, IoError, View, ZeroFlags,
+};
 use nix::errno::Errno;
 use nix::sys::socket::{MsgFlags, recv};
 use std::collections::VecDeque;
@@ -233,6 +239,8 @@ enum Body {
     Frame(Frame),
     /// A header followed by the whole buffer: simple read replies, single data chunks.
     Data(Frame, IoBuf),
+    /// A header followed by device memory lent in place (host memory reads).
+    View(Frame, View),
     /// Encoded bytes: error chunks with messages, block status.
     Bytes(Vec<u8>),
     /// A read answered in several chunks: headers in `heads`, interleaved with ranges of
@@ -263,6 +271,7 @@ impl Reply {
         match &self.body {
             Body::Frame(f) => f.len(),
             Body::Data(f, buf) => f.len() + buf.len(),
+            Body::View(f, v) => f.len() + v.len(),
             Body::Bytes(v) => v.len(),
             Body::Chunks { parts, .. } => parts
                 .iter()
@@ -281,6 +290,10 @@ impl Reply {
                 if !buf.is_empty() {
                     out.push(IoSlice::new(buf));
                 }
+            }
+            Body::View(f, v) => {
+                out.push(IoSlice::new(f.as_bytes()));
+                v.slices(out);
             }
             Body::Bytes(v) => out.push(IoSlice::new(v)),
             Body::Chunks { heads, parts, buf } => {
@@ -314,6 +327,23 @@ impl ReplyTo {
             _ => f.simple(0, self.cookie),
         };
         Body::Frame(f)
+    }
+
+    /// The header of a successful read reply carrying `len` bytes of data after it.
+    fn data_frame(self, len: u64) -> Frame {
+        let mut f = Frame::new();
+        match self.framing {
+            Framing::Simple => f.simple(0, self.cookie),
+            fr => f.offset_data(
+                fr,
+                proto::REPLY_FLAG_DONE,
+                self.cookie,
+                self.offset,
+                self.offset,
+                len,
+            ),
+        };
+        f
     }
 
     fn error(self, err: NbdError, message: &str) -> Body {
@@ -451,15 +481,17 @@ fn write_once<S: Sink + ?Sized>(
 ) -> io::Result<usize> {
     let mut slices = Vec::with_capacity((queue.len() * 2).min(MAX_IOV));
     for r in queue.iter() {
-        // Every reply takes at most a few slices, except multi-chunk reads.
-        if slices.len() + 4 > MAX_IOV {
+        // Most replies take a few slices; a read of many extents (small chunks, holes) can
+        // take thousands, more than one writev accepts (the rest goes in the next one).
+        if slices.len() >= MAX_IOV {
             break;
         }
         r.slices(&mut slices);
     }
     let mut view = &mut slices[..];
     IoSlice::advance_slices(&mut view, skip);
-    sink.try_write_vectored(view)
+    let n = view.len().min(MAX_IOV);
+    sink.try_write_vectored(&view[..n])
 }
 
 /// Replies on their way to the socket, shared by the reader, spawned operations and the
@@ -1261,6 +1293,15 @@ impl<R: Source, S: Sink> Conn<R, S> {
         if structured && !df && self.caps.can_extents && self.has_holes(&req) {
             return self.read_sparse(req, permit).await;
         }
+        if let Some(r) = self.dev.view(req.offset, len) {
+            // Host memory: the reply points at the chunks, no copy and no buffer.
+            let body = match r {
+                Ok(view) => Body::View(to.data_frame(view.len() as u64), view),
+                Err(e) => to.io_error(&e),
+            };
+            self.send(body, Some(permit));
+            return Ok(());
+        }
         let mut buf = match self.buffer(len).await {
             Ok(b) => b,
             Err(e) => {
@@ -1271,21 +1312,7 @@ impl<R: Source, S: Sink> Conn<R, S> {
         let dev = self.dev.clone();
         self.start(async move {
             let body = match dev.read(req.offset, &mut buf).await {
-                Ok(()) => {
-                    let mut f = Frame::new();
-                    match to.framing {
-                        Framing::Simple => f.simple(0, to.cookie),
-                        fr => f.offset_data(
-                            fr,
-                            proto::REPLY_FLAG_DONE,
-                            to.cookie,
-                            to.offset,
-                            to.offset,
-                            buf.len() as u64,
-                        ),
-                    };
-                    Body::Data(f, buf)
-                }
+                Ok(()) => Body::Data(to.data_frame(buf.len() as u64), buf),
                 Err(e) => to.io_error(&e),
             };
             Reply::new(body, Some(permit))
@@ -1901,6 +1928,100 @@ mod tests {
         assert_eq!(u32::from_be_bytes(p[0..4].try_into().unwrap()), 22);
         let msg_len = u16::from_be_bytes(p[4..6].try_into().unwrap()) as usize;
         assert!(String::from_utf8_lossy(&p[6..6 + msg_len]).contains("past the end"));
+    }
+
+    /// Reads a structured reply to `cookie` into a buffer of `len` bytes at `offset`:
+    /// holes as zeros, data where the chunks say, every byte covered once.
+    async fn structured_read(c: &mut UnixStream, cookie: u64, offset: u64, len: usize) -> Vec<u8> {
+        let mut out = vec![0xeeu8; len];
+        let mut covered = 0usize;
+        loop {
+            let (flags, kind, got, p) = chunk(c, false).await;
+            assert_eq!(got, cookie);
+            let at = (u64::from_be_bytes(p[0..8].try_into().unwrap()) - offset) as usize;
+            match kind {
+                proto::REPLY_TYPE_OFFSET_HOLE => {
+                    let n = u32::from_be_bytes(p[8..12].try_into().unwrap()) as usize;
+                    out[at..at + n].fill(0);
+                    covered += n;
+                }
+                proto::REPLY_TYPE_OFFSET_DATA => {
+                    out[at..at + p.len() - 8].copy_from_slice(&p[8..]);
+                    covered += p.len() - 8;
+                }
+                k => panic!("chunk type {k}"),
+            }
+            if flags & proto::REPLY_FLAG_DONE != 0 {
+                break;
+            }
+        }
+        assert_eq!(covered, len);
+        out
+    }
+
+    /// Reads are sent from the chunks in place on host memory and through a buffer where
+    /// the device cannot lend its memory (GPU); both must send the same bytes, also when
+    /// a reply needs more pieces than one writev takes (4 KiB chunks, every other one a
+    /// hole: 4096 pieces in 16 MiB).
+    #[tokio::test]
+    async fn reads_lent_in_place_and_copied_agree_across_thousands_of_pieces() {
+        let mut o = SparseOptions::new(SIZE);
+        o.buffer_limit = 256 << 20;
+        o.chunk_size = 4096;
+        let dev: Arc<dyn BlockDevice> = Arc::new(SparseDevice::new(HostBackend::new(), o).unwrap());
+        let len = 16usize << 20;
+        for i in (0..len / 4096).step_by(2) {
+            let block: Vec<u8> = (0..4096).map(|j| (i * 7 + j / 16) as u8 | 1).collect();
+            dev.write((i * 4096) as u64, &block, false).await.unwrap();
+        }
+        let mut want = vec![0u8; len];
+        dev.read(0, &mut want).await.unwrap();
+        assert!(
+            dev.view(0, len as u64).is_some(),
+            "host memory lends itself"
+        );
+        let copied: Arc<dyn BlockDevice> = Arc::new(SlowWrites(dev.clone()));
+        assert!(copied.view(0, len as u64).is_none());
+        for device in [dev, copied] {
+            let export = || Export {
+                name: String::new(),
+                description: String::new(),
+                device: device.clone(),
+                metrics: None,
+            };
+            // Simple reply: the whole range as one payload.
+            let (mut c, _task) = start_on(export(), Framing::Simple);
+            c.write_all(&request(false, proto::CMD_READ, 0, 1, 0, len as u64))
+                .await
+                .unwrap();
+            assert_eq!(simple_reply(&mut c).await, (0, 1));
+            let mut got = vec![0u8; len];
+            c.read_exact(&mut got).await.unwrap();
+            assert!(got == want, "simple read differs");
+            // Structured: holes as hole chunks (thousands of chunks), then with DF as one
+            // data chunk.
+            let (mut c, _task) = start_on(export(), Framing::Structured);
+            c.write_all(&request(false, proto::CMD_READ, 0, 2, 0, len as u64))
+                .await
+                .unwrap();
+            assert!(
+                structured_read(&mut c, 2, 0, len).await == want,
+                "sparse read differs"
+            );
+            let df = proto::CMD_FLAG_DF;
+            c.write_all(&request(
+                false,
+                proto::CMD_READ,
+                df,
+                3,
+                4096,
+                len as u64 - 8192,
+            ))
+            .await
+            .unwrap();
+            let got = structured_read(&mut c, 3, 4096, len - 8192).await;
+            assert!(got == want[4096..len - 4096], "DF read differs");
+        }
     }
 
     #[tokio::test]

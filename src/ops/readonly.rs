@@ -2,7 +2,7 @@
 //! still be filled from a `--load` file before it is served.
 
 use crate::engine::{
-    BlockDevice, BufferPool, Capabilities, DeviceStats, Extent, IoError, IoResult, ZeroFlags,
+    BlockDevice, BufferPool, Capabilities, DeviceStats, Extent, IoError, IoResult, View, ZeroFlags,
 };
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -45,6 +45,9 @@ impl BlockDevice for ReadOnlyDevice {
     }
     async fn read(&self, offset: u64, buf: &mut [u8]) -> IoResult<()> {
         self.inner.read(offset, buf).await
+    }
+    fn view(&self, offset: u64, len: u64) -> Option<IoResult<View>> {
+        self.inner.view(offset, len)
     }
     async fn write(&self, _: u64, _: &[u8], _: bool) -> IoResult<()> {
         Err(IoError::ReadOnly)
