@@ -421,6 +421,13 @@ fn status_and_metrics_describe_every_export() {
         sample(&body, "vramdisk_connections{export=\"scratch\"}"),
         Some(0.0)
     );
+    // Two exports, one buffer budget (--buffer-memory, 1G by default), idle.
+    assert_eq!(
+        sample(&body, "vramdisk_buffer_limit_bytes"),
+        Some((1u64 << 30) as f64)
+    );
+    assert_eq!(sample(&body, "vramdisk_buffer_in_use_bytes"), Some(0.0));
+    assert_eq!(st[0]["buffer_limit"], 1u64 << 30);
     for op in [
         "read",
         "write",

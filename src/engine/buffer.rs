@@ -59,6 +59,11 @@ impl BufferBudget {
     pub fn available(&self) -> usize {
         self.permits.available_permits()
     }
+
+    /// Whether `other` is this same budget (shared by several pools).
+    pub fn same_as(&self, other: &BufferBudget) -> bool {
+        Arc::ptr_eq(&self.permits, &other.permits)
+    }
 }
 
 impl std::fmt::Debug for BufferBudget {

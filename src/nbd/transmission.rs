@@ -104,7 +104,16 @@ impl Poller {
     /// Polls `fd` into `buf` for up to the budget. `None`: nothing came (or polling is
     /// off), wait in the reactor.
     fn poll(&self, fd: BorrowedFd<'_>, buf: &mut [u8]) -> Option<io::Result<usize>> {
-        if !self.warm || self.budget.is_zero() {
+        if !self.warm {
+            return None;
+        }
+        self.poll_now(fd, buf)
+    }
+
+    /// Like [`Poller::poll`], whether or not the client was quick last time: for the rest
+    /// of a payload the client is already sending.
+    fn poll_now(&self, fd: BorrowedFd<'_>, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        if self.budget.is_zero() {
             return None;
         }
         let start = Instant::now();
@@ -1094,18 +1103,27 @@ impl<R: Source, S: Sink> Conn<R, S> {
                     Err(e) => return Err(Ended::ReadFailed(e)),
                 }
             }
-            return self
-                .rd
-                .read_exact(&mut dst[at..])
-                .await
-                .map(drop)
-                .map_err(|e| {
-                    if e.kind() == io::ErrorKind::UnexpectedEof {
-                        closed()
-                    } else {
-                        Ended::ReadFailed(e)
-                    }
-                });
+            // The rest goes straight into `dst`. The client is in the middle of sending it,
+            // so a wait is usually short: poll before sleeping, as between requests.
+            let poll = self.may_poll();
+            while at < dst.len() {
+                let polled = if poll {
+                    self.poller.poll_now(self.rd.fd(), &mut dst[at..])
+                } else {
+                    None
+                };
+                let n = match polled {
+                    Some(r) => r,
+                    None => self.rd.read(&mut dst[at..]).await,
+                };
+                match n {
+                    Ok(0) => return Err(closed()),
+                    Ok(n) => at += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(Ended::ReadFailed(e)),
+                }
+            }
+            return Ok(());
         }
     }
 

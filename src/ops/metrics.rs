@@ -328,6 +328,20 @@ pub fn render(daemon: &Daemon) -> String {
     }
     family(
         &mut out,
+        "vramdisk_buffer_limit_bytes",
+        "gauge",
+        "I/O buffer memory the daemon may hand out at once (--buffer-memory).",
+    );
+    let _ = writeln!(out, "vramdisk_buffer_limit_bytes {}", status.buffer_limit);
+    family(
+        &mut out,
+        "vramdisk_buffer_in_use_bytes",
+        "gauge",
+        "I/O buffer memory handed out now, to payloads in flight.",
+    );
+    let _ = writeln!(out, "vramdisk_buffer_in_use_bytes {}", status.buffer_in_use);
+    family(
+        &mut out,
         "vramdisk_uptime_seconds",
         "gauge",
         "Seconds since the daemon started.",

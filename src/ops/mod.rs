@@ -233,6 +233,12 @@ pub struct DaemonStatus {
     pub metrics: Option<String>,
     /// Its exports.
     pub exports: Vec<ExportStatus>,
+    /// Bytes of I/O buffers the daemon may hand out at once (`--buffer-memory`).
+    #[serde(default)]
+    pub buffer_limit: u64,
+    /// Bytes of I/O buffers handed out now (payloads in flight).
+    #[serde(default)]
+    pub buffer_in_use: u64,
 }
 
 /// The running daemon's shared state.
@@ -343,6 +349,14 @@ impl Daemon {
     /// Everything `vramdisk status` shows of this daemon.
     pub fn status(&self) -> DaemonStatus {
         let pid = std::process::id();
+        // Exports normally share one budget; count each budget once.
+        let mut budgets: Vec<&crate::engine::BufferBudget> = Vec::new();
+        for e in &self.exports {
+            let b = e.device.buffers().budget();
+            if !budgets.iter().any(|seen| seen.same_as(b)) {
+                budgets.push(b);
+            }
+        }
         DaemonStatus {
             pid,
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -350,6 +364,11 @@ impl Daemon {
             listen: self.listen.lock().unwrap().clone(),
             metrics: self.metrics_addr.lock().unwrap().clone(),
             exports: self.exports.iter().map(|e| e.status(pid)).collect(),
+            buffer_limit: budgets.iter().map(|b| b.limit() as u64).sum(),
+            buffer_in_use: budgets
+                .iter()
+                .map(|b| (b.limit() - b.available()) as u64)
+                .sum(),
         }
     }
 
