@@ -206,6 +206,28 @@ impl Drop for Attached {
 
 /// The process is gone or a zombie (an orphaned daemon is reaped by whatever init this
 /// container has, maybe late).
+/// A fresh `dd` read of a device whose daemon died fails within `secs` seconds, never hangs.
+fn assert_dead_device_fails(dev: &str, secs: u32) {
+    let dd = run(
+        "timeout",
+        &[
+            &secs.to_string(),
+            "dd",
+            &format!("if={dev}"),
+            "of=/dev/null",
+            "bs=4k",
+            "count=1",
+            "iflag=direct",
+        ],
+    );
+    assert_ne!(
+        dd.status.code(),
+        Some(124),
+        "dd hung on the dead device {dev}"
+    );
+    assert!(!dd.status.success(), "dd read from the dead device {dev}");
+}
+
 fn process_gone(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
@@ -892,20 +914,7 @@ fn killed_daemon_fails_io_and_detach_recovers() {
     let err = r.expect_err("a read after the daemon died succeeded");
     eprintln!("read after kill -9: {err}");
     // Another program too (a fresh open of the still-bound device).
-    let dd = run(
-        "timeout",
-        &[
-            "10",
-            "dd",
-            &format!("if={}", d.dev()),
-            "of=/dev/null",
-            "bs=4k",
-            "count=1",
-            "iflag=direct",
-        ],
-    );
-    assert_ne!(dd.status.code(), Some(124), "dd hung on the dead device");
-    assert!(!dd.status.success(), "dd read from a dead device");
+    assert_dead_device_fails(d.dev(), 10);
 
     // Last opener gone: the loop device detaches itself (autoclear).
     drop(held);
@@ -1169,20 +1178,7 @@ fn kernel_method_end_to_end(via: &str, prefix: &str) {
     let mut child = d.child.take().unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
-    let dd = run(
-        "timeout",
-        &[
-            "20",
-            "dd",
-            &format!("if={}", d.dev()),
-            "of=/dev/null",
-            "bs=4k",
-            "count=1",
-            "iflag=direct",
-        ],
-    );
-    assert_ne!(dd.status.code(), Some(124), "dd hung on the dead device");
-    assert!(!dd.status.success(), "dd read from a dead device");
+    assert_dead_device_fails(d.dev(), 20);
     let out = d.detach(&[]);
     assert!(
         out.status.success(),

@@ -196,21 +196,7 @@ pub fn recover(dir: &Path, state: &State, force: bool) -> Result<()> {
     if let (Some(n), Some(image)) = (state.loop_number, &state.image)
         && loop_dev::backing_file(n).as_deref() == Some(image.as_path())
     {
-        let users = usage::users(&state.device);
-        if !users.is_idle(false) && !force {
-            bail!(
-                "{} is {} and its daemon (pid {}) is dead, so its I/O fails: stop using it \
-                 (umount / swapoff) and run detach again, or use --force",
-                state.device.display(),
-                users.describe(false),
-                state.pid
-            );
-        }
-        if users.swap {
-            // Swap on a dead device: try to take it off; this fails when the pages cannot
-            // be read back, which then needs a reboot anyway.
-            let _ = super::swapoff(&state.device);
-        }
+        release_users(state, force)?;
         loop_dev::clear_if_bound_to(n, image)?;
         if !loop_dev::wait_unbound(n, image, Duration::from_secs(2)) {
             warn!(
@@ -229,19 +215,7 @@ pub fn recover(dir: &Path, state: &State, force: bool) -> Result<()> {
         _ => None,
     };
     if let Some(n) = kernel_device {
-        let users = usage::users(&state.device);
-        if !users.is_idle(false) && !force {
-            bail!(
-                "{} is {} and its daemon (pid {}) is dead, so its I/O fails: stop using it \
-                 (umount / swapoff) and run detach again, or use --force",
-                state.device.display(),
-                users.describe(false),
-                state.pid
-            );
-        }
-        if users.swap {
-            let _ = super::swapoff(&state.device);
-        }
+        release_users(state, force)?;
         if state.method == "nbd" {
             super::kernel_nbd::disconnect_stale(n, state.pid)?;
         } else {
@@ -267,6 +241,27 @@ pub fn recover(dir: &Path, state: &State, force: bool) -> Result<()> {
         let _ = std::fs::remove_file(&sock);
     }
     std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok(())
+}
+
+/// Before a dead daemon's device is torn down: refuses (without `force`) while it is
+/// mounted or swap, and takes it off swap.
+fn release_users(state: &State, force: bool) -> Result<()> {
+    let users = usage::users(&state.device);
+    if !users.is_idle(false) && !force {
+        bail!(
+            "{} is {} and its daemon (pid {}) is dead, so its I/O fails: stop using it \
+             (umount / swapoff) and run detach again, or use --force",
+            state.device.display(),
+            users.describe(false),
+            state.pid
+        );
+    }
+    if users.swap {
+        // Swap on a dead device: try to take it off; this fails when the pages cannot be
+        // read back, which then needs a reboot anyway.
+        let _ = super::swapoff(&state.device);
+    }
     Ok(())
 }
 

@@ -206,14 +206,7 @@ pub fn run(args: AttachArgs) -> Result<()> {
     if args.threads == 0 || args.threads > 256 {
         bail!("--threads must be between 1 and 256");
     }
-    if args.busy_poll > server::MAX_BUSY_POLL_US {
-        bail!(
-            "--busy-poll {} is too long: polling past {} microseconds only burns CPU; choose \
-             a smaller value (0 turns polling off)",
-            args.busy_poll,
-            server::MAX_BUSY_POLL_US
-        );
-    }
+    server::busy_poll(args.busy_poll)?;
     if args.pid_file.is_some() && !args.daemon {
         bail!("--pid-file goes with --daemon: add --daemon, or drop --pid-file");
     }

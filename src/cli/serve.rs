@@ -198,14 +198,7 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
     }
     let tls = tls_setup(&args)?;
     let socket_group = args.socket_group.as_deref().map(parse_group).transpose()?;
-    if args.busy_poll > server::MAX_BUSY_POLL_US {
-        bail!(
-            "--busy-poll {} is too long: polling past {} microseconds only burns CPU; choose \
-             a smaller value (0 turns polling off)",
-            args.busy_poll,
-            server::MAX_BUSY_POLL_US
-        );
-    }
+    let busy_poll = server::busy_poll(args.busy_poll)?;
     if args.inflight_memory < 32 << 20 {
         bail!("--inflight-memory must be at least 32M, the largest request");
     }
@@ -324,7 +317,7 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
             handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
             max_per_client: args.max_connections_per_client.max(1),
             tls,
-            busy_poll: Duration::from_micros(args.busy_poll),
+            busy_poll,
         };
         let served = server::serve(exports, listeners, limits, shutdown).await;
         // Save even when the server failed: the data in memory is what the file is for.

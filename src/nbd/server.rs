@@ -69,6 +69,17 @@ pub const DEFAULT_BUSY_POLL_US: u64 = 50;
 /// millisecond is not in a tight loop, and polling longer only burns CPU.
 pub const MAX_BUSY_POLL_US: u64 = 1000;
 
+/// Checks `--busy-poll` (microseconds, for `serve` and `attach` alike).
+pub fn busy_poll(us: u64) -> anyhow::Result<Duration> {
+    if us > MAX_BUSY_POLL_US {
+        anyhow::bail!(
+            "--busy-poll {us} is too long: polling past {MAX_BUSY_POLL_US} microseconds only \
+             burns CPU; choose a smaller value (0 turns polling off)"
+        );
+    }
+    Ok(Duration::from_micros(us))
+}
+
 /// A bound listening socket.
 pub enum Listener {
     /// TCP.
