@@ -683,8 +683,8 @@ fn swap_on_attached_device() {
 
 /// A memory cgroup limited to `limit` bytes that may swap: (directory, v1?). None where
 /// neither a v1 memory hierarchy nor a v2 one with the memory controller is writable.
-fn swap_cgroup(limit: u64) -> Option<(PathBuf, bool)> {
-    let name = format!("vramdisk-test-{}", std::process::id());
+fn swap_cgroup(limit: u64, suffix: &str) -> Option<(PathBuf, bool)> {
+    let name = format!("vramdisk-test-{}-{suffix}", std::process::id());
     let v1 = Path::new("/sys/fs/cgroup/memory");
     if v1.join("memory.limit_in_bytes").exists() {
         let dir = v1.join(&name);
@@ -706,6 +706,21 @@ fn swap_cgroup(limit: u64) -> Option<(PathBuf, bool)> {
     Some((dir, false))
 }
 
+/// How many tasks the kernel's OOM killer has killed in the cgroup made by `swap_cgroup`.
+fn cgroup_oom_kills(dir: &Path, v1: bool) -> u64 {
+    let file = if v1 {
+        "memory.oom_control"
+    } else {
+        "memory.events"
+    };
+    std::fs::read_to_string(dir.join(file))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 #[test]
 fn swap_holds_pages_under_memory_pressure() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -716,45 +731,77 @@ fn swap_holds_pages_under_memory_pressure() {
         skipped("swap_holds_pages_under_memory_pressure: no python3");
         return;
     }
-    // A process limited to 32 MiB of RAM fills 128 MiB with random bytes and checks them:
-    // most of it must go out to our swap device and come back intact.
-    let Some((cg, _v1)) = swap_cgroup(32 << 20) else {
+    // A process limited to 32 MiB of RAM writes 128 MiB and reads it back: most of it must go
+    // out to our swap device and come back intact. It also pages each 8 MiB out as soon as it
+    // is written or checked (MADV_PAGEOUT), the way proactive reclaim does, so the limit is hit
+    // tens of thousands of times, but seldom with nothing left to reclaim.
+    let Some((probe, _)) = swap_cgroup(32 << 20, "probe") else {
         skipped("swap_holds_pages_under_memory_pressure: no writable memory cgroup");
         return;
     };
+    let _ = std::fs::remove_dir(probe);
     let d = Attached::start(&["--size", "256M", "--swap"]);
     let script = r#"
-import hashlib, os
-b = bytearray(os.urandom(1 << 20)) * 128
-h = hashlib.sha256(b).hexdigest()
+import mmap, os
+MiB = 1 << 20
+size, step = 128 * MiB, 8 * MiB
+PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21)
+seed = os.urandom(MiB)
+def piece(off):
+    return bytes(x ^ (off >> 20) & 0xff for x in seed[:64]) + seed[64:]
+m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for off in range(0, size, step):
+    for o in range(off, off + step, MiB):
+        m[o:o + MiB] = piece(o)
+    m.madvise(PAGEOUT, off, step)
 used = 0
 for line in open("/proc/swaps").read().splitlines()[1:]:
     f = line.split()
     if f[0] == os.environ["DEV"]:
         used = int(f[3]) * 1024
 print(used)
-print("match" if hashlib.sha256(b).hexdigest() == h else "MISMATCH")
+bad = 0
+for off in range(0, size, step):
+    for o in range(off, off + step, MiB):
+        bad += m[o:o + MiB] != piece(o)
+    m.madvise(PAGEOUT, off, step)
+print("match" if bad == 0 else "MISMATCH in %d of 128 MiB" % bad)
 "#;
-    let out = Command::new("timeout")
-        .args([
-            "60",
-            "sh",
-            "-c",
-            "echo $$ > \"$CG/cgroup.procs\" && exec python3 -c \"$SCRIPT\"",
-        ])
-        .env("CG", &cg)
-        .env("SCRIPT", script)
-        .env("DEV", d.dev())
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_dir(&cg);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "the memory hog failed ({}): {stdout}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Even so, the kernel's memory cgroup sometimes gives up reclaiming and kills the task
+    // while the pages it needs are still being read in. Measured on this VM (cgroup v1): 3 in
+    // 30 runs on vramdisk, 1 in 30 on a swap file on the VM's disk, and with the test's first
+    // version (one 128 MiB fill, no MADV_PAGEOUT) 3 in 10 and 2 in 10. A kill the cgroup
+    // itself reports is retried; any other failure, a hang, or wrong data fails at once.
+    let mut stdout = String::new();
+    for attempt in 1..=4 {
+        let (cg, v1) = swap_cgroup(32 << 20, &attempt.to_string()).unwrap();
+        let out = Command::new("timeout")
+            .args([
+                "60",
+                "sh",
+                "-c",
+                "echo $$ > \"$CG/cgroup.procs\" && exec python3 -c \"$SCRIPT\"",
+            ])
+            .env("CG", &cg)
+            .env("SCRIPT", script)
+            .env("DEV", d.dev())
+            .output()
+            .unwrap();
+        let oom_kills = cgroup_oom_kills(&cg, v1);
+        let _ = std::fs::remove_dir(&cg);
+        stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            oom_kills > 0 && attempt < 4,
+            "the memory hog failed ({}, {oom_kills} OOM kills in its cgroup, attempt {attempt}): \
+             {stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("attempt {attempt}: the cgroup's OOM killer took the memory hog; again");
+    }
     let mut lines = stdout.lines();
     let used: u64 = lines.next().unwrap().trim().parse().unwrap();
     assert_eq!(
