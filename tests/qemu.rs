@@ -5,7 +5,10 @@
 #[macro_use]
 mod common;
 
-use common::{Captured, MIB, Server, ServerConfig, Transport, assert_same_bytes, run, run_ok};
+use common::{
+    Captured, MIB, Server, ServerConfig, Transport, assert_same_bytes, loud, run, run_ok,
+    standin_skips,
+};
 use std::process::Command;
 
 const CHUNK: u64 = 2 * MIB;
@@ -115,6 +118,40 @@ fn patterns_and_unaligned_io(transport: Transport) {
         out.all()
     );
     srv.assert_running();
+    assert_extended_headers_when_offered(&srv);
+}
+
+/// qemu's NBD client asks for extended headers from 8.2 on: then the checks above ran over
+/// them, and the server's log line for each client says so.
+fn assert_extended_headers_when_offered(srv: &Server) {
+    if standin_skips("which reply framing qemu negotiated") {
+        return;
+    }
+    let version = run_ok(Command::new("qemu-io").arg("--version")).stdout;
+    let numbers: Vec<u32> = version
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or("")
+        .split('.')
+        .map_while(|n| n.parse().ok())
+        .collect();
+    if numbers.len() < 2 {
+        panic!("cannot read qemu-io's version from {version:?}");
+    }
+    if (numbers[0], numbers[1]) < (8, 2) {
+        loud(&format!(
+            "NOTE: qemu-io {}.{} predates extended headers; this run checked structured replies only",
+            numbers[0], numbers[1]
+        ));
+        return;
+    }
+    let log = srv.log();
+    assert!(
+        log.contains("(extended-header replies"),
+        "qemu {}.{} should have negotiated extended headers:\n{log}",
+        numbers[0],
+        numbers[1]
+    );
 }
 
 fn zero_discard_flush_fua(transport: Transport) {
