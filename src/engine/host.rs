@@ -72,8 +72,69 @@ impl HostChunk {
     }
 }
 
-/// Chunks in host RAM. Allocation uses `alloc_zeroed`, which for chunk-sized blocks maps
-/// fresh zero pages lazily, so a chunk costs physical memory only where it is written.
+/// Writes at least this long bypass the CPU caches (see `copy_into_chunk`).
+const STREAM_MIN: usize = 64 << 10;
+
+/// Copies `src` to `dst`. Large copies use non-temporal stores: a device's chunks are far
+/// larger than the caches and written data is seldom read back at once, so an ordinary copy
+/// first reads every destination line in (read-for-ownership) only to push it out again. On
+/// the development machine streaming doubled the rate of 256 KiB copies into a 1 GiB region
+/// (9 -> 16 GB/s), and the copy was half of the server's CPU time in `nbdcopy` to the device.
+/// glibc streams only above a threshold scaled to the last-level cache, which virtual
+/// machines often report as hundreds of MiB.
+///
+/// # Safety
+/// `dst` must be valid for `src.len()` bytes of writes and must not overlap `src`.
+unsafe fn copy_into_chunk(dst: *mut u8, src: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if src.len() >= STREAM_MIN {
+        // SAFETY: as this function's.
+        unsafe { stream_copy(dst, src) };
+        return;
+    }
+    // SAFETY: as this function's.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) }
+}
+
+/// `copy_into_chunk` with SSE2 streaming stores (part of every x86-64 CPU): an ordinary copy
+/// up to a 64-byte boundary of `dst`, whole lines streamed, an ordinary copy of the tail.
+///
+/// # Safety
+/// As `copy_into_chunk`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn stream_copy(dst: *mut u8, src: &[u8]) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+    let len = src.len();
+    let s = src.as_ptr();
+    let head = dst.align_offset(64).min(len);
+    let end = head + ((len - head) & !63);
+    // SAFETY: every offset below is under len; dst + head is 64-byte aligned, so each
+    // 16-byte store is aligned as _mm_stream_si128 requires; loads may be unaligned.
+    unsafe {
+        std::ptr::copy_nonoverlapping(s, dst, head);
+        let mut i = head;
+        while i < end {
+            let a = _mm_loadu_si128(s.add(i).cast::<__m128i>());
+            let b = _mm_loadu_si128(s.add(i + 16).cast::<__m128i>());
+            let c = _mm_loadu_si128(s.add(i + 32).cast::<__m128i>());
+            let d = _mm_loadu_si128(s.add(i + 48).cast::<__m128i>());
+            _mm_stream_si128(dst.add(i).cast::<__m128i>(), a);
+            _mm_stream_si128(dst.add(i + 16).cast::<__m128i>(), b);
+            _mm_stream_si128(dst.add(i + 32).cast::<__m128i>(), c);
+            _mm_stream_si128(dst.add(i + 48).cast::<__m128i>(), d);
+            i += 64;
+        }
+        std::ptr::copy_nonoverlapping(s.add(end), dst.add(end), len - end);
+        // Streaming stores are weakly ordered: make them visible before the write is
+        // reported done (and so before any read the reply allows).
+        _mm_sfence();
+    }
+}
+
+/// Chunks in host RAM, from the heap (`alloc_zeroed`, which zeroes the whole chunk when it
+/// is taken, so a chunk costs its full size once written anywhere). Measured on the development VM and
+/// not kept: a private mapping per chunk (first writes no faster, page faults dominate) and
+/// transparent huge pages on it (first writes three times slower, later I/O within noise).
 #[derive(Debug, Default, Clone)]
 pub struct HostBackend;
 
@@ -126,7 +187,7 @@ impl Backend for HostBackend {
     async fn write(&self, chunk: &HostChunk, offset: usize, data: &[u8]) -> IoResult<()> {
         let dst = chunk.range(offset, data.len())?;
         // SAFETY: dst is valid for data.len() bytes (checked) and distinct from data.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        unsafe { copy_into_chunk(dst, data) };
         Ok(())
     }
 
@@ -135,5 +196,54 @@ impl Backend for HostBackend {
         // SAFETY: dst is valid for len bytes (checked).
         unsafe { std::ptr::write_bytes(dst, 0, len) };
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every destination and source alignment, lengths around the streaming threshold and
+    /// around whole lines: the bytes land exactly, and the bytes either side stay untouched.
+    #[test]
+    fn chunk_copies_land_exactly_at_any_alignment() {
+        let src: Vec<u8> = (0..STREAM_MIN * 2 + 4096)
+            .map(|i| (i * 7 + i / 251) as u8)
+            .collect();
+        let mut dst = vec![0xEEu8; STREAM_MIN * 2 + 4096 + 256];
+        let lens = [
+            0,
+            1,
+            63,
+            64,
+            4095,
+            STREAM_MIN - 1,
+            STREAM_MIN,
+            STREAM_MIN + 1,
+            STREAM_MIN + 63,
+            STREAM_MIN + 64,
+            STREAM_MIN * 2 + 4096 - 64,
+        ];
+        for dst_off in [0usize, 1, 15, 16, 63, 64, 100] {
+            for src_off in [0usize, 1, 17, 64] {
+                for &len in &lens {
+                    let len = len.min(src.len() - src_off);
+                    dst.fill(0xEE);
+                    let at = 64 + dst_off;
+                    // SAFETY: dst has room for len bytes at `at` (sized above); no overlap.
+                    unsafe { copy_into_chunk(dst.as_mut_ptr().add(at), &src[src_off..][..len]) };
+                    assert_eq!(
+                        &dst[at..at + len],
+                        &src[src_off..src_off + len],
+                        "dst+{dst_off} src+{src_off} len {len}"
+                    );
+                    assert!(dst[..at].iter().all(|&b| b == 0xEE), "bytes before written");
+                    assert!(
+                        dst[at + len..].iter().all(|&b| b == 0xEE),
+                        "bytes after written (dst+{dst_off} src+{src_off} len {len})"
+                    );
+                }
+            }
+        }
     }
 }
