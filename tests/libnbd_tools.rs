@@ -1,12 +1,16 @@
 //! libnbd's command-line clients against the server: nbdinfo (capabilities, map, list, size,
-//! block sizes) and nbdcopy round trips.
+//! block sizes), nbdcopy round trips, and nbdfuse (the export as a file, through FUSE).
 
 #[macro_use]
 mod common;
 
-use common::{MIB, Server, ServerConfig, Transport, assert_same_bytes, run, run_ok};
+use common::{MIB, Server, ServerConfig, Transport, assert_same_bytes, loud, run, run_ok};
+use nix::fcntl::{FallocateFlags, fallocate};
 use serde_json::Value;
-use std::process::Command;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 const CHUNK: u64 = 2 * MIB;
 
@@ -261,7 +265,177 @@ fn nbdcopy_four_connections(transport: Transport) {
     nbdcopy_round_trip(transport, 4);
 }
 
+/// An `nbdfuse` process showing an export as the file `<dir>/disk`; unmounted when dropped.
+struct NbdFuse {
+    dir: PathBuf,
+    child: Child,
+}
+
+impl NbdFuse {
+    fn mount(dir: &Path, uri: &str) -> NbdFuse {
+        std::fs::create_dir_all(dir).unwrap();
+        let pid_file = dir.with_extension("pid");
+        let child = Command::new("nbdfuse")
+            .arg("-P")
+            .arg(&pid_file)
+            .arg(dir.join("disk"))
+            .arg(uri)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting nbdfuse");
+        let mut m = NbdFuse {
+            dir: dir.to_path_buf(),
+            child,
+        };
+        // nbdfuse writes its pid file once it serves the mount.
+        let start = Instant::now();
+        while !pid_file.exists() {
+            if let Some(status) = m.child.try_wait().unwrap() {
+                panic!("nbdfuse exited before serving the mount ({status})");
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "nbdfuse did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.join("disk")
+    }
+
+    /// Unmounts and waits for nbdfuse to exit; its exit status.
+    fn unmount(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.dir)
+            .status();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = self.child.kill();
+                panic!("nbdfuse still running 10 s after fusermount3 -u");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NbdFuse {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(&self.dir)
+                .status();
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The whole device as another client (nbdcopy) reads it.
+fn device_bytes(srv: &Server) -> Vec<u8> {
+    let back = srv.dir().join("device.img");
+    run_ok(Command::new("nbdcopy").arg(srv.uri()).arg(&back));
+    let bytes = std::fs::read(&back).unwrap();
+    let _ = std::fs::remove_file(back);
+    bytes
+}
+
+/// nbdfuse turns reads, writes, hole punching, zeroing and fsync of a file into NBD
+/// requests. Unaligned writes, a punched hole and a zeroed range must reach the device
+/// exactly (checked through nbdcopy, another client), a punched hole must give the chunk
+/// back (nbdinfo --map), and ext4 made through the file must pass e2fsck.
+fn nbdfuse_file(transport: Transport) {
+    require_clients!(
+        "nbdfuse",
+        "fusermount3",
+        "nbdinfo",
+        "nbdcopy",
+        "mkfs.ext4",
+        "e2fsck"
+    );
+    if !Path::new("/dev/fuse").exists() || !nix::unistd::geteuid().is_root() {
+        loud("SKIPPED nbdfuse: needs root and /dev/fuse");
+        return;
+    }
+    let mut srv = server(64 * MIB, transport);
+    let size = srv.size() as usize;
+    let mut fuse = NbdFuse::mount(&srv.dir().join("mnt"), &srv.uri());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fuse.file())
+        .unwrap();
+    assert_eq!(file.metadata().unwrap().len(), size as u64);
+
+    let mut model = vec![0u8; size];
+    let data = common::random_bytes(12 * MIB as usize);
+    // Unaligned at both ends and across chunk boundaries.
+    let at = 3 * MIB as usize + 4097;
+    file.write_all_at(&data, at as u64).unwrap();
+    model[at..at + data.len()].copy_from_slice(&data);
+    let small = common::random_bytes(3);
+    file.write_all_at(&small, 20 * MIB + 1).unwrap();
+    model[20 * MIB as usize + 1..][..3].copy_from_slice(&small);
+    file.sync_all().unwrap();
+
+    // Whole chunks punched: a hole on the device. An unaligned range zeroed: zeros.
+    let keep = FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    fallocate(
+        &file,
+        FallocateFlags::FALLOC_FL_PUNCH_HOLE | keep,
+        (4 * MIB) as i64,
+        (4 * MIB) as i64,
+    )
+    .unwrap();
+    model[4 * MIB as usize..8 * MIB as usize].fill(0);
+    fallocate(
+        &file,
+        FallocateFlags::FALLOC_FL_ZERO_RANGE | keep,
+        (10 * MIB + 512) as i64,
+        (MIB + 100) as i64,
+    )
+    .unwrap();
+    model[10 * MIB as usize + 512..][..MIB as usize + 100].fill(0);
+    file.sync_all().unwrap();
+
+    assert_same_bytes(&device_bytes(&srv), &model, "the device after nbdfuse I/O");
+    let mut read_back = vec![0u8; size];
+    file.read_exact_at(&mut read_back, 0).unwrap();
+    assert_same_bytes(&read_back, &model, "the nbdfuse file");
+    let holes = map(&srv.uri());
+    assert!(
+        holes
+            .iter()
+            .any(|&(o, l, t)| t == HOLE_ZERO && o <= 4 * MIB && o + l >= 8 * MIB),
+        "the punched chunks are not a hole: {holes:?}"
+    );
+
+    // A file system made and checked through the file, then checked again as nbdcopy reads it.
+    drop(file);
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(fuse.file()),
+    );
+    run_ok(Command::new("e2fsck").arg("-fn").arg(fuse.file()));
+    let status = fuse.unmount();
+    assert!(status.success(), "nbdfuse exited with {status}");
+    let image = srv.dir().join("fs.img");
+    std::fs::write(&image, device_bytes(&srv)).unwrap();
+    run_ok(Command::new("e2fsck").arg("-fn").arg(&image));
+    srv.assert_running();
+}
+
 over_both_transports! {
+    nbdfuse_file_io_trim_zero_and_ext4 => nbdfuse_file;
     nbdinfo_capabilities_and_block_sizes => capabilities;
     nbdinfo_read_only_export => read_only_capabilities;
     nbdinfo_map_data_holes_and_trim => allocation_map;
