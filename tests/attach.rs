@@ -740,7 +740,6 @@ fn swap_holds_pages_under_memory_pressure() {
         return;
     };
     let _ = std::fs::remove_dir(probe);
-    let d = Attached::start(&["--size", "256M", "--swap"]);
     let script = r#"
 import mmap, os
 MiB = 1 << 20
@@ -772,9 +771,11 @@ print("match" if bad == 0 else "MISMATCH in %d of 128 MiB" % bad)
     // (cgroup v1), this script in a shell loop: killed 3 times in 30 runs on vramdisk, once
     // in 30 on a swap file on the VM's disk; the test's first version (one 128 MiB fill, no
     // MADV_PAGEOUT) 3 in 10 and 2 in 10. A kill the cgroup itself reports is retried; any
-    // other failure, a hang, or wrong data fails at once.
-    let mut stdout = String::new();
+    // other failure, a hang, or wrong data fails at once. Each attempt gets a fresh device:
+    // after a kill, half of the swap space stayed in use (swap-cache pages of the dead task,
+    // freed lazily), so a second run on the same device ran out of swap and was killed too.
     for attempt in 1..=4 {
+        let d = Attached::start(&["--size", "256M", "--swap"]);
         let (cg, v1) = swap_cgroup(32 << 20, &attempt.to_string()).unwrap();
         let out = Command::new("timeout")
             .args([
@@ -790,9 +791,19 @@ print("match" if bad == 0 else "MISMATCH in %d of 128 MiB" % bad)
             .unwrap();
         let oom_kills = cgroup_oom_kills(&cg, v1);
         let _ = std::fs::remove_dir(&cg);
-        stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if out.status.success() {
-            break;
+            let mut lines = stdout.lines();
+            let used: u64 = lines.next().unwrap().trim().parse().unwrap();
+            assert_eq!(
+                lines.next(),
+                Some("match"),
+                "swapped pages came back corrupted"
+            );
+            assert!(used >= 64 << 20, "only {used} bytes went to swap");
+            eprintln!("swapped out {} MiB through {}", used >> 20, d.dev());
+            d.detach_clean();
+            return;
         }
         assert!(
             oom_kills > 0 && attempt < 4,
@@ -805,19 +816,10 @@ print("match" if bad == 0 else "MISMATCH in %d of 128 MiB" % bad)
         let _ = writeln!(
             std::io::stderr().lock(),
             "swap_holds_pages_under_memory_pressure: attempt {attempt}: the cgroup's OOM \
-             killer took the memory hog; trying again"
+             killer took the memory hog; trying again on a fresh device"
         );
+        d.detach_clean();
     }
-    let mut lines = stdout.lines();
-    let used: u64 = lines.next().unwrap().trim().parse().unwrap();
-    assert_eq!(
-        lines.next(),
-        Some("match"),
-        "swapped pages came back corrupted"
-    );
-    assert!(used >= 64 << 20, "only {used} bytes went to swap");
-    eprintln!("swapped out {} MiB through {}", used >> 20, d.dev());
-    d.detach_clean();
 }
 
 #[test]
