@@ -723,6 +723,8 @@ fn cgroup_oom_kills(dir: &Path, v1: bool) -> u64 {
 
 #[test]
 fn swap_holds_pages_under_memory_pressure() {
+    const LIMIT: u64 = 48 << 20;
+    const ATTEMPTS: u32 = 6;
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !capable("swap_holds_pages_under_memory_pressure") {
         return;
@@ -731,11 +733,11 @@ fn swap_holds_pages_under_memory_pressure() {
         skipped("swap_holds_pages_under_memory_pressure: no python3");
         return;
     }
-    // A process limited to 32 MiB of RAM writes 128 MiB and reads it back: most of it must go
+    // A process limited to 48 MiB of RAM writes 128 MiB and reads it back: most of it must go
     // out to our swap device and come back intact. It also pages each 8 MiB out as soon as it
     // is written or checked (MADV_PAGEOUT), the way proactive reclaim does, so the limit is hit
     // tens of thousands of times, but seldom with nothing left to reclaim.
-    let Some((probe, _)) = swap_cgroup(32 << 20, "probe") else {
+    let Some((probe, _)) = swap_cgroup(LIMIT, "probe") else {
         skipped("swap_holds_pages_under_memory_pressure: no writable memory cgroup");
         return;
     };
@@ -770,13 +772,15 @@ print("match" if bad == 0 else "MISMATCH in %d of 128 MiB" % bad)
     // while the pages it needs are still being read in. Measured on the development VM
     // (cgroup v1), this script in a shell loop: killed 3 times in 30 runs on vramdisk, once
     // in 30 on a swap file on the VM's disk; the test's first version (one 128 MiB fill, no
-    // MADV_PAGEOUT) 3 in 10 and 2 in 10. A kill the cgroup itself reports is retried; any
-    // other failure, a hang, or wrong data fails at once. Each attempt gets a fresh device:
-    // after a kill, half of the swap space stayed in use (swap-cache pages of the dead task,
-    // freed lazily), so a second run on the same device ran out of swap and was killed too.
-    for attempt in 1..=4 {
+    // MADV_PAGEOUT) 3 in 10 and 2 in 10. Run with the other attach tests, the first attempt
+    // was killed in 4 of 10 runs with a 32 MiB limit, in 1 of 10 with this one. A kill the
+    // cgroup itself reports is retried; any other failure, a hang, or wrong data fails at
+    // once. Each attempt gets a fresh device: after a kill, half of the swap space stayed in
+    // use (swap-cache pages of the dead task, freed lazily), so a second run on the same
+    // device ran out of swap and was killed too.
+    for attempt in 1..=ATTEMPTS {
         let d = Attached::start(&["--size", "256M", "--swap"]);
-        let (cg, v1) = swap_cgroup(32 << 20, &attempt.to_string()).unwrap();
+        let (cg, v1) = swap_cgroup(LIMIT, &attempt.to_string()).unwrap();
         let out = Command::new("timeout")
             .args([
                 "60",
@@ -806,7 +810,7 @@ print("match" if bad == 0 else "MISMATCH in %d of 128 MiB" % bad)
             return;
         }
         assert!(
-            oom_kills > 0 && attempt < 4,
+            oom_kills > 0 && attempt < ATTEMPTS,
             "the memory hog failed ({}, {oom_kills} OOM kills in its cgroup, attempt {attempt}): \
              {stdout}{}",
             out.status,
