@@ -86,7 +86,6 @@ impl Pacer {
                 parked: 0,
                 tokens: 0,
             }),
-
             unpark: Condvar::new(),
         }
     }

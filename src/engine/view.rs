@@ -30,7 +30,11 @@ enum Piece {
 /// Device bytes in host memory, lent in place (see [`crate::engine::BlockDevice::view`]).
 #[derive(Default)]
 pub struct View {
-    pieces: Vec<Piece>,
+    /// The first piece, kept inline: most reads lie in one chunk, and then making the view
+    /// allocates nothing.
+    first: Option<Piece>,
+    /// The pieces after the first.
+    rest: Vec<Piece>,
     len: usize,
 }
 
@@ -44,7 +48,7 @@ impl std::fmt::Debug for View {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("View")
             .field("len", &self.len)
-            .field("pieces", &self.pieces.len())
+            .field("pieces", &self.pieces().count())
             .finish()
     }
 }
@@ -66,7 +70,7 @@ impl View {
             return;
         }
         self.len += len;
-        self.pieces.push(Piece::Mem {
+        self.push(Piece::Mem {
             _hold: hold,
             ptr,
             len,
@@ -79,10 +83,22 @@ impl View {
             return;
         }
         self.len += len;
-        match self.pieces.last_mut() {
+        match self.rest.last_mut().or(self.first.as_mut()) {
             Some(Piece::Zeros(n)) => *n += len,
-            _ => self.pieces.push(Piece::Zeros(len)),
+            _ => self.push(Piece::Zeros(len)),
         }
+    }
+
+    fn push(&mut self, piece: Piece) {
+        if self.first.is_none() {
+            self.first = Some(piece);
+        } else {
+            self.rest.push(piece);
+        }
+    }
+
+    fn pieces(&self) -> impl Iterator<Item = &Piece> {
+        self.first.iter().chain(&self.rest)
     }
 
     /// Length in bytes.
@@ -97,7 +113,7 @@ impl View {
 
     /// Appends slices covering the whole view, in order, to `out`.
     pub fn slices<'a>(&'a self, out: &mut Vec<IoSlice<'a>>) {
-        for p in &self.pieces {
+        for p in self.pieces() {
             match p {
                 Piece::Mem { ptr, len, .. } => {
                     // SAFETY: valid for `len` bytes while `self` (holding the chunk) lives,
@@ -165,5 +181,30 @@ mod tests {
         assert_eq!(Arc::strong_count(&a), 2);
         drop(v);
         assert_eq!(Arc::strong_count(&a), 1);
+    }
+
+    /// A read inside one chunk, or of one hole, makes a view without allocating.
+    #[test]
+    fn one_piece_views_allocate_nothing() {
+        let a: Arc<Vec<u8>> = Arc::new((0..100u8).collect());
+        let ptr = NonNull::new(a.as_ptr() as *mut u8).unwrap();
+        let mut v = View::new();
+        // SAFETY: `a` holds 100 bytes and is kept by the view.
+        unsafe { v.push_mem(a.clone(), ptr, 100) };
+        assert_eq!(v.rest.capacity(), 0);
+        let mut out = vec![0u8; 100];
+        v.copy_to(&mut out);
+        assert_eq!(out, *a);
+        let mut hole = View::new();
+        hole.push_zeros(4096);
+        hole.push_zeros(4096);
+        assert_eq!((hole.len(), hole.rest.capacity()), (8192, 0));
+        // A second piece goes after the first.
+        // SAFETY: as above.
+        unsafe { hole.push_mem(a.clone(), ptr, 10) };
+        let mut out = vec![0xffu8; 8202];
+        hole.copy_to(&mut out);
+        assert!(out[..8192].iter().all(|&b| b == 0));
+        assert_eq!(&out[8192..], &a[..10]);
     }
 }
