@@ -833,10 +833,7 @@ fn greedy_client_does_not_starve_others(transport: Transport) {
     // connects from 127.0.0.2.
     let sock = tempfile::tempdir().unwrap();
     let sock_path = sock.path().join("greedy.sock");
-    let metrics = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
     let mut c = ServerConfig::sized(EXPORT);
     c.extra_args = [
         "--buffer-memory",

@@ -4,12 +4,14 @@
 #[macro_use]
 mod common;
 
-use common::{MIB, Server, ServerConfig, Transport, assert_same_bytes, loud, run, run_ok};
+use common::{
+    Background, MIB, Server, ServerConfig, Transport, assert_same_bytes, loud, run, run_ok,
+};
 use nix::fcntl::{FallocateFlags, fallocate};
 use serde_json::Value;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const CHUNK: u64 = 2 * MIB;
@@ -268,29 +270,24 @@ fn nbdcopy_four_connections(transport: Transport) {
 /// An `nbdfuse` process showing an export as the file `<dir>/disk`; unmounted when dropped.
 struct NbdFuse {
     dir: PathBuf,
-    child: Child,
+    proc: Background,
 }
 
 impl NbdFuse {
     fn mount(dir: &Path, uri: &str) -> NbdFuse {
         std::fs::create_dir_all(dir).unwrap();
         let pid_file = dir.with_extension("pid");
-        let child = Command::new("nbdfuse")
-            .arg("-P")
-            .arg(&pid_file)
-            .arg(dir.join("disk"))
-            .arg(uri)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("starting nbdfuse");
-        let mut m = NbdFuse {
-            dir: dir.to_path_buf(),
-            child,
-        };
+        let mut proc = Background::spawn(
+            Command::new("nbdfuse")
+                .arg("-P")
+                .arg(&pid_file)
+                .arg(dir.join("disk"))
+                .arg(uri),
+        );
         // nbdfuse writes its pid file once it serves the mount.
         let start = Instant::now();
         while !pid_file.exists() {
-            if let Some(status) = m.child.try_wait().unwrap() {
+            if let Some(status) = proc.try_wait() {
                 panic!("nbdfuse exited before serving the mount ({status})");
             }
             assert!(
@@ -299,7 +296,10 @@ impl NbdFuse {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        m
+        NbdFuse {
+            dir: dir.to_path_buf(),
+            proc,
+        }
     }
 
     fn file(&self) -> PathBuf {
@@ -312,29 +312,20 @@ impl NbdFuse {
             .arg("-u")
             .arg(&self.dir)
             .status();
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if start.elapsed() > Duration::from_secs(10) {
-                let _ = self.child.kill();
-                panic!("nbdfuse still running 10 s after fusermount3 -u");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.proc
+            .wait_timeout(Duration::from_secs(10))
+            .expect("nbdfuse still running 10 s after fusermount3 -u")
     }
 }
 
 impl Drop for NbdFuse {
     fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
+        // A failed test: detach the mount lazily; dropping `proc` then kills nbdfuse.
+        if self.proc.try_wait().is_none() {
             let _ = Command::new("fusermount3")
                 .args(["-u", "-z"])
                 .arg(&self.dir)
                 .status();
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
     }
 }
