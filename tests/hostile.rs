@@ -340,7 +340,10 @@ fn option_abuse(transport: Transport) {
     // A flood of options: answered up to the server's cap, then closed.
     let mut c = Conn::start(&srv);
     let flood: Vec<u8> = (0..5000).flat_map(|_| option_bytes(OPT_LIST, 0)).collect();
-    let mut s = std::mem::replace(&mut c.s, Box::new(std::io::Cursor::new(Vec::new())));
+    let mut s = std::mem::replace(
+        &mut c.s,
+        Box::new(std::fs::File::open("/dev/null").unwrap()),
+    );
     let (tx, rx) = std::sync::mpsc::channel();
     let t = std::thread::spawn(move || {
         // The server may close before taking it all.
@@ -433,7 +436,10 @@ fn client_that_never_reads(transport: Transport) {
     let base = rss_kib(srv.pid());
     // Asks for 1 TiB of reads (a million 1 MiB reads), never reads a byte of the replies.
     let mut hog = Conn::ready(&srv);
-    let mut s = std::mem::replace(&mut hog.s, Box::new(std::io::Cursor::new(Vec::new())));
+    let mut s = std::mem::replace(
+        &mut hog.s,
+        Box::new(std::fs::File::open("/dev/null").unwrap()),
+    );
     let t = std::thread::spawn(move || {
         let all: Vec<u8> = (0..1_000_000u64)
             .flat_map(|i| header(CMD_READ, i, 0, MIB as u32))
@@ -676,22 +682,53 @@ fn sigterm_with_pipelined_requests(transport: Transport) {
 /// cleanly. Over TCP, closing a socket with unread requests resets the connection and throws
 /// away replies not yet delivered, so the server has to wait for the client to take them.
 fn sigterm_with_a_slow_reader(transport: Transport) {
+    slow_reader_at_sigterm(transport, false);
+}
+
+/// As `sigterm_with_a_slow_reader`, but the client stops sending at SIGTERM and, once it has
+/// read all there is, pauses before it reads on: so it is still to read the stream's end
+/// when the server closes the socket, with requests of the client's unread. Closed like
+/// that, a Unix socket hands its peer ECONNRESET, which the peer's next call takes: here the
+/// read that should see the EOF after the last reply. (With the sender of the test above
+/// blocked in a write, the write took it most of the time, and CI saw the read fail at
+/// random.) The server has to throw the unread requests away before it closes.
+fn sigterm_with_a_pausing_reader(transport: Transport) {
+    slow_reader_at_sigterm(transport, true);
+}
+
+/// SIGTERM while one client sends 64 KiB reads without pause (until the server is gone,
+/// or with `pause` until SIGTERM) and reads replies with a sleep of 300 µs after each.
+fn slow_reader_at_sigterm(transport: Transport, pause: bool) {
     if common::standin_skips("exit on SIGTERM with clients connected") {
         return;
     }
     let mut srv = start(&[], transport);
     let (mut rd, mut wr) = split_transmission(&srv);
-    // 64 KiB reads, sent until the server is gone: far more than the socket buffers hold
-    // in replies, and always some the server has not read when it stops.
+    // 64 KiB reads: far more than the socket buffers hold in replies, and always some the
+    // server has not read when it stops.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = stop.clone();
+    let terminating = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let terminating2 = terminating.clone();
+    let terminating3 = terminating.clone();
     let sender = std::thread::spawn(move || {
         let mut i = 0u64;
         while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-            if wr
-                .write_all(&header(CMD_READ, i, (i * 65536) % EXPORT, 65536))
-                .is_err()
-            {
+            let h = header(CMD_READ, i, (i * 65536) % EXPORT, 65536);
+            if pause {
+                // Never blocked in a write when the server closes (see above).
+                if terminating3.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                match send_now(&*wr, &h) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        std::thread::sleep(Duration::from_micros(100));
+                        continue;
+                    }
+                    Err(_) => break,
+                }
+            } else if wr.write_all(&h).is_err() {
                 break;
             }
             i += 1;
@@ -730,9 +767,14 @@ fn sigterm_with_a_slow_reader(transport: Transport) {
             replies += 1;
             // A slow reader: the server's replies back up in the socket.
             std::thread::sleep(Duration::from_micros(300));
+            if pause && terminating2.load(std::sync::atomic::Ordering::Relaxed) && rd.unread() == 0
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     });
     std::thread::sleep(Duration::from_millis(300));
+    terminating.store(true, std::sync::atomic::Ordering::Relaxed);
     let status = srv.terminate(Duration::from_secs(10));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let seen = reader.join().expect("the reader thread");
@@ -745,6 +787,36 @@ fn sigterm_with_a_slow_reader(transport: Transport) {
         status.is_some_and(|s| s.success()),
         "exit status {status:?}"
     );
+}
+
+/// Sends all of `buf` (a request header) without blocking: Ok(false), with nothing sent, if
+/// the socket has no room for it now.
+fn send_now(s: &dyn common::RawStream, buf: &[u8]) -> std::io::Result<bool> {
+    let mut sent = 0;
+    while sent < buf.len() {
+        // SAFETY: send reads at most buf.len() - sent bytes from buf[sent..].
+        let n = unsafe {
+            libc::send(
+                s.as_raw_fd(),
+                buf[sent..].as_ptr().cast(),
+                buf.len() - sent,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            sent += n as usize;
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => {}
+            std::io::ErrorKind::WouldBlock if sent == 0 => return Ok(false),
+            // Part of the header went: the rest has to follow.
+            std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_micros(100)),
+            _ => return Err(e),
+        }
+    }
+    Ok(true)
 }
 
 /// A new connection taken through the handshake (NBD_OPT_GO on the default export, simple
@@ -939,6 +1011,7 @@ over_both_transports! {
     read_only_exports_refuse_every_change => read_only_refuses_changes;
     sigterm_with_128_pipelined_requests => sigterm_with_pipelined_requests;
     sigterm_with_a_slow_reader_gets_every_reply => sigterm_with_a_slow_reader;
+    sigterm_with_a_pausing_reader_ends_with_eof => sigterm_with_a_pausing_reader;
     vanished_clients_give_their_connection_slot_back => vanished_clients_free_their_slots;
     a_greedy_client_does_not_starve_others => greedy_client_does_not_starve_others;
 }

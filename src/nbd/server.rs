@@ -580,12 +580,37 @@ async fn handshake_phase<S: Stream>(
     Ok((Conn::Tls(stream), outcome))
 }
 
-/// Copies between a TLS stream and the socket the transmission phase runs on, until both
-/// directions are closed or one fails.
+/// Copies between a TLS stream and the socket the transmission phase runs on. The two
+/// directions end on their own: replies flow until the transmission phase ends its stream
+/// (and the TLS stream then ends with close_notify); requests sent after the server stopped
+/// reading are thrown away, where a failed write of them would otherwise end the relay with
+/// replies still to forward. As on a plain socket, the connection stays open a little after
+/// the last reply so that the client takes it before the socket closes.
 async fn relay<S: Stream>(tls: Box<tokio_rustls::server::TlsStream<S>>, plain: UnixStream) {
-    let mut tls = tls;
-    let mut plain = plain;
-    let _ = tokio::io::copy_bidirectional(&mut *tls, &mut plain).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut tls_rd, mut tls_wr) = tokio::io::split(*tls);
+    let (mut plain_rd, mut plain_wr) = plain.into_split();
+    let replies = async move {
+        let _ = tokio::io::copy(&mut plain_rd, &mut tls_wr).await;
+        let _ = tls_wr.shutdown().await;
+    };
+    let requests = async move {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut forward = true;
+        while let Ok(n @ 1..) = tls_rd.read(&mut buf).await {
+            if forward && plain_wr.write_all(&buf[..n]).await.is_err() {
+                forward = false;
+            }
+        }
+        // Dropping `plain_wr` here is the client's EOF, for the transmission phase.
+    };
+    tokio::pin!(replies, requests);
+    tokio::select! {
+        _ = &mut replies => {
+            let _ = tokio::time::timeout(transmission::CLOSE_LINGER, &mut requests).await;
+        }
+        _ = &mut requests => replies.await,
+    }
 }
 
 /// Serves one client from handshake to close.

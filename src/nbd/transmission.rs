@@ -156,7 +156,7 @@ fn alone_on_thread() -> bool {
 
 /// Longest a connection that ends cleanly waits for the client to take its last replies
 /// before the socket closes (see `run`).
-const CLOSE_LINGER: Duration = Duration::from_secs(2);
+pub(crate) const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 const READ_BUF: usize = 128 << 10;
 /// When less room than this is left at the end of the read buffer, unread bytes are moved
@@ -404,13 +404,16 @@ pub(crate) trait Sink: Send + Sync + 'static {
     /// Bytes written that the peer has not taken yet (TCP: not acknowledged; Unix: not
     /// read), which closing the socket now could throw away.
     fn unacknowledged(&self) -> usize;
-    /// Ends the stream in this direction (the peer reads EOF after the last reply).
-    fn shutdown_write(&self);
+    /// Ends the stream: the peer reads EOF after the last reply. Requests it sends from now
+    /// on are never read.
+    fn end_stream(&self);
+    /// Throws away what the peer sent and nobody read, just before the socket closes.
+    fn discard_unread(&self) {}
 }
 
-fn shutdown_write(fd: std::os::fd::RawFd) {
+fn shutdown(fd: std::os::fd::RawFd, how: nix::sys::socket::Shutdown) {
     // Fails only if the socket is already gone, which is the same end.
-    let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write);
+    let _ = nix::sys::socket::shutdown(fd, how);
 }
 
 /// `SIOCOUTQ` on a socket: TCP, bytes the peer has not acknowledged; Unix stream, bytes the
@@ -432,8 +435,13 @@ impl Sink for tokio::net::tcp::OwnedWriteHalf {
     fn unacknowledged(&self) -> usize {
         outq(AsRef::<tokio::net::TcpStream>::as_ref(self).as_raw_fd())
     }
-    fn shutdown_write(&self) {
-        shutdown_write(AsRef::<tokio::net::TcpStream>::as_ref(self).as_raw_fd())
+    fn end_stream(&self) {
+        // Only the write side: data arriving on a TCP socket whose read side is shut makes
+        // Linux answer with a reset, which would throw away replies not yet acknowledged.
+        shutdown(
+            AsRef::<tokio::net::TcpStream>::as_ref(self).as_raw_fd(),
+            nix::sys::socket::Shutdown::Write,
+        )
     }
 }
 
@@ -447,8 +455,28 @@ impl Sink for tokio::net::unix::OwnedWriteHalf {
     fn unacknowledged(&self) -> usize {
         outq(AsRef::<tokio::net::UnixStream>::as_ref(self).as_raw_fd())
     }
-    fn shutdown_write(&self) {
-        shutdown_write(AsRef::<tokio::net::UnixStream>::as_ref(self).as_raw_fd())
+    fn end_stream(&self) {
+        // Both sides: from here on the peer's writes fail (EPIPE) instead of queueing on
+        // this socket, so that `discard_unread` can leave its queue empty for good.
+        shutdown(
+            AsRef::<tokio::net::UnixStream>::as_ref(self).as_raw_fd(),
+            nix::sys::socket::Shutdown::Both,
+        )
+    }
+    fn discard_unread(&self) {
+        // Closing a Unix socket with unread data sets ECONNRESET on the peer, which its next
+        // read returns in place of the EOF (even after it has read every reply). The read
+        // side is shut (`end_stream`), so once empty the queue stays empty.
+        let fd = AsRef::<tokio::net::UnixStream>::as_ref(self).as_raw_fd();
+        let mut buf = [0u8; 16 << 10];
+        loop {
+            // SAFETY: recv writes at most buf.len() bytes into buf.
+            let n =
+                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if n <= 0 {
+                break;
+            }
+        }
     }
 }
 
@@ -808,15 +836,17 @@ where
         let _ = (&mut writer.0).await;
         // Closing a socket while requests the client sent are still unread resets the
         // connection: TCP throws away replies not yet acknowledged, and a Unix socket's
-        // reader gets ECONNRESET in place of replies it has not read yet. A client that is
+        // reader gets ECONNRESET in place of the EOF after the last reply. A client that is
         // slow to read (or sent more requests as the server stopped) would lose replies, or
-        // see one cut short. So the stream ends with an EOF after the last reply, and the
-        // socket stays open until the client has taken everything.
-        sink.shutdown_write();
+        // see the stream fail. So the stream ends with an EOF after the last reply, the
+        // socket stays open until the client has taken everything, and a Unix socket's
+        // unread requests are thrown away before it closes.
+        sink.end_stream();
         let deadline = Instant::now() + CLOSE_LINGER;
         while sink.unacknowledged() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        sink.discard_unread();
     } else {
         // Their replies are thrown away, but operations already started still run: wait
         // for them too, so that once a connection is reported closed none of its writes

@@ -499,8 +499,17 @@ pub enum Endpoint {
 }
 
 /// A connected socket of either kind.
-pub trait RawStream: Read + std::io::Write + Send {}
-impl<T: Read + std::io::Write + Send> RawStream for T {}
+pub trait RawStream: Read + std::io::Write + Send + std::os::fd::AsRawFd {
+    /// Bytes the kernel holds for this end to read now (`FIONREAD`).
+    fn unread(&self) -> usize {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int.
+        let rc = unsafe { libc::ioctl(self.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(rc, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+        n.max(0) as usize
+    }
+}
+impl<T: Read + std::io::Write + Send + std::os::fd::AsRawFd> RawStream for T {}
 
 /// A running NBD server, killed (and checked not to have crashed) when dropped.
 pub struct Server {
