@@ -449,3 +449,123 @@ fn stalled_tls_handshake_is_dropped() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A client through STARTTLS on a raw socket, with rustls: the NBD handshake up to
+/// NBD_OPT_GO on the default export (simple replies).
+fn tls_transmission(
+    srv: &Server,
+    ca: &Path,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port(srv))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut greet = [0u8; 18];
+    s.read_exact(&mut greet).unwrap();
+    s.write_all(&1u32.to_be_bytes()).unwrap();
+    option(&mut s, OPT_STARTTLS, &[]);
+    assert_eq!(reply(&mut s), (OPT_STARTTLS, REP_ACK));
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(ca).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let conn = rustls::ClientConnection::new(
+        std::sync::Arc::new(config),
+        ServerName::try_from("localhost").unwrap(),
+    )
+    .unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, s);
+    option(&mut tls, OPT_GO, &[0; 6]);
+    while reply(&mut tls).1 != REP_ACK {}
+    tls
+}
+
+/// SIGTERM while a TLS client has more requests queued than the server has read, reads its
+/// replies slowly and keeps sending: every request the server took is answered whole, and
+/// the stream then ends with TLS's close_notify, not a cut. The TLS relay in the server has
+/// to keep forwarding replies after the server stopped reading requests.
+#[test]
+fn sigterm_over_tls_with_a_slow_reader_gets_every_reply() {
+    if common::standin_skips("vramdisk's TLS flags") {
+        return;
+    }
+    const EXPORT: u64 = 64 * MIB;
+    let pki = Pki::new();
+    let srv = tls_server(&pki, "require", false);
+    let mut tls = tls_transmission(&srv, &pki.server.join("ca-cert.pem"));
+    let request = |i: u64| {
+        let mut h = 0x2560_9513u32.to_be_bytes().to_vec();
+        h.extend_from_slice(&0u16.to_be_bytes()); // flags
+        h.extend_from_slice(&0u16.to_be_bytes()); // NBD_CMD_READ
+        h.extend_from_slice(&i.to_be_bytes()); // cookie
+        h.extend_from_slice(&((i * 65536) % EXPORT).to_be_bytes());
+        h.extend_from_slice(&65536u32.to_be_bytes());
+        h
+    };
+    // Far more in replies than the server buffers (--inflight-memory, 128M by default).
+    let mut sent = 0u64;
+    for _ in 0..4096 {
+        tls.write_all(&request(sent)).unwrap();
+        sent += 1;
+    }
+    // SIGTERM from another thread, once some replies are in: `terminate` waits for the exit.
+    let (go, signal) = std::sync::mpsc::channel::<()>();
+    let stopper = std::thread::spawn(move || {
+        let mut srv = srv;
+        let _ = signal.recv();
+        let status = srv.terminate(Duration::from_secs(10));
+        (status, srv)
+    });
+    let mut replies = 0u64;
+    let mut data = vec![0u8; 65536];
+    loop {
+        let mut h = [0u8; 16];
+        // rustls: Ok(0) at close_notify, UnexpectedEof if the connection was cut.
+        match tls.read(&mut h[..1]) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => panic!("the stream failed with '{e}' after {replies} replies"),
+        }
+        if let Err(e) = tls.read_exact(&mut h[1..]) {
+            panic!("a torn reply header after {replies} replies: {e}");
+        }
+        assert_eq!(&h[..4], &0x6744_6698u32.to_be_bytes(), "reply magic");
+        assert_eq!(&h[4..8], &[0; 4], "error in reply {replies}");
+        if let Err(e) = tls.read_exact(&mut data) {
+            panic!("a torn read reply after {replies} replies: {e}");
+        }
+        replies += 1;
+        if replies == 200 {
+            go.send(()).unwrap();
+        }
+        if replies >= 200 {
+            // Still sending while the server shuts down; refused sends are fine.
+            let _ = tls.write_all(&request(sent));
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    let (status, srv) = stopper.join().unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit status {status:?}"
+    );
+    let log = srv.log();
+    let served: u64 = log
+        .lines()
+        .find_map(|l| l.split("server shutting down (").nth(1))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of requests served in the log:\n{log}"));
+    assert_eq!(
+        replies, served,
+        "replies received against requests the server took"
+    );
+}
