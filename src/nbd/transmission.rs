@@ -56,7 +56,8 @@ use tracing::{debug, trace, warn};
 
 /// The read half of a connection: what the reader reads requests from.
 pub(crate) trait Source: AsyncRead + Unpin + Send + Sync + 'static {
-    /// Whether the poller steps aside while the client sends ahead (see [`Poller`]).
+    /// Whether the poller steps aside while the client sends ahead, on a machine with few
+    /// CPUs (see [`Poller`]).
     const STEPS_ASIDE: bool = false;
     /// The socket, for polling it without the reactor (see [`Poller`]).
     fn fd(&self) -> BorrowedFd<'_>;
@@ -104,7 +105,10 @@ impl Source for tokio::net::unix::OwnedReadHalf {
 /// connection: TCP randwrite at queue depth 16 and 64 from 188k and 182k IOPS to 201k and
 /// 198k, randread from 180k and 174k to 192k and 183k, queue depth one unchanged. Over a
 /// Unix socket, reads and writes are cheap and the reactor's wakeups are not: randwrite
-/// at queue depth 16 fell from 217k to 195k, so Unix sockets keep polling.
+/// at queue depth 16 fell from 217k to 195k, so Unix sockets keep polling. The gain needs
+/// client and server short of CPU: on the H100 machine (16 CPUs, qemu-img bench), 4 KiB
+/// writes at queue depth 32 over TCP went the other way (81k and 89k IOPS without, 73k and
+/// 75k with), so only a machine of at most `FEW_CPUS` CPUs steps aside.
 pub(crate) struct Poller {
     budget: Duration,
     /// Whether polling stops while the client sends ahead (TCP).
@@ -117,6 +121,15 @@ pub(crate) struct Poller {
 
 /// Waits through the reactor after a poll found the client's next request already there.
 const AHEAD_WAITS: u32 = 32;
+
+/// Most CPUs of a machine on which a TCP connection's poller steps aside (see [`Poller`]).
+const FEW_CPUS: usize = 4;
+
+/// Whether this machine has at most [`FEW_CPUS`] CPUs to run on.
+fn few_cpus() -> bool {
+    static FEW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FEW.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() <= FEW_CPUS))
+}
 
 impl Poller {
     fn new(budget: Duration, steps_aside: bool) -> Self {
@@ -865,7 +878,7 @@ where
         client_budget,
         extents: Vec::new(),
         requests: 0,
-        poller: Poller::new(busy_poll, R::STEPS_ASIDE),
+        poller: Poller::new(busy_poll, R::STEPS_ASIDE && few_cpus()),
     };
     let ended = conn.serve(shutdown).await;
     let hard = ended.is_violation() || matches!(ended, Ended::ReadFailed(_) | Ended::WriteFailed);
