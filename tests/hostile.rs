@@ -10,14 +10,12 @@
 #[macro_use]
 mod common;
 
-use common::{MIB, Server, ServerConfig, Transport};
+use common::{MIB, SIMPLE_REPLY_MAGIC, Server, ServerConfig, Transport, request_header as header};
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
 const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 const OPT_LIST: u32 = 3;
 const OPT_GO: u32 = 7;
 const REP_ACK: u32 = 1;
@@ -100,7 +98,7 @@ impl Conn {
     }
 
     fn request(&mut self, ty: u16, cookie: u64, offset: u64, len: u32, data: &[u8]) {
-        let mut b = header(ty, cookie, offset, len);
+        let mut b = header(ty, cookie, offset, len).to_vec();
         b.extend_from_slice(data);
         self.send(&b);
     }
@@ -149,17 +147,6 @@ impl Conn {
 fn option_bytes(opt: u32, len: u32) -> Vec<u8> {
     let mut b = IHAVEOPT.to_be_bytes().to_vec();
     b.extend_from_slice(&opt.to_be_bytes());
-    b.extend_from_slice(&len.to_be_bytes());
-    b
-}
-
-fn header(ty: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut b = Vec::with_capacity(28);
-    b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    b.extend_from_slice(&0u16.to_be_bytes());
-    b.extend_from_slice(&ty.to_be_bytes());
-    b.extend_from_slice(&cookie.to_be_bytes());
-    b.extend_from_slice(&offset.to_be_bytes());
     b.extend_from_slice(&len.to_be_bytes());
     b
 }
@@ -228,7 +215,7 @@ fn bad_magic_and_truncation(transport: Transport) {
 
     // Wrong request magic.
     let mut c = Conn::ready(&srv);
-    let mut h = header(CMD_WRITE, 1, TARGET, 4096);
+    let mut h = header(CMD_WRITE, 1, TARGET, 4096).to_vec();
     h[0] ^= 0xff;
     h.extend_from_slice(&[0xee; 4096]);
     c.send(&h);
@@ -792,28 +779,21 @@ fn slow_reader_at_sigterm(transport: Transport, pause: bool) {
 /// Sends all of `buf` (a request header) without blocking: Ok(false), with nothing sent, if
 /// the socket has no room for it now.
 fn send_now(s: &dyn common::RawStream, buf: &[u8]) -> std::io::Result<bool> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{MsgFlags, send};
     let mut sent = 0;
     while sent < buf.len() {
-        // SAFETY: send reads at most buf.len() - sent bytes from buf[sent..].
-        let n = unsafe {
-            libc::send(
-                s.as_raw_fd(),
-                buf[sent..].as_ptr().cast(),
-                buf.len() - sent,
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n >= 0 {
-            sent += n as usize;
-            continue;
-        }
-        let e = std::io::Error::last_os_error();
-        match e.kind() {
-            std::io::ErrorKind::Interrupted => {}
-            std::io::ErrorKind::WouldBlock if sent == 0 => return Ok(false),
+        match send(
+            s.as_raw_fd(),
+            &buf[sent..],
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        ) {
+            Ok(n) => sent += n,
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) if sent == 0 => return Ok(false),
             // Part of the header went: the rest has to follow.
-            std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_micros(100)),
-            _ => return Err(e),
+            Err(Errno::EAGAIN) => std::thread::sleep(Duration::from_micros(100)),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(true)

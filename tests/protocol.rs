@@ -6,14 +6,12 @@
 #[macro_use]
 mod common;
 
-use common::{MIB, Server, ServerConfig, Transport};
+use common::{MIB, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, Server, ServerConfig, Transport};
 use std::io::{Read, Write};
 
 const NBDMAGIC: &[u8; 8] = b"NBDMAGIC";
 const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
 const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 const FLAG_FIXED_NEWSTYLE: u16 = 1;
 const FLAG_NO_ZEROES: u16 = 2;
 const OPT_ABORT: u32 = 2;

@@ -27,7 +27,9 @@
 #[allow(unused_macros)]
 mod common;
 
-use common::{Endpoint, MIB, Server, ServerConfig, Transport};
+use common::{
+    Endpoint, MIB, SIMPLE_REPLY_MAGIC, Server, ServerConfig, Transport, request_header as header,
+};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -41,8 +43,6 @@ const BLOCK: usize = 4096;
 /// Every cell of a written block: block number, version, cell index, check word.
 const CELL: usize = 32;
 const EXPORT: u64 = 96 * MIB;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -221,16 +221,6 @@ fn connect(ep: &Endpoint) -> std::io::Result<(Box<dyn Io>, u64)> {
         }
     }
     Ok((s, size))
-}
-
-fn header(ty: u16, cookie: u64, offset: u64, len: u32) -> [u8; 28] {
-    let mut h = [0u8; 28];
-    h[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    h[6..8].copy_from_slice(&ty.to_be_bytes());
-    h[8..16].copy_from_slice(&cookie.to_be_bytes());
-    h[16..24].copy_from_slice(&offset.to_be_bytes());
-    h[24..28].copy_from_slice(&len.to_be_bytes());
-    h
 }
 
 struct Client {

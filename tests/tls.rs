@@ -7,7 +7,10 @@
 #[macro_use]
 mod common;
 
-use common::{Captured, MIB, Server, ServerConfig, Transport, run_with_timeout};
+use common::{
+    Captured, MIB, SIMPLE_REPLY_MAGIC, Server, ServerConfig, Transport, request_header,
+    run_with_timeout,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
@@ -500,15 +503,8 @@ fn sigterm_over_tls_with_a_slow_reader_gets_every_reply() {
     let pki = Pki::new();
     let srv = tls_server(&pki, "require", false);
     let mut tls = tls_transmission(&srv, &pki.server.join("ca-cert.pem"));
-    let request = |i: u64| {
-        let mut h = 0x2560_9513u32.to_be_bytes().to_vec();
-        h.extend_from_slice(&0u16.to_be_bytes()); // flags
-        h.extend_from_slice(&0u16.to_be_bytes()); // NBD_CMD_READ
-        h.extend_from_slice(&i.to_be_bytes()); // cookie
-        h.extend_from_slice(&((i * 65536) % EXPORT).to_be_bytes());
-        h.extend_from_slice(&65536u32.to_be_bytes());
-        h
-    };
+    // NBD_CMD_READ (0) of 64 KiB.
+    let request = |i: u64| request_header(0, i, (i * 65536) % EXPORT, 65536);
     // Far more in replies than the server buffers (--inflight-memory, 128M by default).
     let mut sent = 0u64;
     for _ in 0..4096 {
@@ -536,7 +532,7 @@ fn sigterm_over_tls_with_a_slow_reader_gets_every_reply() {
         if let Err(e) = tls.read_exact(&mut h[1..]) {
             panic!("a torn reply header after {replies} replies: {e}");
         }
-        assert_eq!(&h[..4], &0x6744_6698u32.to_be_bytes(), "reply magic");
+        assert_eq!(&h[..4], &SIMPLE_REPLY_MAGIC.to_be_bytes(), "reply magic");
         assert_eq!(&h[4..8], &[0; 4], "error in reply {replies}");
         if let Err(e) = tls.read_exact(&mut data) {
             panic!("a torn read reply after {replies} replies: {e}");

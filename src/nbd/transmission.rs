@@ -534,14 +534,7 @@ impl Sink for tokio::net::unix::OwnedWriteHalf {
         // side is shut (`end_stream`), so once empty the queue stays empty.
         let fd = AsRef::<tokio::net::UnixStream>::as_ref(self).as_raw_fd();
         let mut buf = [0u8; 16 << 10];
-        loop {
-            // SAFETY: recv writes at most buf.len() bytes into buf.
-            let n =
-                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-            if n <= 0 {
-                break;
-            }
-        }
+        while let Ok(1..) = recv(fd, &mut buf, MsgFlags::MSG_DONTWAIT) {}
     }
 }
 

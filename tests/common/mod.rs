@@ -27,6 +27,22 @@ use std::time::{Duration, Instant};
 /// One mebibyte.
 pub const MIB: u64 = 1 << 20;
 
+/// NBD request magic (proto.md, "Request message").
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// NBD simple reply magic.
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+/// A compact (not extended) NBD request header without flags, for raw-socket clients.
+pub fn request_header(ty: u16, cookie: u64, offset: u64, len: u32) -> [u8; 28] {
+    let mut h = [0u8; 28];
+    h[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    h[6..8].copy_from_slice(&ty.to_be_bytes());
+    h[8..16].copy_from_slice(&cookie.to_be_bytes());
+    h[16..24].copy_from_slice(&offset.to_be_bytes());
+    h[24..28].copy_from_slice(&len.to_be_bytes());
+    h
+}
+
 /// How long any one client command may run before the test fails as hung: 180 s, or
 /// `VRAMDISK_TEST_TIMEOUT` seconds.
 pub fn client_timeout() -> Duration {
