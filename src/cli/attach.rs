@@ -275,12 +275,12 @@ fn serve_attached(
     let (backend, backend_why) = device_args.resolve_backend();
     info!("backend: {backend_why}");
     info!("attach method: {why}");
-    let built = device_args
+    let named = device_args
         .build(backend)?
         .into_iter()
         .next()
-        .context("no device was built")?
-        .device;
+        .context("no device was built")?;
+    let (built, tiers) = (named.device, named.tiers);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -297,6 +297,7 @@ fn serve_attached(
         vec![crate::ops::ManagedDevice {
             name: String::new(),
             device: built,
+            tiers,
             backend: format!("{backend:?}").to_lowercase(),
             plan: Default::default(),
             read_only_view: false,

@@ -407,6 +407,7 @@ pub fn build_devices(
             out.push(crate::ops::ManagedDevice {
                 name: d.name,
                 device: d.device,
+                tiers: d.tiers,
                 backend: format!("{backend:?}").to_lowercase(),
                 plan: plan.clone(),
                 read_only_view,

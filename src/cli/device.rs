@@ -2,7 +2,9 @@
 //! and the code that turns them into a [`BlockDevice`].
 
 use super::size::{format_size, parse_size};
+use crate::engine::fake_gpu::FakeGpuBackend;
 use crate::engine::host::HostBackend;
+use crate::engine::tier::{SpillFile, SpillRam, SpillStore, TierControl, control::Tiering};
 use crate::engine::{BlockDevice, SparseDevice, SparseOptions};
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
@@ -17,6 +19,9 @@ pub enum BackendKind {
     Cuda,
     /// Host RAM.
     Host,
+    /// Host RAM posing as a GPU shared with other programs (tests of the tier logic).
+    #[value(hide = true)]
+    FakeGpu,
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -84,6 +89,29 @@ pub struct DeviceArgs {
     #[arg(long, value_name = "SIZE", value_parser = size_arg)]
     pub keep_free: Option<u64>,
 
+    /// Host RAM that chunks move to when the GPU's other programs need its memory (see
+    /// `vramdisk yield`); pinned in the background at start so moves run at PCIe speed.
+    /// Default: an eighth of the machine's RAM, at most the devices' size; 0 turns it off.
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    pub spill_memory: Option<u64>,
+
+    /// A file for chunks that spill RAM cannot hold, preallocated at start and used with
+    /// O_DIRECT.
+    #[arg(long, value_name = "PATH")]
+    pub spill_file: Option<std::path::PathBuf>,
+
+    /// Size of --spill-file (default: the devices' size).
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, requires = "spill_file")]
+    pub spill_file_size: Option<u64>,
+
+    /// Total memory of the pretend GPU of `--backend fake-gpu` (tests).
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, hide = true)]
+    pub fake_gpu_memory: Option<u64>,
+
+    /// File holding the bytes "other programs" use on the pretend GPU (tests).
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub fake_gpu_others: Option<std::path::PathBuf>,
+
     /// Most memory used for I/O buffers in flight, all exports together.
     #[arg(long, value_name = "SIZE", value_parser = size_arg, default_value = "1G")]
     pub buffer_memory: u64,
@@ -95,6 +123,8 @@ pub struct NamedDevice {
     pub name: String,
     /// The device.
     pub device: Arc<dyn BlockDevice>,
+    /// Its tier logic (watermark, yield), where it can spill.
+    pub tiers: Option<Arc<dyn TierControl>>,
 }
 
 impl DeviceArgs {
@@ -151,11 +181,37 @@ impl DeviceArgs {
         Ok(opts)
     }
 
+    /// The spill tiers these arguments ask for, for devices of `total` bytes in all.
+    fn spill_store(&self, total: u64) -> Result<SpillStore> {
+        let ram_bytes = match self.spill_memory {
+            Some(m) => m,
+            None => {
+                let phys = nix::unistd::sysconf(nix::unistd::SysconfVar::_PHYS_PAGES)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0) as u64
+                    * 4096;
+                (phys / 8).min(total)
+            }
+        };
+        let chunk = self.chunk_size as usize;
+        let ram = (ram_bytes >= chunk as u64).then(|| SpillRam::new(chunk, ram_bytes));
+        let file = match &self.spill_file {
+            Some(path) => Some(
+                SpillFile::create(path, self.spill_file_size.unwrap_or(total), chunk)
+                    .map_err(|e| anyhow::anyhow!(e))?,
+            ),
+            None => None,
+        };
+        Ok(SpillStore { ram, file })
+    }
+
     /// Which backend to use, resolving `auto`; the reason is logged by the caller.
     pub fn resolve_backend(&self) -> (BackendKind, String) {
         match self.backend {
             BackendKind::Host => (BackendKind::Host, "host RAM (--backend host)".into()),
             BackendKind::Cuda => (BackendKind::Cuda, "CUDA (--backend cuda)".into()),
+            BackendKind::FakeGpu => (BackendKind::FakeGpu, "a pretend GPU in host RAM".into()),
             BackendKind::Auto => match crate::engine::cuda::probe() {
                 Ok(gpus) if !gpus.is_empty() => (
                     BackendKind::Cuda,
@@ -187,8 +243,16 @@ impl DeviceArgs {
         budget: Option<crate::engine::BufferBudget>,
     ) -> Result<Vec<NamedDevice>> {
         let specs = self.export_specs()?;
-        if backend == BackendKind::Host && (!self.gpu.is_empty() || self.keep_free.is_some()) {
-            bail!("--gpu and --keep-free apply to GPU memory: drop them or use --backend cuda");
+        if backend == BackendKind::Host
+            && (!self.gpu.is_empty()
+                || self.keep_free.is_some()
+                || self.spill_memory.is_some_and(|m| m > 0)
+                || self.spill_file.is_some())
+        {
+            bail!(
+                "--gpu, --keep-free, --spill-memory and --spill-file apply to GPU memory: drop \
+                 them or use --backend cuda"
+            );
         }
         if backend == BackendKind::Cuda {
             // Driver and GPU problems are one sentence, not one per export.
@@ -201,23 +265,62 @@ impl DeviceArgs {
                 usize::try_from(self.buffer_memory).unwrap_or(usize::MAX),
             )
         });
+        let spill = match backend {
+            BackendKind::Host => SpillStore::default(),
+            _ => self.spill_store(specs.iter().map(|s| s.size).sum())?,
+        };
         for spec in specs {
             let mut opts = self.options(spec.size)?;
             opts.buffer_budget = Some(budget.clone());
-            let device: Arc<dyn BlockDevice> = match backend {
-                BackendKind::Host => Arc::new(
-                    SparseDevice::new(HostBackend::new(), opts)
-                        .with_context(|| format!("creating export '{}'", spec.name))?,
-                ),
-                BackendKind::Cuda | BackendKind::Auto => {
-                    crate::engine::cuda::open_device(&self.gpu, self.keep_free, opts)
-                        .with_context(|| format!("creating export '{}'", spec.name))?
-                }
-            };
+            let ctx = || format!("creating export '{}'", spec.name);
+            let (device, tiers): (Arc<dyn BlockDevice>, Option<Arc<dyn TierControl>>) =
+                match backend {
+                    BackendKind::Host => (
+                        Arc::new(SparseDevice::new(HostBackend::new(), opts).with_context(ctx)?),
+                        None,
+                    ),
+                    BackendKind::FakeGpu => {
+                        let total = self
+                            .fake_gpu_memory
+                            .context("--backend fake-gpu needs --fake-gpu-memory SIZE")?;
+                        let fake = FakeGpuBackend::new(
+                            total,
+                            self.keep_free.unwrap_or(0),
+                            self.fake_gpu_others.clone(),
+                        );
+                        let dev = Arc::new(
+                            SparseDevice::with_spill(fake, opts, spill.clone())
+                                .with_context(ctx)?,
+                        );
+                        (dev.clone(), Some(Tiering::start(dev)))
+                    }
+                    BackendKind::Cuda | BackendKind::Auto => {
+                        let copts = crate::engine::cuda::CudaOptions {
+                            gpus: self.gpu.clone(),
+                            keep_free: self.keep_free,
+                            ..Default::default()
+                        };
+                        let dev = crate::engine::cuda::open_with_spill(&copts, opts, spill.clone())
+                            .with_context(ctx)?;
+                        let tiers: Option<Arc<dyn TierControl>> =
+                            (!spill.is_empty()).then(|| Tiering::start(dev.clone()) as _);
+                        (dev, tiers)
+                    }
+                };
             devices.push(NamedDevice {
                 name: spec.name,
                 device,
+                tiers,
             });
+        }
+        if let Some(ram) = &spill.ram {
+            if self.preallocate {
+                // Swap: every byte of the spill path is taken before the device exists.
+                ram.reserve_all()
+                    .map_err(|e| anyhow::anyhow!("--spill-memory: cannot pin it all: {e}"))?;
+            } else {
+                ram.reserve_in_background();
+            }
         }
         Ok(devices)
     }

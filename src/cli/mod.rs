@@ -52,6 +52,10 @@ enum Command {
     Status(ops::StatusArgs),
     /// Save an export of a running daemon to a file (restore it with `serve --load FILE`).
     Save(ops::SaveArgs),
+    /// Give GPU memory back to other programs: move the device's chunks to spill RAM (or the
+    /// spill file) until SIZE is free, and hold it until `vramdisk yield --release`.
+    #[command(after_help = ops::YIELD_EXAMPLES)]
+    Yield(ops::YieldArgs),
     /// Print a shell completion script: vramdisk completions bash > /etc/bash_completion.d/vramdisk
     Completions {
         /// The shell.
@@ -86,6 +90,7 @@ pub fn main() -> ExitCode {
         ),
         Command::Status(args) => ops::status(args),
         Command::Save(args) => ops::save(args),
+        Command::Yield(args) => ops::yield_memory(args),
         Command::Completions { shell } => ops::completions(shell),
         Command::Manpage { dir } => ops::manpage(dir),
         Command::Devices(args) => devices::run(args),

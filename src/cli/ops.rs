@@ -41,6 +41,120 @@ pub struct SaveArgs {
     control_socket: Option<PathBuf>,
 }
 
+/// Examples under `vramdisk yield --help`.
+pub const YIELD_EXAMPLES: &str = "Examples:
+  vramdisk yield 100G            # before a job: 100 GiB free on every GPU of the device
+  vramdisk yield 40G --gpu 1     # only the device's second GPU
+  vramdisk yield --release       # after the job: chunks come back at their own pace";
+
+/// Arguments of `vramdisk yield`.
+#[derive(Args, Debug)]
+pub struct YieldArgs {
+    /// Free GPU memory to wait for, e.g. 100G.
+    #[arg(value_name = "SIZE", value_parser = super::size::parse_size,
+          required_unless_present = "release")]
+    size: Option<u64>,
+
+    /// Let the device take memory back instead (at its own pace, in the background).
+    #[arg(long, conflicts_with = "size")]
+    release: bool,
+
+    /// Which export (default: the daemon's default or only one).
+    #[arg(long, value_name = "NAME")]
+    export: Option<String>,
+
+    /// Only these GPUs, by position in the device's --gpu list (default: all of them).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    gpu: Vec<usize>,
+
+    /// The daemon to ask, by pid (needed when several run).
+    #[arg(long)]
+    pid: Option<u32>,
+
+    /// The daemon to ask, by control socket path.
+    #[arg(long, value_name = "PATH", conflicts_with = "pid")]
+    control_socket: Option<PathBuf>,
+}
+
+/// Runs `vramdisk yield`.
+pub fn yield_memory(args: YieldArgs) -> Result<()> {
+    let target = one_daemon(&args.control_socket, args.pid)?;
+    let mut req = match args.size {
+        Some(bytes) if !args.release => json!({"cmd": "yield", "bytes": bytes}),
+        _ => json!({"cmd": "release"}),
+    };
+    if let Some(e) = &args.export {
+        req["export"] = json!(e);
+    }
+    if !args.gpu.is_empty() {
+        req["gpu"] = json!(args.gpu);
+    }
+    if args.release {
+        control::request(&target, &req, Some(Duration::from_secs(10)))?;
+        eprintln!("released: the device takes memory back as it becomes free");
+        return Ok(());
+    }
+    use std::io::IsTerminal;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "yielding [{bar:30}] {msg} moved {bytes} at {bytes_per_sec}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar
+    });
+    req["progress"] = json!(bar.is_some());
+    let reply = control::request_with_progress(&target, &req, None, |moved, free| {
+        if let Some(bar) = &bar {
+            bar.set_length(args.size.unwrap_or(0));
+            bar.set_position(moved);
+            bar.set_message(format!("{} free", format_size(free)));
+        }
+    });
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let reply = reply?;
+    let y = &reply["yielded"];
+    let free: Vec<String> = y["free"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|f| format_size(f.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    eprintln!(
+        "moved {} ({} chunks) off the GPU in {:.2} s; free now: {}; held until `vramdisk yield --release`",
+        format_size(y["moved"].as_u64().unwrap_or(0)),
+        y["chunks"],
+        y["seconds"].as_f64().unwrap_or(0.0),
+        free.join(", ")
+    );
+    Ok(())
+}
+
+/// The one daemon a command talks to: by pid, by socket, or the only one running.
+fn one_daemon(socket: &Option<PathBuf>, pid: Option<u32>) -> Result<PathBuf> {
+    let candidates = daemons(socket);
+    Ok(match (pid, candidates.as_slice()) {
+        (Some(pid), c) => c
+            .iter()
+            .find(|(p, _)| *p == Some(pid))
+            .map(|(_, s)| s.clone())
+            .with_context(|| format!("no vramdisk daemon with pid {pid} is running"))?,
+        (None, [(_, s)]) => s.clone(),
+        (None, []) => bail!(
+            "no vramdisk daemon is running (looked in {})",
+            control::runtime_dir().display()
+        ),
+        (None, _) => {
+            bail!("several vramdisk daemons are running: pick one with --pid (see vramdisk status)")
+        }
+    })
+}
+
 fn daemons(only: &Option<PathBuf>) -> Vec<(Option<u32>, PathBuf)> {
     match only {
         Some(p) => vec![(None, p.clone())],
@@ -94,8 +208,8 @@ fn cell_name(e: &ExportStatus) -> String {
 /// The status table: one line per export, like `zramctl`.
 pub fn table(all: &[DaemonStatus]) -> String {
     let header = [
-        "PID", "NAME", "BACKEND", "DEVICE", "SIZE", "USED", "LIMIT", "ATTACH", "CONN", "READ",
-        "RD-OPS", "WRITTEN", "WR-OPS", "ERRORS", "LISTEN",
+        "PID", "NAME", "BACKEND", "DEVICE", "SIZE", "USED", "SPILLED", "LIMIT", "ATTACH", "CONN",
+        "READ", "RD-OPS", "WRITTEN", "WR-OPS", "ERRORS", "LISTEN",
     ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for d in all {
@@ -107,6 +221,7 @@ pub fn table(all: &[DaemonStatus]) -> String {
                 e.device.clone(),
                 format_size(e.size),
                 format_size(e.allocated),
+                format_size(e.spilled_ram + e.spilled_file),
                 e.max_memory.map(format_size).unwrap_or_else(|| "-".into()),
                 e.attach.clone().unwrap_or_else(|| "-".into()),
                 e.connections.to_string(),
@@ -139,22 +254,7 @@ pub fn table(all: &[DaemonStatus]) -> String {
 pub fn save(args: SaveArgs) -> Result<()> {
     let path = std::path::absolute(&args.file)
         .with_context(|| format!("{} is not a usable path", args.file.display()))?;
-    let candidates = daemons(&args.control_socket);
-    let target = match (args.pid, candidates.as_slice()) {
-        (Some(pid), c) => c
-            .iter()
-            .find(|(p, _)| *p == Some(pid))
-            .map(|(_, s)| s.clone())
-            .with_context(|| format!("no vramdisk daemon with pid {pid} is running"))?,
-        (None, [(_, s)]) => s.clone(),
-        (None, []) => bail!(
-            "no vramdisk daemon is running (looked in {})",
-            control::runtime_dir().display()
-        ),
-        (None, _) => {
-            bail!("several vramdisk daemons are running: pick one with --pid (see vramdisk status)")
-        }
-    };
+    let target = one_daemon(&args.control_socket, args.pid)?;
     use std::io::IsTerminal;
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(0);

@@ -54,6 +54,29 @@ pub trait Backend: Send + Sync + 'static {
     /// Sets `len` bytes of `chunk` at `offset` to zero.
     async fn zero(&self, chunk: &Self::Chunk, offset: usize, len: usize) -> IoResult<()>;
 
+    /// How many separate memories the chunks are spread over (GPUs); chunk `i` lives in
+    /// memory `i % memories()`.
+    fn memories(&self) -> usize {
+        1
+    }
+
+    /// Free and total bytes of memory `position` as every program on the machine sees them,
+    /// where other programs share that memory (a GPU): what the tier monitor watches.
+    /// `None` for memory nobody else competes for in a way we can see (host RAM).
+    fn shared_memory(&self, _position: usize) -> Option<IoResult<(u64, u64)>> {
+        None
+    }
+
+    /// Bytes of memory `position` to leave free for other programs (`--keep-free`).
+    fn keep_free(&self, _position: usize) -> u64 {
+        0
+    }
+
+    /// Memory `position` named for messages: "GPU 0 (NVIDIA H200)".
+    fn memory_name(&self, _position: usize) -> String {
+        self.describe()
+    }
+
     /// Waits until every completed write is as durable as this medium allows.
     async fn flush(&self) -> IoResult<()> {
         Ok(())

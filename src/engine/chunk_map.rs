@@ -5,7 +5,12 @@
 //! disjoint ranges of one chunk, never wait for each other. Freeing a chunk swaps its slot to
 //! empty; the memory goes back to the backend when the last in-flight request that still
 //! holds the chunk finishes, so a TRIM can never free memory under a running copy.
+//!
+//! A chunk also lives in one tier (GPU, spill RAM, spill file). Moving it between tiers
+//! builds a new [`Allocated`] in the new home and swaps the slot from the old one to it
+//! ([`ChunkMap::replace`]); [`ChunkState`] keeps writes off a chunk while it is copied.
 
+use super::tier::{ChunkState, TIERS, Tier};
 use super::{Extent, IoError, IoResult};
 use arc_swap::ArcSwapOption;
 use std::sync::Arc;
@@ -17,19 +22,45 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub(crate) struct Usage {
     pub(crate) allocated: AtomicU64,
     pub(crate) chunks: AtomicU64,
+    /// Bytes and chunks per [`Tier`], indexed by `Tier as usize`.
+    pub(crate) tier_bytes: [AtomicU64; TIERS],
+    pub(crate) tier_chunks: [AtomicU64; TIERS],
 }
 
-/// One allocated chunk: the backend's memory plus the accounting that frees it.
+/// One allocated chunk: its memory in one tier, the accounting that frees it, and the
+/// state that lets it move between tiers without losing a write.
 pub struct Allocated<C> {
     mem: C,
     len: u64,
+    tier: Tier,
+    state: ChunkState,
     usage: Arc<Usage>,
 }
 
 impl<C> Allocated<C> {
-    /// The backend memory of this chunk.
+    /// The memory of this chunk.
     pub fn mem(&self) -> &C {
         &self.mem
+    }
+
+    /// Which tier the memory is in.
+    pub fn tier(&self) -> Tier {
+        self.tier
+    }
+
+    /// Pins, coldness and move state of this chunk.
+    pub fn state(&self) -> &ChunkState {
+        &self.state
+    }
+
+    /// Logical length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True for an empty chunk (never: chunks have at least one byte).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
@@ -37,6 +68,9 @@ impl<C> Drop for Allocated<C> {
     fn drop(&mut self) {
         self.usage.allocated.fetch_sub(self.len, Ordering::Relaxed);
         self.usage.chunks.fetch_sub(1, Ordering::Relaxed);
+        let t = self.tier as usize;
+        self.usage.tier_bytes[t].fetch_sub(self.len, Ordering::Relaxed);
+        self.usage.tier_chunks[t].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -107,6 +141,15 @@ impl<C> ChunkMap<C> {
         self.usage.chunks.load(Ordering::Relaxed)
     }
 
+    /// Bytes and chunks in `tier` now.
+    pub fn in_tier(&self, tier: Tier) -> (u64, u64) {
+        let t = tier as usize;
+        (
+            self.usage.tier_bytes[t].load(Ordering::Relaxed),
+            self.usage.tier_chunks[t].load(Ordering::Relaxed),
+        )
+    }
+
     /// The memory cap, if any.
     pub fn max_memory(&self) -> Option<u64> {
         self.max_memory
@@ -153,7 +196,7 @@ impl<C> ChunkMap<C> {
     pub fn get_or_alloc(
         &self,
         index: u64,
-        alloc: impl FnOnce(u64, usize) -> IoResult<C>,
+        alloc: impl FnOnce(u64, usize) -> IoResult<(C, Tier)>,
     ) -> IoResult<Arc<Allocated<C>>> {
         let slot = &self.slots[index as usize];
         if let Some(chunk) = slot.load_full() {
@@ -170,24 +213,44 @@ impl<C> ChunkMap<C> {
                  --max-memory are in use"
             )));
         }
-        let mem = match alloc(index, len as usize) {
+        let (mem, tier) = match alloc(index, len as usize) {
             Ok(mem) => mem,
             Err(e) => {
                 self.usage.allocated.fetch_sub(len, Ordering::Relaxed);
                 return Err(e);
             }
         };
-        self.usage.chunks.fetch_add(1, Ordering::Relaxed);
-        let fresh = Arc::new(Allocated {
-            mem,
-            len,
-            usage: self.usage.clone(),
-        });
+        let fresh = self.charged(mem, len, tier);
         let prev = slot.compare_and_swap(&None::<Arc<Allocated<C>>>, Some(fresh.clone()));
         match &*prev {
             None => Ok(fresh),
             Some(winner) => Ok(winner.clone()),
         }
+    }
+
+    /// Wraps memory already charged to `allocated` in an [`Allocated`] that uncharges it.
+    fn charged(&self, mem: C, len: u64, tier: Tier) -> Arc<Allocated<C>> {
+        self.usage.chunks.fetch_add(1, Ordering::Relaxed);
+        self.usage.tier_bytes[tier as usize].fetch_add(len, Ordering::Relaxed);
+        self.usage.tier_chunks[tier as usize].fetch_add(1, Ordering::Relaxed);
+        Arc::new(Allocated {
+            mem,
+            len,
+            tier,
+            state: ChunkState::default(),
+            usage: self.usage.clone(),
+        })
+    }
+
+    /// Puts `mem` (in `tier`, holding a copy of `old`'s bytes) in slot `index` in place of
+    /// `old`, if the slot still holds `old`; otherwise (trimmed or replaced meanwhile)
+    /// drops `mem` and returns false. Not charged against the cap: a move takes the new
+    /// home before it lets go of the old one, and the total stays what it was.
+    pub fn replace(&self, index: u64, old: &Arc<Allocated<C>>, mem: C, tier: Tier) -> bool {
+        self.usage.allocated.fetch_add(old.len, Ordering::Relaxed);
+        let fresh = self.charged(mem, old.len, tier);
+        let prev = self.slots[index as usize].compare_and_swap(old, Some(fresh));
+        matches!(&*prev, Some(p) if Arc::ptr_eq(p, old))
     }
 
     /// Empties slot `index`. The memory is freed once no request holds the chunk.
@@ -258,7 +321,7 @@ mod tests {
     #[test]
     fn cap_refuses_and_free_returns_memory() {
         let map: ChunkMap<Vec<u8>> = ChunkMap::new(4 * 4096, 4096, Some(2 * 4096));
-        let alloc = |_, len| Ok(vec![0u8; len]);
+        let alloc = |_, len| Ok((vec![0u8; len], Tier::Primary));
         let a = map.get_or_alloc(0, alloc).unwrap();
         map.get_or_alloc(1, alloc).unwrap();
         assert_eq!(map.allocated(), 8192);

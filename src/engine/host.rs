@@ -88,7 +88,7 @@ const STREAM_MIN: usize = 64 << 10;
 ///
 /// # Safety
 /// `dst` must be valid for `src.len()` bytes of writes and must not overlap `src`.
-unsafe fn copy_into_chunk(dst: *mut u8, src: &[u8]) {
+pub(crate) unsafe fn copy_into_chunk(dst: *mut u8, src: &[u8]) {
     #[cfg(target_arch = "x86_64")]
     if src.len() >= STREAM_MIN {
         // SAFETY: as this function's.

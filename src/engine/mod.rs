@@ -16,10 +16,12 @@ mod backend;
 mod buffer;
 mod chunk_map;
 mod error;
+pub mod fake_gpu;
 pub mod host;
 pub mod metered;
 pub mod persist;
 mod sparse;
+pub mod tier;
 mod view;
 
 pub mod cuda;
@@ -100,6 +102,11 @@ pub struct DeviceStats {
     pub max_memory: Option<u64>,
     /// Number of chunks currently allocated.
     pub chunks: u64,
+    /// Bytes of `allocated` moved out to spill RAM (the rest is in the backend's memory,
+    /// or in the spill file).
+    pub spilled_ram: u64,
+    /// Bytes of `allocated` in the spill file.
+    pub spilled_file: u64,
 }
 
 /// A block device as every frontend sees it: a fixed size, capabilities, and byte-range

@@ -1,6 +1,7 @@
 //! [`SparseDevice`]: a [`BlockDevice`] made of a [`ChunkMap`] over any [`Backend`].
 
 use super::chunk_map::{Allocated, Segment};
+use super::tier::{Home, SpillStore, Tier};
 use super::{
     Backend, BlockDevice, BufferBudget, BufferPool, Capabilities, ChunkMap, DeviceStats, Extent,
     IoError, IoResult, View, ZeroFlags, check_range,
@@ -8,6 +9,10 @@ use super::{
 use async_trait::async_trait;
 use futures::future::try_join_all;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// One slot's chunk: its home in some tier, with its accounting and move state.
+pub(crate) type Slot<C> = Allocated<Home<C>>;
 
 /// How a [`SparseDevice`] is laid out and limited.
 #[derive(Clone, Debug)]
@@ -51,27 +56,50 @@ impl SparseOptions {
 
 /// A block device whose memory is taken chunk by chunk from a backend on first write and
 /// given back when a TRIM or write-zeroes covers a whole chunk.
+///
+/// With a spill tier, chunks the backend has no room for (or that were moved out to give a
+/// GPU's memory back, see [`super::tier`]) live in spill RAM or a spill file instead.
 pub struct SparseDevice<B: Backend> {
-    backend: B,
-    map: ChunkMap<B::Chunk>,
+    pub(crate) backend: B,
+    pub(crate) map: ChunkMap<Home<B::Chunk>>,
     opts: SparseOptions,
-    buffers: BufferPool,
+    pub(crate) buffers: BufferPool,
+    pub(crate) spill: SpillStore,
+    /// Per backend memory: set while a yield holds it, so new chunks go to the spill tier.
+    holds: Box<[AtomicBool]>,
+    /// Woken whenever a move ends, for writes that found their chunk moving.
+    pub(crate) moved: tokio::sync::Notify,
 }
 
 impl<B: Backend> SparseDevice<B> {
     /// Builds the device; with `preallocate`, takes all its memory now and fails if it can't.
     pub fn new(backend: B, opts: SparseOptions) -> IoResult<Self> {
+        Self::with_spill(backend, opts, SpillStore::default())
+    }
+
+    /// Like [`SparseDevice::new`], with chunks spilling to `spill` when the backend has no
+    /// room; the spill RAM is pinned by this backend's allocator if nobody pinned it yet.
+    pub fn with_spill(backend: B, opts: SparseOptions, spill: SpillStore) -> IoResult<Self> {
         let budget = opts
             .buffer_budget
             .clone()
             .unwrap_or_else(|| BufferBudget::new(opts.buffer_limit));
         let buffers = BufferPool::with_budget(backend.host_allocator(), budget);
         let map = ChunkMap::new(opts.size, opts.chunk_size, opts.max_memory);
+        if let Some(ram) = &spill.ram {
+            ram.bind_allocator(backend.host_allocator());
+        }
+        let holds = (0..backend.memories())
+            .map(|_| AtomicBool::new(false))
+            .collect();
         let dev = SparseDevice {
             backend,
             map,
             opts,
             buffers,
+            spill,
+            holds,
+            moved: tokio::sync::Notify::new(),
         };
         if dev.opts.preallocate {
             for index in 0..dev.map.len() {
@@ -87,13 +115,83 @@ impl<B: Backend> SparseDevice<B> {
     }
 
     /// The chunk map (for tests and stats).
-    pub fn map(&self) -> &ChunkMap<B::Chunk> {
+    pub fn map(&self) -> &ChunkMap<Home<B::Chunk>> {
         &self.map
     }
 
-    fn chunk_for_write(&self, index: u64) -> IoResult<Arc<Allocated<B::Chunk>>> {
+    /// The spill tiers of this device (empty without spilling).
+    pub fn spill(&self) -> &SpillStore {
+        &self.spill
+    }
+
+    /// The backend memory chunk `index` lives in when it is in the primary tier.
+    pub fn position(&self, index: u64) -> usize {
+        (index % self.holds.len().max(1) as u64) as usize
+    }
+
+    /// Holds (or lets go of) backend memory `position`: while held, new chunks of it go to
+    /// the spill tier and none come back.
+    pub fn set_hold(&self, position: usize, held: bool) {
+        if let Some(h) = self.holds.get(position) {
+            h.store(held, Ordering::Relaxed);
+        }
+    }
+
+    /// True while a yield holds backend memory `position`.
+    pub fn held(&self, position: usize) -> bool {
+        self.holds
+            .get(position)
+            .is_some_and(|h| h.load(Ordering::Relaxed))
+    }
+
+    fn chunk_for_write(&self, index: u64) -> IoResult<Arc<Slot<B::Chunk>>> {
         self.map
-            .get_or_alloc(index, |i, len| self.backend.alloc_chunk(i, len))
+            .get_or_alloc(index, |i, len| self.alloc_home(i, len))
+    }
+
+    /// Memory for a new chunk: the backend's unless it is held or full, else the spill tier.
+    fn alloc_home(&self, index: u64, len: usize) -> IoResult<(Home<B::Chunk>, Tier)> {
+        let pos = self.position(index);
+        if !self.held(pos) || self.spill.is_empty() {
+            match self.backend.alloc_chunk(index, len) {
+                Ok(c) => return Ok((Home::Primary(c), Tier::Primary)),
+                Err(IoError::NoSpace(_)) if !self.spill.is_empty() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(ram) = &self.spill.ram
+            && let Some(c) = ram.alloc()?
+        {
+            let dst = c.range(0, len)?;
+            // SAFETY: the slot is ours alone until it is in the map; len is checked.
+            unsafe { std::ptr::write_bytes(dst, 0, len) };
+            return Ok((Home::Ram(c), Tier::Ram));
+        }
+        if let Some(file) = &self.spill.file
+            && let Some(c) = file.alloc()
+        {
+            c.zero(0, len)?;
+            return Ok((Home::File(c), Tier::File));
+        }
+        Err(IoError::NoSpace(format!(
+            "chunk {index}: {} has no room and the spill tier ({} bytes) is full",
+            self.backend.memory_name(pos),
+            self.spill.capacity()
+        )))
+    }
+
+    /// Waits until chunk `index` is no longer `chunk` in the middle of a move.
+    pub(crate) async fn wait_moved(&self, index: u64, chunk: &Arc<Slot<B::Chunk>>) {
+        loop {
+            let notified = self.moved.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let same = matches!(self.map.get(index), Some(c) if Arc::ptr_eq(&c, chunk));
+            if !same || !chunk.state().is_moving() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     fn check_writable(&self, offset: u64, len: u64) -> IoResult<()> {
@@ -109,15 +207,27 @@ impl<B: Backend> SparseDevice<B> {
                 buf.fill(0);
                 Ok(())
             }
-            Some(chunk) => self.backend.read(chunk.mem(), seg.chunk_offset, buf).await,
+            Some(chunk) => {
+                chunk.state().touch();
+                chunk.mem().read(&self.backend, seg.chunk_offset, buf).await
+            }
         }
     }
 
     async fn write_segment(&self, seg: Segment, data: &[u8]) -> IoResult<()> {
-        let chunk = self.chunk_for_write(seg.index)?;
-        self.backend
-            .write(chunk.mem(), seg.chunk_offset, data)
-            .await
+        loop {
+            let chunk = self.chunk_for_write(seg.index)?;
+            chunk.state().touch();
+            // A chunk on its way to another tier takes no writes: they go to its new home.
+            let Some(_pin) = chunk.state().pin_write() else {
+                self.wait_moved(seg.index, &chunk).await;
+                continue;
+            };
+            return chunk
+                .mem()
+                .write(&self.backend, seg.chunk_offset, data)
+                .await;
+        }
     }
 
     async fn zero_segment(&self, seg: Segment, may_trim: bool) -> IoResult<()> {
@@ -125,19 +235,26 @@ impl<B: Backend> SparseDevice<B> {
             self.map.free(seg.index);
             return Ok(());
         }
-        let chunk = if may_trim {
-            // A hole already reads as zeros; don't allocate just to zero.
-            match self.map.get(seg.index) {
-                Some(chunk) => chunk,
-                None => return Ok(()),
-            }
-        } else {
-            // NO_HOLE: the range must stay allocated, so that later writes cannot fail.
-            self.chunk_for_write(seg.index)?
-        };
-        self.backend
-            .zero(chunk.mem(), seg.chunk_offset, seg.len)
-            .await
+        loop {
+            let chunk = if may_trim {
+                // A hole already reads as zeros; don't allocate just to zero.
+                match self.map.get(seg.index) {
+                    Some(chunk) => chunk,
+                    None => return Ok(()),
+                }
+            } else {
+                // NO_HOLE: the range must stay allocated, so that later writes cannot fail.
+                self.chunk_for_write(seg.index)?
+            };
+            let Some(_pin) = chunk.state().pin_write() else {
+                self.wait_moved(seg.index, &chunk).await;
+                continue;
+            };
+            return chunk
+                .mem()
+                .zero(&self.backend, seg.chunk_offset, seg.len)
+                .await;
+        }
     }
 }
 
@@ -178,6 +295,8 @@ impl<B: Backend> BlockDevice for SparseDevice<B> {
             allocated: self.map.allocated(),
             max_memory: self.map.max_memory(),
             chunks: self.map.allocated_chunks(),
+            spilled_ram: self.map.in_tier(Tier::Ram).0,
+            spilled_file: self.map.in_tier(Tier::File).0,
         }
     }
 
@@ -263,9 +382,10 @@ impl<B: Backend> BlockDevice for SparseDevice<B> {
             match self.map.get(seg.index) {
                 None => view.push_zeros(seg.len),
                 Some(chunk) => {
-                    let ptr = self
-                        .backend
-                        .host_bytes(chunk.mem(), seg.chunk_offset, seg.len)?;
+                    chunk.state().touch();
+                    let ptr = chunk
+                        .mem()
+                        .host_bytes(&self.backend, seg.chunk_offset, seg.len)?;
                     // SAFETY: the backend vouches for `len` bytes at `ptr` inside the
                     // chunk, which the view holds.
                     unsafe { view.push_mem(chunk, ptr, seg.len) };

@@ -2,7 +2,10 @@
 //!
 //! Requests: `{"cmd":"status"}` and `{"cmd":"save","path":"/abs/file","export":"name"}`
 //! (`export` optional: the first export; `"progress":true` asks for
-//! `{"progress":DONE,"total":TOTAL}` lines before the reply). Every reply is one line,
+//! `{"progress":DONE,"total":TOTAL}` lines before the reply).
+//! `{"cmd":"yield","bytes":N}` moves chunks out of GPU memory until N bytes are free, and
+//! `{"cmd":"release"}` lets the device take memory back (both take `export` and `gpu`, a
+//! list of positions in the device's `--gpu` list). Every reply is one line,
 //! `{"ok":true,...}` or `{"ok":false,"error":"sentence"}`. Each daemon binds `PID.sock` in a
 //! well-known runtime directory, so `vramdisk status` finds every daemon without flags.
 
@@ -131,6 +134,25 @@ enum Request {
         #[serde(default)]
         progress: bool,
     },
+    /// Move chunks out of GPU memory until `bytes` are free on each GPU named by position
+    /// in the device's `--gpu` list (all when empty), then hold them.
+    Yield {
+        bytes: u64,
+        #[serde(default)]
+        export: Option<String>,
+        #[serde(default)]
+        gpu: Vec<usize>,
+        /// Send `{"progress":MOVED,"total":FREE_NOW,"target":BYTES}` lines while moving.
+        #[serde(default)]
+        progress: bool,
+    },
+    /// Let go of held GPUs: chunks come back as memory allows.
+    Release {
+        #[serde(default)]
+        export: Option<String>,
+        #[serde(default)]
+        gpu: Vec<usize>,
+    },
 }
 
 async fn handle(stream: UnixStream, daemon: Arc<Daemon>) {
@@ -163,7 +185,7 @@ async fn answer(line: &str, daemon: &Daemon, wr: &mut tokio::net::unix::OwnedWri
         Ok(r) => r,
         Err(e) => {
             return json!({"ok": false, "error": format!(
-                "bad request ({e}): send {{\"cmd\":\"status\"}} or {{\"cmd\":\"save\",\"path\":\"/file\"}}"
+                "bad request ({e}): send {{\"cmd\":\"status\"}}, {{\"cmd\":\"save\",\"path\":\"/file\"}}, {{\"cmd\":\"yield\",\"bytes\":N}} or {{\"cmd\":\"release\"}}"
             )});
         }
     };
@@ -201,7 +223,78 @@ async fn answer(line: &str, daemon: &Daemon, wr: &mut tokio::net::unix::OwnedWri
                 Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
             }
         }
+        Request::Yield {
+            bytes,
+            export,
+            gpu,
+            progress,
+        } => {
+            let tiers = match tiers_of(daemon, export.as_deref()) {
+                Ok(t) => t,
+                Err(e) => return json!({"ok": false, "error": format!("{e:#}")}),
+            };
+            let (tx, rx) = tokio::sync::watch::channel((0u64, 0u64));
+            let report = move |p: crate::engine::tier::YieldProgress| {
+                tx.send_replace((p.moved, p.free));
+            };
+            let yielding = tiers.yield_memory(bytes, &gpu, &report);
+            tokio::pin!(yielding);
+            let mut tick = tokio::time::interval(PROGRESS_EVERY);
+            let result = loop {
+                tokio::select! {
+                    r = &mut yielding => break r,
+                    _ = tick.tick(), if progress => {
+                        let (moved, free) = *rx.borrow();
+                        let mut l = json!({"progress": moved, "total": free, "target": bytes})
+                            .to_string();
+                        l.push('\n');
+                        let _ = wr.write_all(l.as_bytes()).await;
+                    }
+                }
+            };
+            match result {
+                Ok(r) => json!({"ok": true, "yielded": r}),
+                Err(e) => json!({"ok": false, "error": e}),
+            }
+        }
+        Request::Release { export, gpu } => match tiers_of(daemon, export.as_deref()) {
+            Ok(t) => {
+                t.release(&gpu);
+                json!({"ok": true})
+            }
+            Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+        },
     }
+}
+
+/// The export a request names (or the daemon's only or default one).
+fn export_of<'a>(daemon: &'a Daemon, export: Option<&str>) -> Result<&'a Arc<super::ExportState>> {
+    Ok(match export {
+        Some(name) => daemon
+            .export(name)
+            .with_context(|| format!("this daemon has no export named '{name}'"))?,
+        None => match (daemon.export(""), daemon.exports()) {
+            (Some(e), _) => e,
+            (None, [only]) => only,
+            _ => {
+                bail!("this daemon has several exports and no default one: name one with --export")
+            }
+        },
+    })
+}
+
+fn tiers_of(
+    daemon: &Daemon,
+    export: Option<&str>,
+) -> Result<Arc<dyn crate::engine::tier::TierControl>> {
+    let state = export_of(daemon, export)?;
+    state.tiers.clone().with_context(|| {
+        format!(
+            "export '{}' keeps its data in {}, with no spill tier: only a GPU device with \
+             --spill-memory or --spill-file can give memory back",
+            state.name, state.backend
+        )
+    })
 }
 
 async fn save(
@@ -213,18 +306,7 @@ async fn save(
     if !path.is_absolute() {
         bail!("the save path must be absolute (the daemon's working directory is not yours)");
     }
-    let state = match export {
-        Some(name) => daemon
-            .export(name)
-            .with_context(|| format!("this daemon has no export named '{name}'"))?,
-        None => match (daemon.export(""), daemon.exports()) {
-            (Some(e), _) => e,
-            (None, [only]) => only,
-            _ => {
-                bail!("this daemon has several exports and no default one: name one with --export")
-            }
-        },
-    };
+    let state = export_of(daemon, export)?;
     state.save_with_progress(path, Some(watch)).await
 }
 

@@ -14,6 +14,7 @@ pub mod readonly;
 use crate::engine::BlockDevice;
 use crate::engine::metered::{DeviceMetrics, MeteredDevice, Op};
 use crate::engine::persist::{self, ConsoleProgress};
+use crate::engine::tier::{TierControl, TierStats};
 use anyhow::{Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -82,6 +83,8 @@ pub struct ExportState {
     pub backend: String,
     /// Persistence of this export.
     pub plan: PersistPlan,
+    /// Watermark and yield, where the device can spill.
+    pub tiers: Option<Arc<dyn TierControl>>,
     attach: Mutex<Option<String>>,
     // Saves of one export run one at a time.
     save_lock: tokio::sync::Mutex<()>,
@@ -151,6 +154,9 @@ impl ExportState {
             write_bytes: m.op(Op::Write).bytes,
             errors: m.errors(),
             save: self.plan.save.clone(),
+            spilled_ram: stats.spilled_ram,
+            spilled_file: stats.spilled_file,
+            tiers: self.tiers.as_ref().map(|t| t.stats()),
             metrics: m,
         }
     }
@@ -214,6 +220,15 @@ pub struct ExportStatus {
     pub errors: u64,
     /// File saved to at a clean stop.
     pub save: Option<PathBuf>,
+    /// Bytes of `allocated` moved out of the GPU into spill RAM.
+    #[serde(default)]
+    pub spilled_ram: u64,
+    /// Bytes of `allocated` in the spill file.
+    #[serde(default)]
+    pub spilled_file: u64,
+    /// Spill tiers, watermark and yields, where the device can spill.
+    #[serde(default)]
+    pub tiers: Option<TierStats>,
     /// Every counter.
     pub metrics: crate::engine::metered::MetricsSnapshot,
 }
@@ -263,6 +278,8 @@ pub struct ManagedDevice {
     pub plan: PersistPlan,
     /// Serve the device through a [`readonly::ReadOnlyDevice`] once loaded.
     pub read_only_view: bool,
+    /// Its tier logic, where it can give GPU memory back.
+    pub tiers: Option<Arc<dyn TierControl>>,
 }
 
 impl Daemon {
@@ -307,6 +324,7 @@ impl Daemon {
                 d.device
             };
             let state = ExportState {
+                tiers: d.tiers,
                 device: Arc::new(MeteredDevice::new(device)),
                 name: d.name,
                 backend: d.backend,

@@ -555,7 +555,11 @@ fn server_command(kind: ServerKind, c: &ServerConfig, endpoint: &Endpoint) -> Co
             // Where the GPU tests are switched on (the GPU machine's runner), every
             // end-to-end test also runs against GPU memory.
             let gpu = std::env::var("VRAMDISK_TEST_GPU").as_deref() == Ok("1");
-            cmd.args(["serve", "--backend", if gpu { "cuda" } else { "host" }]);
+            cmd.arg("serve");
+            // A test that names its own backend (the fake GPU of the tier tests) keeps it.
+            if !c.extra_args.iter().any(|a| a == "--backend") {
+                cmd.args(["--backend", if gpu { "cuda" } else { "host" }]);
+            }
             if let Some(s) = c.size {
                 cmd.args(["--size", &s.to_string()]);
             }

@@ -13,6 +13,7 @@ Written against libnbd 1.14 (Debian 12); newer bindings add APIs that are used w
 import argparse
 import errno
 import os
+import random
 import sys
 import threading
 import time
@@ -446,6 +447,70 @@ def cmd_concurrent(args):
     print("concurrent: all checks passed")
 
 
+def stamped(seed, off, length):
+    """pattern(seed) with every 4 KiB piece led by its own offset and the seed, so a write
+    that lands in the wrong place or an old version shows as a mismatch."""
+    data = bytearray(pattern(seed, length))
+    for k in range(0, length, 4096):
+        data[k:k + 16] = (off + k).to_bytes(8, "little") + seed.to_bytes(8, "little")
+    return bytes(data)
+
+
+def cmd_verify_load(args):
+    """N connections, each owning a region, write, zero and trim it at random and check every
+    read against their model, until the file --stop exists (or --seconds pass)."""
+    n, span, block = args.connections, args.span, args.block
+    errors, counts = [], [0] * n
+    deadline = time.monotonic() + args.seconds
+
+    def stopped():
+        return os.path.exists(args.stop) or time.monotonic() > deadline
+
+    def worker(i):
+        try:
+            h = connect(args.uri)
+            rng = random.Random(i * 7919 + 1)
+            blocks = span // block
+            model = [0] * blocks  # 0: zeroes, else the seed of the pattern written there
+            version = 0
+            while not stopped():
+                b = rng.randrange(blocks)
+                off = i * span + b * block
+                op = rng.randrange(6)
+                if op <= 2:
+                    version += 1
+                    seed = (i << 32) | version
+                    h.pwrite(stamped(seed, off, block), off)
+                    model[b] = seed
+                elif op == 3:
+                    h.zero(block, off)
+                    model[b] = 0
+                elif op == 4:
+                    h.trim(block, off)
+                    model[b] = 0
+                want = bytes(block) if model[b] == 0 else stamped(model[b], off, block)
+                check(h.pread(block, off) == want, f"connection {i}: block {b} reads back wrong data")
+                counts[i] += 1
+            # A final pass over the whole region.
+            for b in range(blocks):
+                off = i * span + b * block
+                want = bytes(block) if model[b] == 0 else stamped(model[b], off, block)
+                check(h.pread(block, off) == want,
+                      f"connection {i}: block {b} wrong in the final pass")
+            h.shutdown()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(f"connection {i}: {e!r}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    print("verify-load: started", flush=True)
+    for t in threads:
+        t.join()
+    check(not errors, "; ".join(errors[:5]))
+    print(f"verify-load: {sum(counts)} verified operations, 0 mismatches", flush=True)
+
+
 # --- a client killed mid-flight --------------------------------------------------------------
 
 
@@ -582,6 +647,15 @@ def main():
     s.add_argument("--connections", type=int, default=64)
     s.add_argument("--span", type=int, default=MIB)
     s.set_defaults(fn=cmd_concurrent)
+
+    s = sub.add_parser("verify-load")
+    s.add_argument("uri")
+    s.add_argument("--connections", type=int, default=4)
+    s.add_argument("--span", type=int, default=8 * MIB)
+    s.add_argument("--block", type=int, default=12288, help="not a divisor of the chunk size")
+    s.add_argument("--seconds", type=float, default=120)
+    s.add_argument("--stop", required=True, help="stop once this file exists")
+    s.set_defaults(fn=cmd_verify_load)
 
     s = sub.add_parser("flood")
     s.add_argument("uri")

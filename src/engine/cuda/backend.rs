@@ -40,7 +40,7 @@ impl CudaBackend {
                 .map_err(|e| format!("GPU {}: {e}", gpu.index))?;
             memories.push(Arc::new(mem));
         }
-        let registry = Arc::new(PinnedRegistry::default());
+        let registry = PinnedRegistry::global();
         let allocator = Arc::new(PinnedAllocator::new(first.clone(), registry.clone()));
         let staging = StagingPool::new(allocator.clone(), STAGING_SLOTS, STAGING_SLOT_SIZE)
             .map_err(|e| format!("allocating the staging buffers: {e}"))?;
@@ -189,6 +189,31 @@ impl Backend for CudaBackend {
     fn alloc_chunk(&self, index: u64, len: usize) -> IoResult<GpuChunk> {
         let mem = &self.memories[(index % self.memories.len() as u64) as usize];
         mem.alloc(index, len)
+    }
+
+    fn memories(&self) -> usize {
+        self.memories.len()
+    }
+
+    fn shared_memory(&self, position: usize) -> Option<IoResult<(u64, u64)>> {
+        let mem = self.memories.get(position)?;
+        Some(mem.gpu.mem_info().map_err(|e| {
+            IoError::Backend(format!(
+                "cuda:{} ({}): reading free memory: {e}",
+                mem.gpu.index, mem.gpu.name
+            ))
+        }))
+    }
+
+    fn keep_free(&self, position: usize) -> u64 {
+        self.memories.get(position).map_or(0, |m| m.keep_free())
+    }
+
+    fn memory_name(&self, position: usize) -> String {
+        match self.memories.get(position) {
+            Some(m) => format!("GPU {} ({})", m.gpu.index, m.gpu.name),
+            None => self.describe.clone(),
+        }
     }
 
     async fn read(&self, chunk: &GpuChunk, offset: usize, buf: &mut [u8]) -> IoResult<()> {

@@ -111,6 +111,11 @@ impl GpuMemory {
         })
     }
 
+    /// Bytes this GPU leaves free for other programs (`--keep-free`).
+    pub fn keep_free(&self) -> u64 {
+        self.keep_free
+    }
+
     /// Physical bytes a chunk of `len` bytes takes.
     pub fn physical_len(&self, len: usize) -> usize {
         round_up(len.max(1), self.granularity)
@@ -118,7 +123,7 @@ impl GpuMemory {
 
     fn refuse(&self, msg: String) -> IoError {
         if !self.warned.swap(true, Ordering::Relaxed) {
-            warn!("{msg}; writes that need new GPU memory fail with ENOSPC until some is freed");
+            warn!("{msg}; new chunks go to the spill tier if there is one, or fail with ENOSPC");
         }
         IoError::NoSpace(msg)
     }

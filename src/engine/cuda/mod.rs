@@ -128,6 +128,15 @@ pub fn gpus(indexes: &[usize]) -> Result<Vec<Arc<Gpu>>> {
 /// Opens a CUDA-backed device with every option, returning the concrete type (for the
 /// benchmark and tests).
 pub fn open(copts: &CudaOptions, opts: SparseOptions) -> Result<Arc<SparseDevice<CudaBackend>>> {
+    open_with_spill(copts, opts, crate::engine::tier::SpillStore::default())
+}
+
+/// Like [`open`], with chunks spilling to `spill` when a GPU is full or gives memory back.
+pub fn open_with_spill(
+    copts: &CudaOptions,
+    opts: SparseOptions,
+    spill: crate::engine::tier::SpillStore,
+) -> Result<Arc<SparseDevice<CudaBackend>>> {
     let gpus = gpus(&copts.gpus)?;
     let keep_free = copts.keep_free.unwrap_or(0);
     let gran = memory::granularity(&gpus[0]).map_err(|e| anyhow!("GPU {}: {e}", gpus[0].index))?;
@@ -146,7 +155,7 @@ pub fn open(copts: &CudaOptions, opts: SparseOptions) -> Result<Arc<SparseDevice
     let backend =
         CudaBackend::new(&gpus, opts.chunk_size, keep_free, copts.queue).map_err(|e| anyhow!(e))?;
     let preallocate = opts.preallocate;
-    let device = SparseDevice::new(backend, opts).map_err(|e| {
+    let device = SparseDevice::with_spill(backend, opts, spill).map_err(|e| {
         if preallocate {
             anyhow!("--preallocate could not take the whole device: {e}")
         } else {

@@ -24,6 +24,13 @@ pub struct PinnedRegistry {
 }
 
 impl PinnedRegistry {
+    /// The process's one registry: pinned memory is `PORTABLE`, usable by every device's
+    /// copies, so spill RAM pinned for one export is reached by DMA from every export.
+    pub fn global() -> Arc<PinnedRegistry> {
+        static GLOBAL: std::sync::OnceLock<Arc<PinnedRegistry>> = std::sync::OnceLock::new();
+        GLOBAL.get_or_init(Default::default).clone()
+    }
+
     /// True when `[ptr, ptr + len)` lies inside one pinned allocation.
     pub fn contains(&self, ptr: *const u8, len: usize) -> bool {
         let start = ptr as usize;
