@@ -32,6 +32,16 @@ fn bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_vramdisk")))
 }
 
+/// `secs` seconds, stretched `VRAMDISK_TEST_SLACK` times (the test VM, 10-30x slower than a
+/// host, sets it) for waits on things that merely take long there.
+fn slack(secs: u64) -> Duration {
+    let k = std::env::var("VRAMDISK_TEST_SLACK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1u64);
+    Duration::from_secs(secs * k.max(1))
+}
+
 /// Whether this machine can run attach tests; prints why not.
 fn capable(test: &str) -> bool {
     let mut missing = Vec::new();
@@ -114,7 +124,7 @@ impl Attached {
             let _ = r.read_line(&mut l);
             let _ = tx.send(l);
         });
-        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
+        let line = rx.recv_timeout(slack(20)).unwrap_or_default();
         let dev = PathBuf::from(line.trim());
         if !dev.starts_with("/dev/") {
             let _ = child.kill();
@@ -186,7 +196,7 @@ impl Attached {
             String::from_utf8_lossy(&out.stderr)
         );
         let mut child = self.child.take().unwrap();
-        let status = wait_timeout(&mut child, Duration::from_secs(10)).expect("daemon exits");
+        let status = wait_timeout(&mut child, slack(10)).expect("daemon exits");
         assert!(status.success(), "daemon exited with {status}");
         assert_nothing_left(&state, self.run_dir.path());
     }
@@ -386,7 +396,7 @@ fn ext4_tree_survives_remount_and_fsck() {
         .unwrap()
         .join("refused");
     let start = Instant::now();
-    while !refused_file.exists() && start.elapsed() < Duration::from_secs(10) {
+    while !refused_file.exists() && start.elapsed() < slack(10) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let why = std::fs::read_to_string(&refused_file).expect("the daemon wrote no refusal");
@@ -528,7 +538,7 @@ fn forced_detach_of_mounted_device() {
     );
     let mut child = d.child.take().unwrap();
     assert!(
-        wait_timeout(&mut child, Duration::from_secs(10)).is_some(),
+        wait_timeout(&mut child, slack(10)).is_some(),
         "daemon still runs"
     );
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
@@ -556,10 +566,7 @@ fn forced_detach_of_mounted_device() {
     while std::fs::read_to_string(format!("/sys/block/loop{n}/loop/backing_file"))
         .is_ok_and(|b| b.trim() == image)
     {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "loop{n} stays bound"
-        );
+        assert!(start.elapsed() < slack(10), "loop{n} stays bound");
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_nothing_left(&state, d.run_dir.path());
@@ -857,7 +864,7 @@ fn daemon_mode_with_pid_file() {
         "attach --daemon failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(start.elapsed() < Duration::from_secs(20));
+    assert!(start.elapsed() < slack(20));
     let dev = String::from_utf8(out.stdout).unwrap();
     let dev = dev.trim();
     assert!(dev.starts_with("/dev/loop"), "printed {dev:?}");
@@ -968,7 +975,7 @@ fn killed_daemon_fails_io_and_detach_recovers() {
         let _ = tx.send(read_fd_direct(&h, 1 << 20, 4096));
     });
     let r = rx
-        .recv_timeout(Duration::from_secs(10))
+        .recv_timeout(slack(10))
         .expect("a read after the daemon died hung");
     let err = r.expect_err("a read after the daemon died succeeded");
     eprintln!("read after kill -9: {err}");

@@ -171,6 +171,15 @@ pub fn serve_request(
     buf: &mut [u8],
 ) -> i32 {
     let op = op_flags & 0xff;
+    let fua = op_flags & UBLK_IO_F_FUA != 0;
+    // A flush covers no range: the kernel sends it with whatever sector the request had
+    // (u64::MAX on 6.12), so it is not bounds-checked.
+    if op == UBLK_IO_OP_FLUSH {
+        return match complete(runtime, device.flush()) {
+            Ok(()) => 0,
+            Err(e) => failed(&e),
+        };
+    }
     let offset = start_sector.saturating_mul(512);
     let len = (nr_sectors as u64) << 9;
     if offset
@@ -179,7 +188,6 @@ pub fn serve_request(
     {
         return -libc::EINVAL;
     }
-    let fua = op_flags & UBLK_IO_F_FUA != 0;
     match op {
         UBLK_IO_OP_READ | UBLK_IO_OP_WRITE => {
             let len = len as usize;
@@ -196,10 +204,6 @@ pub fn serve_request(
                 Err(e) => failed(&e),
             }
         }
-        UBLK_IO_OP_FLUSH => match complete(runtime, device.flush()) {
-            Ok(()) => 0,
-            Err(e) => failed(&e),
-        },
         UBLK_IO_OP_DISCARD if len > 0 => match complete(runtime, device.trim(offset, len)) {
             Ok(()) => 0,
             Err(e) => failed(&e),
@@ -292,6 +296,30 @@ mod imp {
         });
     }
 
+    /// After a failed start: stops the device and has the kernel delete it once its last
+    /// user closes it, without waiting (a synchronous delete would wait for queue threads
+    /// that may never end).
+    fn abandon(ctrl: &UblkCtrl) {
+        let _ = ctrl.kill_dev();
+        let _ = ctrl.del_dev_async();
+        ctrl.disown();
+    }
+
+    /// Gives this thread the io_uring that libublk sends control commands on.
+    fn init_ctrl_ring() -> Result<()> {
+        libublk::ublk_init_ctrl_task_ring(|ring| {
+            if ring.is_none() {
+                *ring = Some(
+                    io_uring::IoUring::<io_uring::squeue::Entry128>::builder()
+                        .build(32)
+                        .map_err(libublk::UblkError::IOError)?,
+                );
+            }
+            Ok(())
+        })
+        .map_err(|e| anyhow!("creating the ublk control ring: {e}"))
+    }
+
     impl Ublk {
         /// Creates a ublk device shaped by `plan`, starts one serving thread per queue
         /// (each with its buffers) and then the device. Returns once `/dev/ublkbN` exists.
@@ -324,6 +352,14 @@ mod imp {
                 std::thread::Builder::new()
                     .name("vramdisk-ublk".into())
                     .spawn(move || {
+                        // libublk sends control commands (queue affinity, start) on a
+                        // ring of the calling thread; only the thread that built the
+                        // controller has one.
+                        if let Err(e) = init_ctrl_ring() {
+                            let _ = failed_tx.send(Err(e));
+                            stopped.store(true, Ordering::Release);
+                            return;
+                        }
                         let tgt_init = move |dev: &mut UblkDev| {
                             let size = plan.dev_sectors << 9;
                             dev.set_default_params(size);
@@ -360,17 +396,21 @@ mod imp {
                     })
                     .context("starting the ublk thread")?
             };
-            let path = match started_rx.recv_timeout(Duration::from_secs(30)) {
+            // On failure the queue threads may be blocked for good (a queue that never
+            // fetched keeps START_DEV waiting), so nothing here waits for them: the device
+            // is stopped and deleted asynchronously, and the caller ends the process.
+            let path = match started_rx.recv_timeout(Duration::from_secs(60)) {
                 Ok(Ok(p)) => p,
                 Ok(Err(e)) => {
-                    let _ = server.join();
+                    abandon(&ctrl);
                     return Err(e);
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    let _ = ctrl.kill_dev();
-                    bail!("the ublk device did not start within 30 s");
+                    abandon(&ctrl);
+                    bail!("the ublk device did not start within 60 s");
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    abandon(&ctrl);
                     bail!("the ublk thread died while starting the device (see the log above)");
                 }
             };
@@ -648,6 +688,11 @@ mod tests {
         assert!(dev.stats().allocated > 0);
 
         assert_eq!(serve_request(&*dev, h, UBLK_IO_OP_FLUSH, 0, 0, &mut buf), 0);
+        // As the 6.12 kernel sends a flush: no range, start sector u64::MAX.
+        assert_eq!(
+            serve_request(&*dev, h, UBLK_IO_OP_FLUSH, u64::MAX, 0, &mut buf),
+            0
+        );
 
         // Discard the first 4 KiB of it: zeros there, the rest intact.
         assert_eq!(

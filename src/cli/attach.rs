@@ -314,7 +314,18 @@ fn serve_attached(
         busy_poll: Duration::from_micros(args.busy_poll),
         metrics: Some(export.metrics().clone()),
     };
-    let mut attachment = Attachment::attach(method, device.clone(), runtime.handle(), &opts)?;
+    let mut attachment = match Attachment::attach(method, device.clone(), runtime.handle(), &opts) {
+        Ok(a) => a,
+        // A method that failed to start may leave threads blocked in the kernel that no
+        // teardown could join: say why and end the process now, rather than hang in
+        // destructors.
+        Err(e) => {
+            notify.failed(&e);
+            let _ = std::fs::remove_dir_all(dir);
+            eprintln!("vramdisk: {e:#}");
+            std::process::exit(1);
+        }
+    };
     let dev_path = attachment.device_path().to_path_buf();
 
     let (loop_number, mountpoint, image, stats) = match &attachment {
