@@ -37,9 +37,10 @@ pub struct AttachArgs {
     #[arg(long)]
     swap: bool,
 
-    /// Threads serving I/O requests.
-    #[arg(long, value_name = "N", default_value_t = default_threads())]
-    threads: usize,
+    /// Threads serving I/O requests: FUSE threads (default: one per CPU, 2 to 8), or ublk
+    /// queues (`--queues`; default: one per CPU).
+    #[arg(long, visible_alias = "queues", value_name = "N")]
+    threads: Option<usize>,
 
     /// Microseconds a thread that has just served a request polls for the next one before
     /// it sleeps; 0 never polls. Saves a wakeup per request at queue depth 1 (several times
@@ -203,7 +204,7 @@ pub fn run(args: AttachArgs) -> Result<()> {
              not {addr}: to export over the network use `vramdisk serve --tls require`"
         );
     }
-    if args.threads == 0 || args.threads > 256 {
+    if args.threads.is_some_and(|t| t == 0 || t > 256) {
         bail!("--threads must be between 1 and 256");
     }
     server::busy_poll(args.busy_poll)?;
@@ -309,7 +310,11 @@ fn serve_attached(
 
     let opts = AttachOptions {
         mountpoint: dir.join("mnt"),
-        threads: args.threads,
+        threads: args.threads.unwrap_or_else(|| match method {
+            // ublk: one queue per CPU, as the block layer maps them.
+            Method::Ublk => std::thread::available_parallelism().map_or(1, |n| n.get().min(64)),
+            _ => default_threads(),
+        }),
         connections: 4,
         busy_poll: Duration::from_micros(args.busy_poll),
         metrics: Some(export.metrics().clone()),
