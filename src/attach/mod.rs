@@ -268,3 +268,54 @@ pub fn swapoff(dev: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn works() -> Option<String> {
+        None
+    }
+    fn no_ublk() -> Option<String> {
+        Some("no ublk here".into())
+    }
+    fn no_nbd() -> Option<String> {
+        Some("no nbd here".into())
+    }
+
+    #[test]
+    fn auto_takes_the_first_method_that_works_and_says_why() {
+        let (m, why) = pick([
+            (Method::Ublk, works),
+            (Method::KernelNbd, works),
+            (Method::FuseLoop, works),
+        ])
+        .unwrap();
+        assert_eq!(m, Method::Ublk);
+        assert_eq!(why, "ublk (auto: the first choice)");
+
+        let (m, why) = pick([
+            (Method::Ublk, no_ublk),
+            (Method::KernelNbd, no_nbd),
+            (Method::FuseLoop, works),
+        ])
+        .unwrap();
+        assert_eq!(m, Method::FuseLoop);
+        assert_eq!(
+            why,
+            "FUSE + loop (auto; not ublk: no ublk here; not kernel nbd: no nbd here)"
+        );
+
+        let e = pick([
+            (Method::Ublk, no_ublk),
+            (Method::KernelNbd, no_nbd),
+            (Method::FuseLoop, no_nbd),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("no attach method works on this machine: not ublk"),
+            "{e}"
+        );
+    }
+}

@@ -44,7 +44,8 @@ nbd_disconnect() {
 # Waits up to $2 seconds for $4 lines matching the regex $3 in file $1.
 wait_for_count() {
   local file=$1 secs=$2 re=$3 n=$4 t0=$SECONDS
-  until (($(grep -cE "$re" "$file" 2>/dev/null) >= n)); do
+  local c
+  while c=$(grep -cE "$re" "$file" 2>/dev/null || true); ((${c:-0} < n)); do
     ((SECONDS - t0 < secs)) || {
       cat "$file" >&2
       die "fewer than $n lines matching '$re' in $file within ${secs}s"
@@ -73,8 +74,8 @@ check_tree() {
 # Bytes that the export named $2 holds, as `vramdisk status --json` shows it, among the
 # daemons of the runtime directory $1.
 allocated() {
-  VRAMDISK_RUNTIME_DIR=$1 NAME=$2 "$bin" status --json |
-    python3 -c 'import json, os, sys
+  VRAMDISK_RUNTIME_DIR=$1 "$bin" status --json |
+    NAME=$2 python3 -c 'import json, os, sys
 for d in json.load(sys.stdin):
     for e in d["exports"]:
         if e["name"] == os.environ["NAME"]:
