@@ -100,9 +100,12 @@ pub fn choose(via: Via) -> Result<(Method, String)> {
     }
 }
 
+/// A quick check of an attach method: why it does not work here, or `None`.
+type Probe = fn() -> Option<String>;
+
 /// The first method of `order` whose probe finds nothing wrong, and why it was picked: the
 /// reasons the earlier ones were passed over.
-fn pick(order: [(Method, fn() -> Option<String>); 3]) -> Result<(Method, String)> {
+fn pick(order: [(Method, Probe); 3]) -> Result<(Method, String)> {
     let mut why_not = Vec::new();
     for (method, probe) in order {
         match probe() {
