@@ -32,6 +32,9 @@ wait_for_line "$work/swap.log" 120 'listening on nbd://127.0.0.1:10810'
 # As the README: the default export (-N ''), four connections.
 nbd-client 127.0.0.1 10809 "$disk" -N '' -C 4
 wait_for_count "$work/serve.log" 60 'client .* connected' 4
+# The swap device, picked now so that it is not the one just disconnected: reconnecting a
+# device at once after `nbd-client -d` failed once in the VM ("Failed to setup device").
+swap=$(free_nbd)
 [[ $(cat "/sys/block/${disk#/dev/}/size") -eq $((256 << 11)) ]] || die "$disk is not 256 MiB"
 
 mkfs.ext4 -q -F "$disk"
@@ -53,7 +56,6 @@ e2fsck -fn "$disk"
 nbd_disconnect "$disk"
 
 # Swap, as the README shows it.
-swap=$(free_nbd)
 nbd-client 127.0.0.1 10810 "$swap" -N swap -swap
 mkswap "$swap" >/dev/null
 swapon "$swap"
