@@ -118,6 +118,43 @@ struct DiskFs {
     gid: u32,
     /// Parks spare threads and polls for the next request after each reply.
     pacer: Arc<Pacer>,
+    /// Opens of the disk image not yet released.
+    open_files: Arc<OpenFiles>,
+}
+
+/// Counts the disk image's open files, so that detach can wait for the kernel's RELEASE of
+/// the loop device's file before it unmounts: unmounting first ends the connection while
+/// that RELEASE is on its way, and its reply then fails ("Failed to send FUSE reply: No
+/// such file or directory", seen in the test VM). Nothing was lost then (a RELEASE carries
+/// no data, and the kernel had closed the file already), but the error hid real ones.
+#[derive(Default)]
+struct OpenFiles {
+    count: std::sync::Mutex<u64>,
+    released: std::sync::Condvar,
+}
+
+impl OpenFiles {
+    fn opened(&self) {
+        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    }
+
+    fn released(&self) {
+        let mut n = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.released.notify_all();
+        }
+    }
+
+    /// Waits up to `timeout` for every open file to be released; whether they were.
+    fn wait_all_released(&self, timeout: Duration) -> bool {
+        let n = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        let (n, _) = self
+            .released
+            .wait_timeout_while(n, timeout, |n| *n > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        *n == 0
+    }
 }
 
 fn errno_of(e: &IoError) -> Errno {
@@ -288,6 +325,7 @@ impl Filesystem for DiskFs {
                 if writing && self.read_only {
                     return reply.error(Errno::EROFS);
                 }
+                self.open_files.opened();
                 reply.opened(
                     FileHandle(0),
                     FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
@@ -371,6 +409,23 @@ impl Filesystem for DiskFs {
             Err(e) => reply.error(self.failed(&e)),
         }
         self.pacer.after_request(work);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+        // After the reply: detach waits for this, then unmounts.
+        if ino.0 == DISK_INO {
+            self.open_files.released();
+        }
     }
 
     fn flush(
@@ -508,6 +563,7 @@ pub struct FuseLoop {
     mountpoint: PathBuf,
     image: PathBuf,
     max_request: u32,
+    open_files: Arc<OpenFiles>,
 }
 
 impl std::fmt::Debug for FuseLoop {
@@ -539,6 +595,7 @@ impl FuseLoop {
             .with_context(|| format!("creating mountpoint {}", opts.mountpoint.display()))?;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let pacer = Arc::new(Pacer::new(opts.busy_poll, threads, cpus));
+        let open_files = Arc::new(OpenFiles::default());
         let fs = DiskFs {
             size: device.size(),
             read_only: caps.read_only,
@@ -551,6 +608,7 @@ impl FuseLoop {
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
             pacer: pacer.clone(),
+            open_files: open_files.clone(),
         };
         let mut config = Config::default();
         config.mount_options = vec![
@@ -585,6 +643,7 @@ impl FuseLoop {
             mountpoint: opts.mountpoint.clone(),
             image: opts.mountpoint.join(DISK_NAME),
             max_request,
+            open_files,
         };
 
         let loop_opts = LoopOptions {
@@ -676,6 +735,11 @@ impl FuseLoop {
             warn!(
                 "{} is still open: it will detach itself when closed; its I/O fails from now",
                 path.display()
+            );
+        } else if !self.open_files.wait_all_released(Duration::from_secs(5)) {
+            warn!(
+                "the kernel has not released {} within 5 s: unmounting anyway",
+                self.image.display()
             );
         }
         self.unmount();

@@ -3,8 +3,7 @@
 //! Three methods, chosen at run time by what the kernel offers (`--via auto`) or by name:
 //!
 //! - [`fuse_loop`]: a FUSE file with a loop device on it. Needs only FUSE and loop, which
-//!   every machine we have offers, and the only method run end to end so far: `auto` picks
-//!   it wherever it works.
+//!   every machine we have offers: `auto`'s last resort.
 //! - [`kernel_nbd`]: the kernel's nbd driver, given socketpairs to the in-process NBD server
 //!   over generic netlink. Where the nbd module and its netlink family are loaded.
 //! - [`ublk`]: the kernel's ublk driver, where `/dev/ublk-control` exists and the build has
@@ -54,6 +53,15 @@ pub enum Method {
 }
 
 impl Method {
+    /// What the log calls it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Method::FuseLoop => "FUSE + loop",
+            Method::KernelNbd => "kernel nbd",
+            Method::Ublk => "ublk",
+        }
+    }
+
     /// Short name for logs and state files.
     pub fn name(self) -> &'static str {
         match self {
@@ -64,10 +72,12 @@ impl Method {
     }
 }
 
-/// The method `via` asks for, or one sentence saying why it cannot be used here.
-/// `auto` prefers FUSE + loop, then kernel nbd, then ublk. The other two skip FUSE's round
-/// trip and should be faster, but no machine here has their drivers, so they have not run
-/// end to end yet; until they have, a user gets them only by asking (`--via`).
+/// The method `via` asks for, or one sentence saying why it cannot be used here, with the
+/// reason it was picked (for the log). `auto` prefers ublk (requests go from the block layer
+/// straight to the daemon), then kernel nbd (one socket hop), then FUSE + loop (loop, FUSE
+/// and a daemon thread per request), each only where a quick probe shows that it works:
+/// ublk's driver answers a GET_FEATURES command, the kernel's nbd netlink family resolves,
+/// /dev/fuse and /dev/loop-control exist.
 pub fn choose(via: Via) -> Result<(Method, String)> {
     match via {
         Via::Fuse => match fuse_loop::unavailable() {
@@ -82,30 +92,42 @@ pub fn choose(via: Via) -> Result<(Method, String)> {
             None => Ok((Method::Ublk, "ublk (--via ublk)".into())),
             Some(why) => bail!(why),
         },
-        Via::Auto => {
-            let mut why_not = Vec::new();
-            match fuse_loop::unavailable() {
-                None => return Ok((Method::FuseLoop, "FUSE + loop".into())),
-                Some(w) => why_not.push(format!("not FUSE + loop: {w}")),
+        Via::Auto => pick([
+            (Method::Ublk, ublk::probe),
+            (Method::KernelNbd, kernel_nbd::unavailable),
+            (Method::FuseLoop, fuse_loop::unavailable),
+        ]),
+    }
+}
+
+/// A quick check of an attach method: why it does not work here, or `None`.
+type Probe = fn() -> Option<String>;
+
+/// The first method of `order` whose probe finds nothing wrong, and why it was picked: the
+/// reasons the earlier ones were passed over.
+fn pick(order: [(Method, Probe); 3]) -> Result<(Method, String)> {
+    let mut why_not = Vec::new();
+    for (method, probe) in order {
+        match probe() {
+            None if why_not.is_empty() => {
+                return Ok((
+                    method,
+                    format!("{} (auto: the first choice)", method.label()),
+                ));
             }
-            match kernel_nbd::unavailable() {
-                None => {
-                    return Ok((
-                        Method::KernelNbd,
-                        format!("kernel nbd ({})", why_not.join("; ")),
-                    ));
-                }
-                Some(w) => why_not.push(format!("not nbd: {w}")),
+            None => {
+                return Ok((
+                    method,
+                    format!("{} (auto; {})", method.label(), why_not.join("; ")),
+                ));
             }
-            match ublk::unavailable() {
-                None => Ok((Method::Ublk, format!("ublk ({})", why_not.join("; ")))),
-                Some(w) => bail!(
-                    "no attach method works on this machine: {}; not ublk: {w}",
-                    why_not.join("; ")
-                ),
-            }
+            Some(why) => why_not.push(format!("not {}: {why}", method.label())),
         }
     }
+    bail!(
+        "no attach method works on this machine: {}",
+        why_not.join("; ")
+    )
 }
 
 /// Tunables of an attachment.
@@ -248,4 +270,55 @@ pub fn swapoff(dev: &Path) -> Result<()> {
             .with_context(|| format!("swapoff {}", dev.display()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn works() -> Option<String> {
+        None
+    }
+    fn no_ublk() -> Option<String> {
+        Some("no ublk here".into())
+    }
+    fn no_nbd() -> Option<String> {
+        Some("no nbd here".into())
+    }
+
+    #[test]
+    fn auto_takes_the_first_method_that_works_and_says_why() {
+        let (m, why) = pick([
+            (Method::Ublk, works),
+            (Method::KernelNbd, works),
+            (Method::FuseLoop, works),
+        ])
+        .unwrap();
+        assert_eq!(m, Method::Ublk);
+        assert_eq!(why, "ublk (auto: the first choice)");
+
+        let (m, why) = pick([
+            (Method::Ublk, no_ublk),
+            (Method::KernelNbd, no_nbd),
+            (Method::FuseLoop, works),
+        ])
+        .unwrap();
+        assert_eq!(m, Method::FuseLoop);
+        assert_eq!(
+            why,
+            "FUSE + loop (auto; not ublk: no ublk here; not kernel nbd: no nbd here)"
+        );
+
+        let e = pick([
+            (Method::Ublk, no_ublk),
+            (Method::KernelNbd, no_nbd),
+            (Method::FuseLoop, no_nbd),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("no attach method works on this machine: not ublk"),
+            "{e}"
+        );
+    }
 }

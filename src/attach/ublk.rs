@@ -47,6 +47,23 @@ pub fn unavailable() -> Option<String> {
     )
 }
 
+/// Why ublk does not work here, one sentence, after asking the driver for its features (an
+/// io_uring command on `/dev/ublk-control`: it fails where io_uring is switched off, or the
+/// driver is older than 6.5); `None` where it answers. This is `auto`'s probe.
+pub fn probe() -> Option<String> {
+    if let Some(why) = unavailable() {
+        return Some(why);
+    }
+    match imp::driver_features() {
+        Some(_) => None,
+        None => Some(
+            "the ublk driver did not answer a GET_FEATURES command (io_uring disabled, or a \
+             kernel before 6.5)"
+                .into(),
+        ),
+    }
+}
+
 fn why_unavailable(kernel_has_ublk: bool, built_with_ublk: bool) -> Option<String> {
     if !kernel_has_ublk {
         return Some(
@@ -63,6 +80,40 @@ fn why_unavailable(kernel_has_ublk: bool, built_with_ublk: bool) -> Option<Strin
         );
     }
     None
+}
+
+/// The names of the UBLK_F_* feature bits in `bits`, as the driver reports them
+/// (UBLK_U_CMD_GET_FEATURES, Linux 6.5+); unknown bits as `bit N`.
+pub fn feature_names(bits: u64) -> Vec<String> {
+    const NAMES: [&str; 20] = [
+        "SUPPORT_ZERO_COPY",
+        "URING_CMD_COMP_IN_TASK",
+        "NEED_GET_DATA",
+        "USER_RECOVERY",
+        "USER_RECOVERY_REISSUE",
+        "UNPRIVILEGED_DEV",
+        "CMD_IOCTL_ENCODE",
+        "USER_COPY",
+        "ZONED",
+        "USER_RECOVERY_FAIL_IO",
+        "UPDATE_SIZE",
+        "AUTO_BUF_REG",
+        "QUIESCE",
+        "PER_IO_DAEMON",
+        "BUF_REG_OFF_DAEMON",
+        "BATCH_IO",
+        "INTEGRITY",
+        "SAFE_STOP_DEV",
+        "NO_AUTO_PART_SCAN",
+        "SHMEM_ZC",
+    ];
+    (0..64)
+        .filter(|b| bits & (1 << b) != 0)
+        .map(|b| match NAMES.get(b) {
+            Some(n) => (*n).to_string(),
+            None => format!("bit {b}"),
+        })
+        .collect()
 }
 
 /// The ublk device's geometry and parameters, derived from the block device.
@@ -171,6 +222,15 @@ pub fn serve_request(
     buf: &mut [u8],
 ) -> i32 {
     let op = op_flags & 0xff;
+    let fua = op_flags & UBLK_IO_F_FUA != 0;
+    // A flush covers no range: the kernel sends it with whatever sector the request had
+    // (u64::MAX on 6.12), so it is not bounds-checked.
+    if op == UBLK_IO_OP_FLUSH {
+        return match complete(runtime, device.flush()) {
+            Ok(()) => 0,
+            Err(e) => failed(&e),
+        };
+    }
     let offset = start_sector.saturating_mul(512);
     let len = (nr_sectors as u64) << 9;
     if offset
@@ -179,7 +239,6 @@ pub fn serve_request(
     {
         return -libc::EINVAL;
     }
-    let fua = op_flags & UBLK_IO_F_FUA != 0;
     match op {
         UBLK_IO_OP_READ | UBLK_IO_OP_WRITE => {
             let len = len as usize;
@@ -196,10 +255,6 @@ pub fn serve_request(
                 Err(e) => failed(&e),
             }
         }
-        UBLK_IO_OP_FLUSH => match complete(runtime, device.flush()) {
-            Ok(()) => 0,
-            Err(e) => failed(&e),
-        },
         UBLK_IO_OP_DISCARD if len > 0 => match complete(runtime, device.trim(offset, len)) {
             Ok(()) => 0,
             Err(e) => failed(&e),
@@ -292,6 +347,40 @@ mod imp {
         });
     }
 
+    /// After a failed start: stops the device and has the kernel delete it once its last
+    /// user closes it, without waiting (a synchronous delete would wait for queue threads
+    /// that may never end).
+    fn abandon(ctrl: &UblkCtrl) {
+        let _ = ctrl.kill_dev();
+        let _ = ctrl.del_dev_async();
+        ctrl.disown();
+    }
+
+    /// The driver's UBLK_F_* feature bits, or `None` where it does not answer.
+    pub fn driver_features() -> Option<u64> {
+        // On a thread of its own: libublk keeps a control ring per thread, and this one
+        // should not stay around in the caller.
+        std::thread::spawn(UblkCtrl::get_features)
+            .join()
+            .ok()
+            .flatten()
+    }
+
+    /// Gives this thread the io_uring that libublk sends control commands on.
+    fn init_ctrl_ring() -> Result<()> {
+        libublk::ublk_init_ctrl_task_ring(|ring| {
+            if ring.is_none() {
+                *ring = Some(
+                    io_uring::IoUring::<io_uring::squeue::Entry128>::builder()
+                        .build(32)
+                        .map_err(libublk::UblkError::IOError)?,
+                );
+            }
+            Ok(())
+        })
+        .map_err(|e| anyhow!("creating the ublk control ring: {e}"))
+    }
+
     impl Ublk {
         /// Creates a ublk device shaped by `plan`, starts one serving thread per queue
         /// (each with its buffers) and then the device. Returns once `/dev/ublkbN` exists.
@@ -315,6 +404,34 @@ mod imp {
                 .map_err(|e| anyhow!("creating a ublk device: {e}"))?;
             let ctrl = Arc::new(ctrl);
             let id = ctrl.dev_info().dev_id;
+            let features = ctrl
+                .get_driver_features()
+                .map(|f| format!("{f:#x} ({})", super::feature_names(f).join(", ")))
+                .unwrap_or_else(|| "not reported".into());
+            let mut ops = vec!["read"];
+            if plan.attrs & sys::UBLK_ATTR_READ_ONLY == 0 {
+                ops.push("write");
+            }
+            if plan.attrs & sys::UBLK_ATTR_VOLATILE_CACHE != 0 {
+                ops.push("flush");
+            }
+            if plan.attrs & sys::UBLK_ATTR_FUA != 0 {
+                ops.push("FUA");
+            }
+            if plan.discard.is_some_and(|d| d.max_discard_sectors > 0) {
+                ops.push("discard");
+            }
+            if plan.discard.is_some_and(|d| d.max_write_zeroes_sectors > 0) {
+                ops.push("write zeroes");
+            }
+            tracing::info!(
+                "ublk: driver features {features}; device {id}: {} queues of depth {}, {} KiB \
+                 per request, {}",
+                plan.queues,
+                plan.depth,
+                plan.io_buf_bytes >> 10,
+                ops.join(", ")
+            );
             let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<PathBuf>>();
             let stopped = Arc::new(AtomicBool::new(false));
             let server = {
@@ -324,6 +441,14 @@ mod imp {
                 std::thread::Builder::new()
                     .name("vramdisk-ublk".into())
                     .spawn(move || {
+                        // libublk sends control commands (queue affinity, start) on a
+                        // ring of the calling thread; only the thread that built the
+                        // controller has one.
+                        if let Err(e) = init_ctrl_ring() {
+                            let _ = failed_tx.send(Err(e));
+                            stopped.store(true, Ordering::Release);
+                            return;
+                        }
                         let tgt_init = move |dev: &mut UblkDev| {
                             let size = plan.dev_sectors << 9;
                             dev.set_default_params(size);
@@ -360,17 +485,21 @@ mod imp {
                     })
                     .context("starting the ublk thread")?
             };
-            let path = match started_rx.recv_timeout(Duration::from_secs(30)) {
+            // On failure the queue threads may be blocked for good (a queue that never
+            // fetched keeps START_DEV waiting), so nothing here waits for them: the device
+            // is stopped and deleted asynchronously, and the caller ends the process.
+            let path = match started_rx.recv_timeout(Duration::from_secs(60)) {
                 Ok(Ok(p)) => p,
                 Ok(Err(e)) => {
-                    let _ = server.join();
+                    abandon(&ctrl);
                     return Err(e);
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    let _ = ctrl.kill_dev();
-                    bail!("the ublk device did not start within 30 s");
+                    abandon(&ctrl);
+                    bail!("the ublk device did not start within 60 s");
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    abandon(&ctrl);
                     bail!("the ublk thread died while starting the device (see the log above)");
                 }
             };
@@ -499,6 +628,11 @@ mod imp {
         }
     }
 
+    /// The driver's features: none without ublk support in the build.
+    pub fn driver_features() -> Option<u64> {
+        None
+    }
+
     /// After a daemon died: deletes the ublk device it left. A build without ublk cannot
     /// have made one, but another build's daemon may have.
     pub fn delete_stale(id: u32) -> Result<()> {
@@ -520,6 +654,16 @@ mod tests {
     use crate::engine::host::HostBackend;
     use crate::engine::{SparseDevice, SparseOptions};
     use std::sync::Arc;
+
+    #[test]
+    fn feature_bits_have_names() {
+        assert!(feature_names(0).is_empty());
+        assert_eq!(
+            feature_names(0b1000_0010),
+            ["URING_CMD_COMP_IN_TASK", "USER_COPY"]
+        );
+        assert_eq!(feature_names(1 << 40), ["bit 40"]);
+    }
 
     #[test]
     fn says_why_or_works() {
@@ -648,6 +792,11 @@ mod tests {
         assert!(dev.stats().allocated > 0);
 
         assert_eq!(serve_request(&*dev, h, UBLK_IO_OP_FLUSH, 0, 0, &mut buf), 0);
+        // As the 6.12 kernel sends a flush: no range, start sector u64::MAX.
+        assert_eq!(
+            serve_request(&*dev, h, UBLK_IO_OP_FLUSH, u64::MAX, 0, &mut buf),
+            0
+        );
 
         // Discard the first 4 KiB of it: zeros there, the rest intact.
         assert_eq!(

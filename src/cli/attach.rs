@@ -37,9 +37,10 @@ pub struct AttachArgs {
     #[arg(long)]
     swap: bool,
 
-    /// Threads serving I/O requests.
-    #[arg(long, value_name = "N", default_value_t = default_threads())]
-    threads: usize,
+    /// Threads serving I/O requests: FUSE threads (default: one per CPU, 2 to 8), or ublk
+    /// queues (`--queues`; default: one per CPU).
+    #[arg(long, visible_alias = "queues", value_name = "N")]
+    threads: Option<usize>,
 
     /// Microseconds a thread that has just served a request polls for the next one before
     /// it sleeps; 0 never polls. Saves a wakeup per request at queue depth 1 (several times
@@ -203,7 +204,7 @@ pub fn run(args: AttachArgs) -> Result<()> {
              not {addr}: to export over the network use `vramdisk serve --tls require`"
         );
     }
-    if args.threads == 0 || args.threads > 256 {
+    if args.threads.is_some_and(|t| t == 0 || t > 256) {
         bail!("--threads must be between 1 and 256");
     }
     server::busy_poll(args.busy_poll)?;
@@ -310,12 +311,27 @@ fn serve_attached(
 
     let opts = AttachOptions {
         mountpoint: dir.join("mnt"),
-        threads: args.threads,
+        threads: args.threads.unwrap_or_else(|| match method {
+            // ublk: one queue per CPU, as the block layer maps them.
+            Method::Ublk => std::thread::available_parallelism().map_or(1, |n| n.get().min(64)),
+            _ => default_threads(),
+        }),
         connections: 4,
         busy_poll: Duration::from_micros(args.busy_poll),
         metrics: Some(export.metrics().clone()),
     };
-    let mut attachment = Attachment::attach(method, device.clone(), runtime.handle(), &opts)?;
+    let mut attachment = match Attachment::attach(method, device.clone(), runtime.handle(), &opts) {
+        Ok(a) => a,
+        // A method that failed to start may leave threads blocked in the kernel that no
+        // teardown could join: say why and end the process now, rather than hang in
+        // destructors.
+        Err(e) => {
+            notify.failed(&e);
+            let _ = std::fs::remove_dir_all(dir);
+            eprintln!("vramdisk: {e:#}");
+            std::process::exit(1);
+        }
+    };
     let dev_path = attachment.device_path().to_path_buf();
 
     let (loop_number, mountpoint, image, stats) = match &attachment {
