@@ -1,0 +1,478 @@
+//! The transmission phase of one connection.
+//!
+//! The connection's task is the **reader**. It reads requests through a buffer, so one
+//! `read` syscall takes in as many pipelined headers as the client has sent. A write's
+//! payload goes straight into an [`IoBuf`] from the device's pool (pinned memory for the
+//! GPU backend): whatever already sits in the read buffer is copied, the rest is read from
+//! the socket directly into the `IoBuf`.
+//!
+//! A read of host memory is answered from the chunks in place ([`View`]): the reply's
+//! `writev` points at device memory, so the only copy is the kernel's. Other devices (GPU)
+//! read into an [`IoBuf`] first.
+//!
+//! Each request's operation is a future polled once, inline: the host backend completes
+//! there and then, with no task spawn and no cross-thread wakeup. Only an operation that has
+//! to wait (a GPU copy) is spawned as its own task, so slow requests never hold up the ones
+//! behind them and replies go out as they complete, in any order.
+//!
+//! Replies of operations that completed inline collect in the reader's batch. Before the
+//! reader would wait for the socket (or any other resource), it writes the whole batch with
+//! one non-blocking vectored write: for pipelined small requests that is one `read` and one
+//! `writev` per batch, whatever the queue depth, and no other thread is involved. Whatever
+//! the socket does not take at once, and the replies of spawned operations, go to the
+//! **writer** task, which waits for the socket to drain. One holder of the socket at a time
+//! (the `busy` flag of the outbox) keeps the byte stream in order.
+//!
+//! Backpressure: every request holds permits of a per-connection semaphore sized by
+//! [`Limits::inflight_bytes`] (the I/O buffer its data takes plus a fixed overhead) until
+//! its reply is written, and as many of its client's semaphore, which all connections from
+//! one source share ([`Limits::client_inflight_bytes`]); when either budget is spent the
+//! reader stops reading, and TCP pushes back on the client. Buffers come from the devices'
+//! bounded pool (`--buffer-memory`), which caps memory daemon-wide; the client budget keeps
+//!
+//! The pieces, one file each: [`socket`] (the two halves of the socket), [`poll`] (busy
+//! polling), [`inbuf`] (the read buffer), [`reply`] (what a reply holds), [`outbox`] (the
+//! replies' way to the socket and the writer task), [`commands`] (what to do with a
+//! request, decided without I/O) and [`execute`] (doing it). This file holds the
+//! connection itself: setup, the read loop, budgets, payloads and the orderly close.
+
+mod commands;
+mod execute;
+mod inbuf;
+mod outbox;
+mod poll;
+mod reply;
+mod socket;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use poll::set_thread_load;
+pub(crate) use socket::{Sink, Source};
+
+use super::handshake::Negotiated;
+use super::proto::{self, Request};
+use super::server::{Export, Limits};
+use crate::engine::{BlockDevice, Extent, IoBuf, IoError};
+use commands::Terms;
+use inbuf::{InBuf, READ_BUF};
+use outbox::{AbortOnDrop, Outbox, writer};
+use poll::{Poller, alone_on_thread, few_cpus};
+use reply::{Body, Permit, Reply, ReplyTo};
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::trace;
+
+/// Longest a connection that ends cleanly waits for the client to take its last replies
+/// before the socket closes (see `run`).
+pub(crate) const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// Budget charged to every request on top of its data: bounds the number of queued
+/// replies even for requests without data.
+const REQUEST_OVERHEAD: u64 = 256;
+/// Payload remainders up to this size are read through the read buffer.
+const SMALL_PAYLOAD: usize = 32 << 10;
+/// The reader writes its batch of replies once it holds this many...
+const BATCH_REPLIES: usize = 128;
+/// ...or this many bytes of data.
+const BATCH_BYTES: usize = 256 << 10;
+
+/// Why a connection's transmission phase ended.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// The client sent `NBD_CMD_DISC`.
+    Disconnect,
+    /// The client closed the connection.
+    Eof,
+    /// The server is shutting down.
+    Shutdown,
+    /// Reading from the socket failed.
+    ReadFailed(io::Error),
+    /// Writing to the socket failed (usually: the client went away).
+    WriteFailed,
+    /// The client broke the protocol; the connection is dropped at once.
+    Protocol(String),
+}
+
+impl Ended {
+    /// True for endings that mean a broken or hostile client (logged as warnings).
+    pub(crate) fn is_violation(&self) -> bool {
+        matches!(self, Ended::Protocol(_))
+    }
+}
+
+impl fmt::Display for Ended {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ended::Disconnect => f.write_str("client sent NBD_CMD_DISC"),
+            Ended::Eof => f.write_str("client closed the connection"),
+            Ended::Shutdown => f.write_str("server shutting down"),
+            Ended::ReadFailed(e) => write!(f, "read failed: {e}"),
+            Ended::WriteFailed => f.write_str("sending replies failed"),
+            Ended::Protocol(why) => write!(f, "protocol violation: {why}"),
+        }
+    }
+}
+
+/// What a finished transmission phase reports.
+pub(crate) struct Summary {
+    /// Why it ended.
+    pub ended: Ended,
+    /// Requests received.
+    pub requests: u64,
+}
+
+/// Per-connection state of the reader.
+struct Conn<R, S> {
+    rd: R,
+    inbuf: InBuf,
+    sink: Arc<S>,
+    out: Arc<Outbox>,
+    /// Replies of operations completed inline, not yet written.
+    batch: VecDeque<Reply>,
+    batch_bytes: usize,
+    dev: Arc<dyn BlockDevice>,
+    /// What requests are judged against.
+    terms: Terms,
+    budget: Arc<Semaphore>,
+    budget_max: u64,
+    /// The budget shared by every connection of this client, if any.
+    client_budget: Option<Arc<Semaphore>>,
+    client_max: u64,
+    extents: Vec<Extent>,
+    requests: u64,
+    poller: Poller,
+}
+
+/// Runs the transmission phase on a connection whose handshake chose `export`, polling
+/// for requests up to `busy_poll` before each wait (see [`Poller`]; zero turns it off).
+// Each argument is a different thing the caller decides; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run<R, S>(
+    rd: R,
+    sink: S,
+    export: &Export,
+    neg: &Negotiated,
+    limits: &Limits,
+    busy_poll: Duration,
+    client_budget: Option<Arc<Semaphore>>,
+    shutdown: &CancellationToken,
+) -> Summary
+where
+    R: Source,
+    S: Sink,
+{
+    let sink = Arc::new(sink);
+    let out = Arc::new(Outbox::new());
+    let mut writer = AbortOnDrop(tokio::spawn(writer(sink.clone(), out.clone())));
+    let budget_max = (limits.inflight_bytes as u64).clamp(1 << 20, Semaphore::MAX_PERMITS as u64);
+    let mut conn = Conn {
+        rd,
+        inbuf: InBuf::new(),
+        sink: sink.clone(),
+        out: out.clone(),
+        batch: VecDeque::with_capacity(BATCH_REPLIES),
+        batch_bytes: 0,
+        dev: export.device.clone(),
+        terms: Terms::new(export.device.capabilities(), export.device.size(), neg),
+        budget: Arc::new(Semaphore::new(budget_max as usize)),
+        budget_max,
+        client_max: client_budget.as_ref().map_or(0, |_| {
+            (limits.client_inflight_bytes as u64).clamp(1 << 20, Semaphore::MAX_PERMITS as u64)
+        }),
+        client_budget,
+        extents: Vec::new(),
+        requests: 0,
+        poller: Poller::new(busy_poll, R::STEPS_ASIDE && few_cpus()),
+    };
+    let ended = conn.serve(shutdown).await;
+    let hard = ended.is_violation() || matches!(ended, Ended::ReadFailed(_) | Ended::WriteFailed);
+    if !hard {
+        conn.flush_replies();
+    }
+    let requests = conn.requests;
+    drop(conn);
+    out.reader_done(hard);
+    if !hard {
+        // Let operations still running finish and their replies go out; the writer ends
+        // after the last one. A forced shutdown aborts it (on drop).
+        let _ = (&mut writer.0).await;
+        // Closing a socket while requests the client sent are still unread resets the
+        // connection: TCP throws away replies not yet acknowledged, and a Unix socket's
+        // reader gets ECONNRESET in place of the EOF after the last reply. A client that is
+        // slow to read (or sent more requests as the server stopped) would lose replies, or
+        // see the stream fail. So the stream ends with an EOF after the last reply, the
+        // socket stays open until the client has taken everything, and a Unix socket's
+        // unread requests are thrown away before it closes.
+        sink.end_stream();
+        let deadline = Instant::now() + CLOSE_LINGER;
+        while sink.unacknowledged() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        sink.discard_unread();
+    } else {
+        // Their replies are thrown away, but operations already started still run: wait
+        // for them too, so that once a connection is reported closed none of its writes
+        // can land any more, on top of what the client writes after reconnecting.
+        out.ops_done().await;
+    }
+    Summary { ended, requests }
+}
+
+/// What the reader does after a request.
+enum Next {
+    Continue,
+    Stop(Ended),
+}
+
+type OpResult = Result<(), Ended>;
+
+impl<R: Source, S: Sink> Conn<R, S> {
+    async fn serve(&mut self, shutdown: &CancellationToken) -> Ended {
+        let hlen = proto::request_len(self.terms.extended());
+        let dead = self.out.dead.clone();
+        let mut shutting = pin!(shutdown.cancelled());
+        let mut dying = pin!(dead.cancelled());
+        loop {
+            while self.inbuf.len() < hlen {
+                // About to wait for the client: first send what is done.
+                self.flush_replies();
+                if shutdown.is_cancelled() {
+                    return Ended::Shutdown;
+                }
+                // `fill` first: when bytes are waiting, the other branches are never polled.
+                let next_request = self.inbuf.len() == 0;
+                let poller = self.may_poll().then_some(&mut self.poller);
+                let r = tokio::select! {
+                    biased;
+                    r = self.inbuf.fill(&mut self.rd, poller, next_request) => r,
+                    _ = &mut shutting => return Ended::Shutdown,
+                    _ = &mut dying => return Ended::WriteFailed,
+                };
+                match r {
+                    Ok(0) if self.inbuf.len() == 0 => return Ended::Eof,
+                    Ok(0) => {
+                        return Ended::Protocol("connection closed inside a request header".into());
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Ended::ReadFailed(e),
+                }
+            }
+            let req = match proto::parse_request(&self.inbuf.data()[..hlen], self.terms.extended())
+            {
+                Ok(r) => r,
+                Err(e) => return Ended::Protocol(format!("{e} in a request header")),
+            };
+            self.inbuf.consume(hlen);
+            self.requests += 1;
+            trace!(
+                cmd = req.command,
+                flags = req.flags,
+                offset = req.offset,
+                length = req.length,
+                cookie = req.cookie,
+                "request"
+            );
+            match self.dispatch(req).await {
+                Next::Continue => {}
+                Next::Stop(e) => return e,
+            }
+            if self.batch.len() >= BATCH_REPLIES || self.batch_bytes >= BATCH_BYTES {
+                self.flush_replies();
+            }
+            if dead.is_cancelled() {
+                return Ended::WriteFailed;
+            }
+        }
+    }
+
+    /// Whether waiting for the client may start with a poll (see [`Poller`]).
+    fn may_poll(&self) -> bool {
+        self.poller.is_on() && alone_on_thread() && !self.out.has_ops()
+    }
+
+    /// Writes the reader's batch now, as far as the socket takes it without waiting; the
+    /// rest goes to the writer task. Called before every wait, so no reply sits in the
+    /// batch while the reader is blocked.
+    fn flush_replies(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        self.batch_bytes = 0;
+        self.out.send_batch(&*self.sink, &mut self.batch);
+    }
+
+    fn reply_to(&self, req: &Request) -> ReplyTo {
+        ReplyTo {
+            framing: self.terms.framing,
+            cookie: req.cookie,
+            offset: req.offset,
+        }
+    }
+
+    fn push(&mut self, reply: Reply) {
+        self.batch_bytes += reply.len();
+        self.batch.push_back(reply);
+    }
+
+    fn send(&mut self, body: Body, permit: Option<Permit>) {
+        self.push(Reply::new(body, permit));
+    }
+
+    /// Runs an operation: polled once here, spawned only if it has to wait.
+    fn start<F>(&mut self, op: F)
+    where
+        F: Future<Output = Reply> + Send + 'static,
+    {
+        let mut op = Box::pin(op);
+        // A noop waker is enough for the first poll: if the operation is pending, the task
+        // it is moved into polls it again with its own waker before it can complete.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match op.as_mut().poll(&mut cx) {
+            Poll::Ready(reply) => self.push(reply),
+            Poll::Pending => {
+                let guard = self.out.op_started();
+                tokio::spawn(async move {
+                    let reply = op.await;
+                    guard.deliver(reply);
+                    drop(guard);
+                });
+            }
+        }
+    }
+
+    /// Takes the budget of a request with `data` bytes of buffer (see [`REQUEST_OVERHEAD`]),
+    /// waiting (after writing what is done) while the connection's or the client's is spent.
+    async fn permit(&mut self, data: u64) -> Result<Permit, Ended> {
+        let closed = |_| Ended::Protocol("in-flight budget closed".into());
+        let want = data + REQUEST_OVERHEAD;
+        let n = want.min(self.budget_max) as u32;
+        let conn = match self.budget.clone().try_acquire_many_owned(n) {
+            Ok(p) => p,
+            Err(_) => {
+                self.flush_replies();
+                self.budget
+                    .clone()
+                    .acquire_many_owned(n)
+                    .await
+                    .map_err(closed)?
+            }
+        };
+        let n = want.min(self.client_max) as u32;
+        let client = match self
+            .client_budget
+            .as_ref()
+            .map(|b| b.clone().try_acquire_many_owned(n))
+        {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(_)) => {
+                // The client's other connections hold its share: wait for their replies
+                // to go out, as for this connection's own budget.
+                self.flush_replies();
+                let b = self.client_budget.clone().expect("checked above");
+                Some(b.acquire_many_owned(n).await.map_err(closed)?)
+            }
+        };
+        Ok(Permit {
+            _conn: conn,
+            _client: client,
+        })
+    }
+
+    /// An I/O buffer of `len` bytes from the device's pool, waiting (after writing what is
+    /// done) while the pool is empty.
+    async fn buffer(&mut self, len: u64) -> Result<IoBuf, IoError> {
+        if let Some(b) = self.dev.buffers().try_get(len as usize)? {
+            return Ok(b);
+        }
+        self.flush_replies();
+        self.dev.buffers().get(len as usize).await
+    }
+
+    /// Reads and throws away a payload the server will not use.
+    async fn discard(&mut self, len: u64) -> OpResult {
+        if len > self.terms.discard_limit {
+            return Err(Ended::Protocol(format!(
+                "request payload of {len} bytes (most accepted: {})",
+                self.terms.max_payload
+            )));
+        }
+        let mut left = len;
+        let n = left.min(self.inbuf.len() as u64) as usize;
+        self.inbuf.consume(n);
+        left -= n as u64;
+        if left > 0 {
+            self.flush_replies();
+        }
+        while left > 0 {
+            // The buffer is empty here: use it as scratch space.
+            let n = left.min(READ_BUF as u64) as usize;
+            let got = self
+                .rd
+                .read(self.inbuf.scratch(n))
+                .await
+                .map_err(Ended::ReadFailed)?;
+            if got == 0 {
+                return Err(Ended::Protocol("connection closed inside a payload".into()));
+            }
+            left -= got as u64;
+        }
+        Ok(())
+    }
+
+    /// Fills `dst` with payload: first what the read buffer holds, then from the socket. A
+    /// small remainder is read through the read buffer, which also takes in the requests
+    /// behind it in the same syscall; a large one goes straight into `dst`, with no copy.
+    async fn payload(&mut self, dst: &mut [u8]) -> OpResult {
+        let mut at = 0;
+        loop {
+            let n = (dst.len() - at).min(self.inbuf.len());
+            dst[at..at + n].copy_from_slice(&self.inbuf.data()[..n]);
+            self.inbuf.consume(n);
+            at += n;
+            if at == dst.len() {
+                return Ok(());
+            }
+            self.flush_replies();
+            let closed = || Ended::Protocol("connection closed inside a payload".into());
+            if dst.len() - at <= SMALL_PAYLOAD {
+                let poller = self.may_poll().then_some(&mut self.poller);
+                match self.inbuf.fill(&mut self.rd, poller, false).await {
+                    Ok(0) => return Err(closed()),
+                    Ok(_) => continue,
+                    Err(e) => return Err(Ended::ReadFailed(e)),
+                }
+            }
+            // The rest goes straight into `dst`. The client is in the middle of sending it,
+            // so a wait is usually short: poll before sleeping, as between requests.
+            let poll = self.may_poll();
+            while at < dst.len() {
+                let polled = if poll {
+                    self.poller.poll_now(self.rd.fd(), &mut dst[at..])
+                } else {
+                    None
+                };
+                let n = match polled {
+                    Some(r) => r,
+                    None => self.rd.read(&mut dst[at..]).await,
+                };
+                match n {
+                    Ok(0) => return Err(closed()),
+                    Ok(n) => at += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(Ended::ReadFailed(e)),
+                }
+            }
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,865 @@
+//! The transmission phase end to end, in process: a client on one end of a socket pair,
+//! [`run`] on the other.
+
+use super::*;
+use crate::engine::host::HostBackend;
+use crate::engine::{Capabilities, ZeroFlags};
+use crate::engine::{SparseDevice, SparseOptions};
+use crate::nbd::handshake::{ALLOCATION_CONTEXT_ID, transmission_flags};
+use crate::nbd::proto::{Framing, NbdError};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+
+const SIZE: u64 = 64 << 20;
+
+fn export(read_only: bool) -> Export {
+    let mut o = SparseOptions::new(SIZE);
+    o.buffer_limit = 256 << 20;
+    o.read_only = read_only;
+    Export {
+        name: String::new(),
+        description: String::new(),
+        device: Arc::new(SparseDevice::new(HostBackend::new(), o).unwrap()),
+        metrics: None,
+    }
+}
+
+/// Starts the transmission phase on one end of a socket pair; returns the other end.
+fn start(framing: Framing, read_only: bool) -> (UnixStream, tokio::task::JoinHandle<Summary>) {
+    start_on(export(read_only), framing)
+}
+
+/// Like [`start`], on a given export.
+fn start_on(export: Export, framing: Framing) -> (UnixStream, tokio::task::JoinHandle<Summary>) {
+    let (client, server) = UnixStream::pair().unwrap();
+    let neg = Negotiated {
+        export: 0,
+        framing,
+        allocation_context: (framing != Framing::Simple).then_some(ALLOCATION_CONTEXT_ID),
+        flags: transmission_flags(&export.device.capabilities(), framing),
+    };
+    let task = spawn_run(server, export, neg, 64 << 20);
+    (client, task)
+}
+
+/// Runs the transmission phase of `export` on `server` (busy polling on, no per-client
+/// budget) with `inflight` bytes of in-flight budget.
+fn spawn_run(
+    server: UnixStream,
+    export: Export,
+    neg: Negotiated,
+    inflight: usize,
+) -> tokio::task::JoinHandle<Summary> {
+    let limits = Limits {
+        max_connections: 1,
+        inflight_bytes: inflight,
+        handshake_timeout: Duration::from_secs(5),
+        max_per_client: 1,
+        client_inflight_bytes: 64 << 20,
+        tls: None,
+        busy_poll: Duration::from_micros(50),
+    };
+    tokio::spawn(async move {
+        let (rd, wr) = server.into_split();
+        let shutdown = CancellationToken::new();
+        run(
+            rd,
+            wr,
+            &export,
+            &neg,
+            &limits,
+            limits.busy_poll,
+            None,
+            &shutdown,
+        )
+        .await
+    })
+}
+
+fn request(ext: bool, cmd: u16, flags: u16, cookie: u64, offset: u64, len: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(32);
+    if ext {
+        b.extend_from_slice(&proto::EXTENDED_REQUEST_MAGIC.to_be_bytes());
+    } else {
+        b.extend_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
+    }
+    b.extend_from_slice(&flags.to_be_bytes());
+    b.extend_from_slice(&cmd.to_be_bytes());
+    b.extend_from_slice(&cookie.to_be_bytes());
+    b.extend_from_slice(&offset.to_be_bytes());
+    if ext {
+        b.extend_from_slice(&len.to_be_bytes());
+    } else {
+        b.extend_from_slice(&(len as u32).to_be_bytes());
+    }
+    b
+}
+
+async fn simple_reply(c: &mut UnixStream) -> (u32, u64) {
+    let mut h = [0u8; 16];
+    c.read_exact(&mut h).await.unwrap();
+    assert_eq!(&h[0..4], &proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+    (
+        u32::from_be_bytes(h[4..8].try_into().unwrap()),
+        u64::from_be_bytes(h[8..16].try_into().unwrap()),
+    )
+}
+
+/// A structured or extended chunk: (flags, type, cookie, payload).
+async fn chunk(c: &mut UnixStream, ext: bool) -> (u16, u16, u64, Vec<u8>) {
+    let mut h = vec![0u8; if ext { 32 } else { 20 }];
+    c.read_exact(&mut h).await.unwrap();
+    let magic = u32::from_be_bytes(h[0..4].try_into().unwrap());
+    let len = if ext {
+        assert_eq!(magic, proto::EXTENDED_REPLY_MAGIC);
+        u64::from_be_bytes(h[24..32].try_into().unwrap()) as usize
+    } else {
+        assert_eq!(magic, proto::STRUCTURED_REPLY_MAGIC);
+        u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize
+    };
+    let mut p = vec![0u8; len];
+    c.read_exact(&mut p).await.unwrap();
+    (
+        u16::from_be_bytes(h[4..6].try_into().unwrap()),
+        u16::from_be_bytes(h[6..8].try_into().unwrap()),
+        u64::from_be_bytes(h[8..16].try_into().unwrap()),
+        p,
+    )
+}
+
+#[tokio::test]
+async fn pipelined_requests_all_answered() {
+    let (mut c, task) = start(Framing::Simple, false);
+    // 300 writes sent before reading any reply, then 300 reads.
+    let n = 300u64;
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.extend(request(false, proto::CMD_WRITE, 0, i, i * 4096, 4096));
+        out.extend(std::iter::repeat_n(i as u8, 4096));
+    }
+    c.write_all(&out).await.unwrap();
+    let mut seen = vec![false; n as usize];
+    for _ in 0..n {
+        let (err, cookie) = simple_reply(&mut c).await;
+        assert_eq!(err, 0);
+        assert!(!std::mem::replace(&mut seen[cookie as usize], true));
+    }
+    out.clear();
+    for i in 0..n {
+        out.extend(request(false, proto::CMD_READ, 0, 1000 + i, i * 4096, 4096));
+    }
+    c.write_all(&out).await.unwrap();
+    for _ in 0..n {
+        let (err, cookie) = simple_reply(&mut c).await;
+        assert_eq!(err, 0);
+        let mut data = vec![0u8; 4096];
+        c.read_exact(&mut data).await.unwrap();
+        let i = cookie - 1000;
+        assert!(data.iter().all(|&b| b == i as u8), "data of read {i}");
+    }
+    c.write_all(&request(false, proto::CMD_DISC, 0, 0, 0, 0))
+        .await
+        .unwrap();
+    let s = task.await.unwrap();
+    assert!(matches!(s.ended, Ended::Disconnect), "{}", s.ended);
+    assert_eq!(s.requests, 2 * n + 1);
+}
+
+#[tokio::test]
+async fn errors_are_replies_and_the_connection_goes_on() {
+    let (mut c, task) = start(Framing::Simple, false);
+    let inval = NbdError::Inval.code();
+    // Read past the end.
+    c.write_all(&request(false, proto::CMD_READ, 0, 1, SIZE - 512, 4096))
+        .await
+        .unwrap();
+    assert_eq!(simple_reply(&mut c).await, (inval, 1));
+    // Write past the end: ENOSPC, and its payload is skipped.
+    let mut w = request(false, proto::CMD_WRITE, 0, 2, SIZE - 512, 4096);
+    w.extend(vec![0xee; 4096]);
+    c.write_all(&w).await.unwrap();
+    assert_eq!(simple_reply(&mut c).await, (NbdError::NoSpc.code(), 2));
+    // A write larger than the maximum payload: EINVAL, payload skipped.
+    let big = (33 << 20) as u64;
+    c.write_all(&request(false, proto::CMD_WRITE, 0, 3, 0, big))
+        .await
+        .unwrap();
+    c.write_all(&vec![0u8; big as usize]).await.unwrap();
+    assert_eq!(simple_reply(&mut c).await, (inval, 3));
+    // Unknown command and unknown flag.
+    c.write_all(&request(false, 42, 0, 4, 0, 0)).await.unwrap();
+    assert_eq!(simple_reply(&mut c).await, (inval, 4));
+    c.write_all(&request(false, proto::CMD_READ, 0x100, 5, 0, 512))
+        .await
+        .unwrap();
+    assert_eq!(simple_reply(&mut c).await, (inval, 5));
+    // Write zeroes past the end: ENOSPC as the spec asks; trim past the end: EINVAL.
+    c.write_all(&request(false, proto::CMD_WRITE_ZEROES, 0, 6, SIZE, 1))
+        .await
+        .unwrap();
+    assert_eq!(simple_reply(&mut c).await, (NbdError::NoSpc.code(), 6));
+    c.write_all(&request(false, proto::CMD_TRIM, 0, 7, SIZE, 1))
+        .await
+        .unwrap();
+    assert_eq!(simple_reply(&mut c).await, (inval, 7));
+    // Block status without a context: EINVAL.
+    c.write_all(&request(false, proto::CMD_BLOCK_STATUS, 0, 8, 0, 4096))
+        .await
+        .unwrap();
+    assert_eq!(simple_reply(&mut c).await, (inval, 8));
+    // Still usable.
+    let mut w = request(false, proto::CMD_WRITE, proto::CMD_FLAG_FUA, 9, 512, 3);
+    w.extend(b"abc");
+    w.extend(request(false, proto::CMD_READ, 0, 10, 512, 3));
+    c.write_all(&w).await.unwrap();
+    assert_eq!(simple_reply(&mut c).await, (0, 9));
+    assert_eq!(simple_reply(&mut c).await, (0, 10));
+    let mut d = [0u8; 3];
+    c.read_exact(&mut d).await.unwrap();
+    assert_eq!(&d, b"abc");
+    drop(c);
+    assert!(matches!(task.await.unwrap().ended, Ended::Eof));
+}
+
+#[tokio::test]
+async fn read_only_refuses_writes_with_eperm() {
+    let (mut c, _task) = start(Framing::Simple, true);
+    let mut w = request(false, proto::CMD_WRITE, 0, 1, 0, 512);
+    w.extend(vec![1u8; 512]);
+    w.extend(request(false, proto::CMD_TRIM, 0, 2, 0, 512));
+    w.extend(request(false, proto::CMD_WRITE_ZEROES, 0, 3, 0, 512));
+    w.extend(request(false, proto::CMD_READ, 0, 4, 0, 512));
+    c.write_all(&w).await.unwrap();
+    let perm = NbdError::Perm.code();
+    assert_eq!(simple_reply(&mut c).await, (perm, 1));
+    assert_eq!(simple_reply(&mut c).await, (perm, 2));
+    assert_eq!(simple_reply(&mut c).await, (perm, 3));
+    assert_eq!(simple_reply(&mut c).await, (0, 4));
+}
+
+#[tokio::test]
+async fn structured_reads_send_holes_and_data() {
+    let (mut c, _task) = start(Framing::Structured, false);
+    // Chunks are 1 MiB: data only in the second one.
+    let mut w = request(false, proto::CMD_WRITE, 0, 1, (1 << 20) + 100, 4);
+    w.extend(b"data");
+    c.write_all(&w).await.unwrap();
+    assert_eq!(simple_reply(&mut c).await, (0, 1));
+    c.write_all(&request(false, proto::CMD_READ, 0, 2, 512, 3 << 20))
+        .await
+        .unwrap();
+    let mut covered = 512u64;
+    loop {
+        let (flags, kind, cookie, p) = chunk(&mut c, false).await;
+        assert_eq!(cookie, 2);
+        let off = u64::from_be_bytes(p[0..8].try_into().unwrap());
+        assert_eq!(off, covered, "chunks arrive in order and cover the range");
+        match kind {
+            proto::REPLY_TYPE_OFFSET_HOLE => {
+                covered += u32::from_be_bytes(p[8..12].try_into().unwrap()) as u64;
+            }
+            proto::REPLY_TYPE_OFFSET_DATA => {
+                assert_eq!(off, 1 << 20);
+                assert_eq!(&p[8 + 100..8 + 104], b"data");
+                covered += p.len() as u64 - 8;
+            }
+            k => panic!("chunk type {k}"),
+        }
+        if flags & proto::REPLY_FLAG_DONE != 0 {
+            break;
+        }
+    }
+    assert_eq!(covered, 512 + (3 << 20));
+    // DF: one data chunk with the zeros spelled out.
+    c.write_all(&request(
+        false,
+        proto::CMD_READ,
+        proto::CMD_FLAG_DF,
+        3,
+        0,
+        2 << 20,
+    ))
+    .await
+    .unwrap();
+    let (flags, kind, _, p) = chunk(&mut c, false).await;
+    assert_eq!(
+        (flags, kind),
+        (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_DATA)
+    );
+    assert_eq!(p.len(), 8 + (2 << 20));
+    // Errors are error chunks with a message.
+    c.write_all(&request(false, proto::CMD_READ, 0, 4, SIZE, 1))
+        .await
+        .unwrap();
+    let (flags, kind, _, p) = chunk(&mut c, false).await;
+    assert_eq!(
+        (flags, kind),
+        (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_ERROR)
+    );
+    assert_eq!(u32::from_be_bytes(p[0..4].try_into().unwrap()), 22);
+    let msg_len = u16::from_be_bytes(p[4..6].try_into().unwrap()) as usize;
+    assert!(String::from_utf8_lossy(&p[6..6 + msg_len]).contains("past the end"));
+}
+
+/// Reads a structured reply to `cookie` into a buffer of `len` bytes at `offset`:
+/// holes as zeros, data where the chunks say, every byte covered once.
+async fn structured_read(c: &mut UnixStream, cookie: u64, offset: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0xeeu8; len];
+    let mut covered = 0usize;
+    loop {
+        let (flags, kind, got, p) = chunk(c, false).await;
+        assert_eq!(got, cookie);
+        let at = (u64::from_be_bytes(p[0..8].try_into().unwrap()) - offset) as usize;
+        match kind {
+            proto::REPLY_TYPE_OFFSET_HOLE => {
+                let n = u32::from_be_bytes(p[8..12].try_into().unwrap()) as usize;
+                out[at..at + n].fill(0);
+                covered += n;
+            }
+            proto::REPLY_TYPE_OFFSET_DATA => {
+                out[at..at + p.len() - 8].copy_from_slice(&p[8..]);
+                covered += p.len() - 8;
+            }
+            k => panic!("chunk type {k}"),
+        }
+        if flags & proto::REPLY_FLAG_DONE != 0 {
+            break;
+        }
+    }
+    assert_eq!(covered, len);
+    out
+}
+
+/// Reads are sent from the chunks in place on host memory and through a buffer where
+/// the device cannot lend its memory (GPU); both must send the same bytes, also when
+/// a reply needs more pieces than one writev takes (4 KiB chunks, every other one a
+/// hole: 4096 pieces in 16 MiB).
+#[tokio::test]
+async fn reads_lent_in_place_and_copied_agree_across_thousands_of_pieces() {
+    let mut o = SparseOptions::new(SIZE);
+    o.buffer_limit = 256 << 20;
+    o.chunk_size = 4096;
+    let dev: Arc<dyn BlockDevice> = Arc::new(SparseDevice::new(HostBackend::new(), o).unwrap());
+    let len = 16usize << 20;
+    for i in (0..len / 4096).step_by(2) {
+        let block: Vec<u8> = (0..4096).map(|j| (i * 7 + j / 16) as u8 | 1).collect();
+        dev.write((i * 4096) as u64, &block, false).await.unwrap();
+    }
+    let mut want = vec![0u8; len];
+    dev.read(0, &mut want).await.unwrap();
+    assert!(
+        dev.view(0, len as u64).is_some(),
+        "host memory lends itself"
+    );
+    let copied: Arc<dyn BlockDevice> = Arc::new(SlowWrites(dev.clone()));
+    assert!(copied.view(0, len as u64).is_none());
+    for device in [dev, copied] {
+        let export = || Export {
+            name: String::new(),
+            description: String::new(),
+            device: device.clone(),
+            metrics: None,
+        };
+        // Simple reply: the whole range as one payload.
+        let (mut c, _task) = start_on(export(), Framing::Simple);
+        c.write_all(&request(false, proto::CMD_READ, 0, 1, 0, len as u64))
+            .await
+            .unwrap();
+        assert_eq!(simple_reply(&mut c).await, (0, 1));
+        let mut got = vec![0u8; len];
+        c.read_exact(&mut got).await.unwrap();
+        assert!(got == want, "simple read differs");
+        // Structured: holes as hole chunks (thousands of chunks), then with DF as one
+        // data chunk.
+        let (mut c, _task) = start_on(export(), Framing::Structured);
+        c.write_all(&request(false, proto::CMD_READ, 0, 2, 0, len as u64))
+            .await
+            .unwrap();
+        assert!(
+            structured_read(&mut c, 2, 0, len).await == want,
+            "sparse read differs"
+        );
+        let df = proto::CMD_FLAG_DF;
+        c.write_all(&request(
+            false,
+            proto::CMD_READ,
+            df,
+            3,
+            4096,
+            len as u64 - 8192,
+        ))
+        .await
+        .unwrap();
+        let got = structured_read(&mut c, 3, 4096, len - 8192).await;
+        assert!(got == want[4096..len - 4096], "DF read differs");
+    }
+}
+
+#[tokio::test]
+async fn extended_headers_and_block_status() {
+    let (mut c, _task) = start(Framing::Extended, false);
+    // qemu 10 writes without NBD_CMD_FLAG_PAYLOAD_LEN; libnbd sets it. Both carry data.
+    let mut w = request(true, proto::CMD_WRITE, 0, 1, 2 << 20, 512);
+    w.extend(vec![7u8; 512]);
+    w.extend(request(
+        true,
+        proto::CMD_WRITE,
+        proto::CMD_FLAG_PAYLOAD_LEN,
+        2,
+        (2 << 20) + 512,
+        512,
+    ));
+    w.extend(vec![8u8; 512]);
+    c.write_all(&w).await.unwrap();
+    for want in [1, 2] {
+        let (flags, kind, cookie, p) = chunk(&mut c, true).await;
+        assert_eq!(
+            (flags, kind, cookie),
+            (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, want)
+        );
+        assert!(p.is_empty());
+    }
+    c.write_all(&request(true, proto::CMD_BLOCK_STATUS, 0, 3, 0, SIZE))
+        .await
+        .unwrap();
+    let (flags, kind, _, p) = chunk(&mut c, true).await;
+    assert_eq!(
+        (flags, kind),
+        (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_BLOCK_STATUS_EXT)
+    );
+    assert_eq!(
+        u32::from_be_bytes(p[0..4].try_into().unwrap()),
+        ALLOCATION_CONTEXT_ID
+    );
+    let count = u32::from_be_bytes(p[4..8].try_into().unwrap()) as usize;
+    assert_eq!(p.len(), 8 + 16 * count);
+    let d: Vec<(u64, u64)> = p[8..]
+        .chunks(16)
+        .map(|e| {
+            (
+                u64::from_be_bytes(e[0..8].try_into().unwrap()),
+                u64::from_be_bytes(e[8..16].try_into().unwrap()),
+            )
+        })
+        .collect();
+    let hz = (proto::STATE_HOLE | proto::STATE_ZERO) as u64;
+    assert_eq!(d, vec![(2 << 20, hz), (1 << 20, 0), (SIZE - (3 << 20), hz)]);
+    // REQ_ONE: a single descriptor no longer than asked.
+    c.write_all(&request(
+        true,
+        proto::CMD_BLOCK_STATUS,
+        proto::CMD_FLAG_REQ_ONE,
+        4,
+        4096,
+        8192,
+    ))
+    .await
+    .unwrap();
+    let (_, _, _, p) = chunk(&mut c, true).await;
+    assert_eq!(p.len(), 8 + 16);
+    assert_eq!(u64::from_be_bytes(p[8..16].try_into().unwrap()), 8192);
+    // A payload on a command that takes none is skipped, then refused.
+    let mut w = request(
+        true,
+        proto::CMD_FLUSH,
+        proto::CMD_FLAG_PAYLOAD_LEN,
+        5,
+        0,
+        100,
+    );
+    w.extend(vec![0u8; 100]);
+    w.extend(request(true, proto::CMD_FLUSH, 0, 6, 0, 0));
+    c.write_all(&w).await.unwrap();
+    let (_, kind, cookie, _) = chunk(&mut c, true).await;
+    assert_eq!((kind, cookie), (proto::REPLY_TYPE_ERROR, 5));
+    let (_, kind, cookie, _) = chunk(&mut c, true).await;
+    assert_eq!((kind, cookie), (proto::REPLY_TYPE_NONE, 6));
+}
+
+#[tokio::test]
+async fn garbage_closes_the_connection() {
+    let (mut c, task) = start(Framing::Simple, false);
+    c.write_all(&[0xde; 28]).await.unwrap();
+    let s = task.await.unwrap();
+    assert!(s.ended.is_violation(), "{}", s.ended);
+    let mut b = [0u8; 1];
+    assert_eq!(c.read(&mut b).await.unwrap(), 0, "socket closed");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_held_back_not_buffered() {
+    // With a 1 MiB budget the server stops reading after about 1 MiB of read data in
+    // flight instead of queueing every reply.
+    let (c, server) = UnixStream::pair().unwrap();
+    let export = export(false);
+    let neg = Negotiated {
+        export: 0,
+        framing: Framing::Simple,
+        allocation_context: None,
+        flags: transmission_flags(&export.device.capabilities(), Framing::Simple),
+    };
+    let pool = export.device.buffers().clone();
+    let task = spawn_run(server, export, neg, 1 << 20);
+    let (mut crd, mut cwr) = c.into_split();
+    let sender = tokio::spawn(async move {
+        for i in 0..4096u64 {
+            if cwr
+                .write_all(&request(false, proto::CMD_READ, 0, i, 0, 64 << 10))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        cwr
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // 4096 reads of 64 KiB would be 256 MiB; the pool shows what is held.
+    let free_before = pool.limit();
+    let mut probe = Vec::new();
+    while let Ok(Some(b)) = pool.try_get(1 << 20) {
+        probe.push(b);
+    }
+    let held = free_before - probe.len() * (1 << 20);
+    assert!(
+        held <= 8 << 20,
+        "{held} bytes of buffers held for a stalled client"
+    );
+    drop(probe);
+    // Reading the replies lets everything complete.
+    let mut got = 0;
+    let mut hdr = [0u8; 16];
+    let mut data = vec![0u8; 64 << 10];
+    while got < 4096 {
+        crd.read_exact(&mut hdr).await.unwrap();
+        crd.read_exact(&mut data).await.unwrap();
+        got += 1;
+    }
+    let cwr = sender.await.unwrap();
+    drop(cwr);
+    drop(crd);
+    let _ = task.await;
+}
+
+#[tokio::test]
+async fn a_client_that_vanishes_costs_nothing() {
+    let (c, server) = UnixStream::pair().unwrap();
+    let export = export(false);
+    let pool = export.device.buffers().clone();
+    let neg = Negotiated {
+        export: 0,
+        framing: Framing::Structured,
+        allocation_context: None,
+        flags: transmission_flags(&export.device.capabilities(), Framing::Structured),
+    };
+    let task = spawn_run(server, export, neg, 64 << 20);
+    let mut c = c;
+    let mut w = Vec::new();
+    // Within the budget, so that the server reads it all without the client reading
+    // a reply (a client that never reads would block its own writes otherwise).
+    for i in 0..40u64 {
+        w.extend(request(false, proto::CMD_WRITE, 0, i, i * 4096, 4096));
+        w.extend(vec![1u8; 4096]);
+        w.extend(request(false, proto::CMD_READ, 0, i, 0, 1 << 20));
+    }
+    c.write_all(&w).await.unwrap();
+    drop(c);
+    let s = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("connection ends promptly")
+        .unwrap();
+    assert!(!s.ended.is_violation(), "{}", s.ended);
+    // Every buffer is back: the whole budget can be taken at once.
+    assert!(pool.try_get(pool.limit()).unwrap().is_some());
+}
+
+#[tokio::test]
+async fn pipelined_writes_of_mixed_sizes_land_intact() {
+    let (c, task) = start(Framing::Structured, false);
+    let (mut crd, mut cwr) = c.into_split();
+    let sizes = [1usize, 511, 4096, 33_000, 70_000, 1 << 20, 7, 200_000];
+    let mut layout = Vec::new();
+    let mut at = 0u64;
+    for round in 0..3 {
+        for (k, &len) in sizes.iter().enumerate() {
+            layout.push((at, len, (round * 16 + k) as u8 + 1));
+            at += len as u64 + 13;
+        }
+    }
+    let expected = layout.clone();
+    let sender = tokio::spawn(async move {
+        for (i, &(off, len, fill)) in expected.iter().enumerate() {
+            let mut w = request(false, proto::CMD_WRITE, 0, i as u64, off, len as u64);
+            w.extend(std::iter::repeat_n(fill, len));
+            cwr.write_all(&w).await.unwrap();
+        }
+        for (i, &(off, len, _)) in expected.iter().enumerate() {
+            let r = request(
+                false,
+                proto::CMD_READ,
+                proto::CMD_FLAG_DF,
+                1000 + i as u64,
+                off,
+                len as u64,
+            );
+            cwr.write_all(&r).await.unwrap();
+        }
+        cwr
+    });
+    for _ in 0..layout.len() {
+        let mut h = [0u8; 16];
+        crd.read_exact(&mut h).await.unwrap();
+        assert_eq!(&h[4..8], &[0, 0, 0, 0], "write succeeded");
+    }
+    for _ in 0..layout.len() {
+        let mut h = [0u8; 20];
+        crd.read_exact(&mut h).await.unwrap();
+        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        let mut p = vec![0u8; len];
+        crd.read_exact(&mut p).await.unwrap();
+        let (off, want_len, fill) = layout[(cookie - 1000) as usize];
+        assert_eq!(u64::from_be_bytes(p[0..8].try_into().unwrap()), off);
+        assert_eq!(p.len() - 8, want_len);
+        assert!(p[8..].iter().all(|&b| b == fill), "data at {off}");
+    }
+    drop(sender.await.unwrap());
+    drop(crd);
+    assert!(matches!(task.await.unwrap().ended, Ended::Eof));
+}
+
+/// Bytes that differ from `pattern(seed ^ 1, ..)` everywhere, made 8 at a time.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len + 8);
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // The low bit of every byte is the seed's: two seeds that differ there differ in
+        // every byte.
+        let w = (x & !0x0101_0101_0101_0101) | ((seed & 1) * 0x0101_0101_0101_0101);
+        v.extend_from_slice(&w.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// A connection cut at any byte of a batch of pipelined writes (inside a header, inside
+/// a payload held in the read buffer, inside one read straight into the I/O buffer, on
+/// the boundaries): once the server has finished the connection, a write it did not
+/// receive whole has changed nothing, and one sent whole has landed whole or not at all.
+#[tokio::test]
+async fn a_write_cut_anywhere_never_lands_in_part() {
+    let dev = export(false).device;
+    let sizes = [
+        1usize,
+        511,
+        4096,
+        20_000,
+        33_000,
+        131_000,
+        150_000,
+        200_000,
+        1 << 20,
+    ];
+    let mut rng = 0x5eed_u64;
+    let mut next = move |n: usize| {
+        rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) % n.max(1) as u64) as usize
+    };
+    let (mut whole, mut landed, mut cut_short) = (0, 0, 0);
+    for round in 0..240u64 {
+        let ext = round % 2 == 1;
+        let framing = if ext {
+            Framing::Extended
+        } else {
+            Framing::Simple
+        };
+        // Up to 6 writes at increasing offsets, each over old data of its own.
+        let mut writes = Vec::new();
+        let mut at = next(1 << 20) as u64;
+        let mut batch = Vec::new();
+        for k in 0..1 + next(6) {
+            let len = if next(8) == 0 {
+                sizes[8]
+            } else {
+                sizes[next(8)]
+            };
+            let seed = (round << 8 | k as u64) << 1;
+            let old = pattern(seed, len);
+            dev.write(at, &old, false).await.unwrap();
+            batch.extend(request(ext, proto::CMD_WRITE, 0, k as u64, at, len as u64));
+            batch.extend(pattern(seed | 1, len));
+            writes.push((at, len, seed, batch.len()));
+            at += len as u64 + next(5000) as u64;
+        }
+        // Half the cuts anywhere, half on or next to the end of a header or payload.
+        let cut = if next(2) == 0 {
+            1 + next(batch.len())
+        } else {
+            let hlen = proto::request_len(ext);
+            let (_, _, _, end) = writes[next(writes.len())];
+            let at = if next(2) == 0 { end } else { end - hlen };
+            (at + next(3)).saturating_sub(1).clamp(1, batch.len())
+        };
+        let export = Export {
+            name: String::new(),
+            description: String::new(),
+            device: dev.clone(),
+            metrics: None,
+        };
+        let (mut c, task) = start_on(export, framing);
+        // Sent in uneven pieces, so the server's reads end at varied places.
+        let mut sent = 0;
+        while sent < cut {
+            let n = (1 + next(96 << 10)).min(cut - sent);
+            if c.write_all(&batch[sent..sent + n]).await.is_err() {
+                break;
+            }
+            sent += n;
+            tokio::task::yield_now().await;
+        }
+        drop(c);
+        let s = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the connection ends")
+            .unwrap();
+        assert!(
+            !matches!(s.ended, Ended::Shutdown),
+            "round {round}: {}",
+            s.ended
+        );
+        for (k, &(off, len, seed, end)) in writes.iter().enumerate() {
+            let mut got = vec![0u8; len];
+            dev.read(off, &mut got).await.unwrap();
+            let old = pattern(seed, len);
+            if end <= cut {
+                whole += 1;
+                if got != old {
+                    assert!(
+                        got == pattern(seed | 1, len),
+                        "round {round}: write {k} ({len} bytes, sent whole) landed in part"
+                    );
+                    landed += 1;
+                }
+            } else {
+                cut_short += 1;
+                let changed = got.iter().zip(&old).filter(|(a, b)| a != b).count();
+                assert_eq!(
+                    changed,
+                    0,
+                    "round {round}: write {k} of {len} bytes, cut {} bytes before its end, \
+                     changed {changed} bytes",
+                    end - cut
+                );
+            }
+        }
+    }
+    // Both kinds were tested, and writes sent whole did land.
+    assert!(
+        cut_short > 100 && whole > 100 && landed > 50,
+        "{cut_short} {whole} {landed}"
+    );
+}
+
+/// A device whose writes wait before they land, as GPU copies do.
+struct SlowWrites(Arc<dyn BlockDevice>);
+
+#[async_trait::async_trait]
+impl BlockDevice for SlowWrites {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+    fn buffers(&self) -> &crate::engine::BufferPool {
+        self.0.buffers()
+    }
+    fn stats(&self) -> crate::engine::DeviceStats {
+        self.0.stats()
+    }
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> crate::engine::IoResult<()> {
+        self.0.read(offset, buf).await
+    }
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> crate::engine::IoResult<()> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.0.write(offset, data, fua).await
+    }
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> crate::engine::IoResult<()> {
+        self.0.write_zeroes(offset, len, flags).await
+    }
+    async fn trim(&self, offset: u64, len: u64) -> crate::engine::IoResult<()> {
+        self.0.trim(offset, len).await
+    }
+    async fn flush(&self) -> crate::engine::IoResult<()> {
+        self.0.flush().await
+    }
+    async fn cache(&self, offset: u64, len: u64) -> crate::engine::IoResult<()> {
+        self.0.cache(offset, len).await
+    }
+    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> crate::engine::IoResult<()> {
+        self.0.extents(offset, len, out)
+    }
+}
+
+/// However a connection ends (here: dropped for a protocol violation while a write
+/// still waits for its device), the transmission phase returns only once every write
+/// it started has landed: when the server says a connection is closed, nothing of it can
+/// overwrite what the client writes next on a new one.
+#[tokio::test]
+async fn a_dropped_connection_ends_after_its_writes_land() {
+    let inner = export(false).device;
+    let export = Export {
+        name: String::new(),
+        description: String::new(),
+        device: Arc::new(SlowWrites(inner.clone())),
+        metrics: None,
+    };
+    for garbage in [true, false] {
+        let (mut c, task) = start_on(
+            Export {
+                name: String::new(),
+                description: String::new(),
+                device: export.device.clone(),
+                metrics: None,
+            },
+            Framing::Simple,
+        );
+        let fill = if garbage { 0x11 } else { 0x22 };
+        let mut w = request(false, proto::CMD_WRITE, 0, 1, 8192, 4096);
+        w.extend(vec![fill; 4096]);
+        if garbage {
+            w.extend(vec![0xffu8; 28]);
+        }
+        c.write_all(&w).await.unwrap();
+        let t0 = std::time::Instant::now();
+        drop(c);
+        let s = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the connection ends")
+            .unwrap();
+        assert_eq!(s.ended.is_violation(), garbage, "{}", s.ended);
+        let mut got = vec![0u8; 4096];
+        inner.read(8192, &mut got).await.unwrap();
+        assert!(
+            got.iter().all(|&b| b == fill),
+            "the connection ended ({}) {:?} after the client left, before its write landed",
+            s.ended,
+            t0.elapsed()
+        );
+    }
+}
