@@ -73,7 +73,7 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Make a local block device (/dev/loopN) you can mkfs, mount or swapon; prints its path.
     #[command(after_help = attach::EXAMPLES)]
-    Attach(attach::AttachArgs),
+    Attach(Box<attach::AttachArgs>),
     /// Detach a device made by `attach` (also cleans up after a daemon that died).
     Detach(attach::DetachArgs),
 }
@@ -95,7 +95,7 @@ pub fn main() -> ExitCode {
         Command::Manpage { dir } => ops::manpage(dir),
         Command::Devices(args) => devices::run(args),
         Command::Bench(args) => bench::run(args),
-        Command::Attach(args) => attach::run(args),
+        Command::Attach(args) => attach::run(*args),
         Command::Detach(args) => attach::detach(args),
     };
     match result {
