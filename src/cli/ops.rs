@@ -94,16 +94,7 @@ pub fn yield_memory(args: YieldArgs) -> Result<()> {
         eprintln!("released: the device takes memory back as it becomes free");
         return Ok(());
     }
-    use std::io::IsTerminal;
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let bar = indicatif::ProgressBar::new(0);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "yielding [{bar:30}] {msg} moved {bytes} at {bytes_per_sec}",
-        ) {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        bar
-    });
+    let bar = terminal_bar("yielding [{bar:30}] {msg} moved {bytes} at {bytes_per_sec}");
     req["progress"] = json!(bar.is_some());
     let reply = control::request_with_progress(&target, &req, None, |moved, free| {
         if let Some(bar) = &bar {
@@ -133,6 +124,18 @@ pub fn yield_memory(args: YieldArgs) -> Result<()> {
         free.join(", ")
     );
     Ok(())
+}
+
+/// A progress bar drawn with `template`, where stderr is a terminal.
+fn terminal_bar(template: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar
+    })
 }
 
 /// The one daemon a command talks to: by pid, by socket, or the only one running.
@@ -255,16 +258,7 @@ pub fn save(args: SaveArgs) -> Result<()> {
     let path = std::path::absolute(&args.file)
         .with_context(|| format!("{} is not a usable path", args.file.display()))?;
     let target = one_daemon(&args.control_socket, args.pid)?;
-    use std::io::IsTerminal;
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let bar = indicatif::ProgressBar::new(0);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "saving [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        ) {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        bar
-    });
+    let bar = terminal_bar("saving [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}");
     let mut req = json!({"cmd": "save", "path": path, "progress": bar.is_some()});
     if let Some(e) = &args.export {
         req["export"] = json!(e);
