@@ -10,7 +10,7 @@
 
 use super::moves::{MoveError, Moved};
 use super::{Home, Tier};
-use crate::engine::{Backend, IoError, SparseDevice};
+use crate::engine::{Backend, SparseDevice};
 use async_trait::async_trait;
 use futures::StreamExt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -609,16 +609,6 @@ impl<B: Backend> TierControl for Tiering<B> {
                 );
             }
             self.dev.set_hold(pos, false);
-        }
-    }
-}
-
-impl From<MoveError> for IoError {
-    fn from(e: MoveError) -> Self {
-        match e {
-            MoveError::SpillFull => IoError::NoSpace("the spill tier is full".into()),
-            MoveError::NoRoom => IoError::NoSpace("no room in the backend".into()),
-            MoveError::Io(e) => e,
         }
     }
 }

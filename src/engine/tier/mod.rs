@@ -148,12 +148,6 @@ impl SpillStore {
         self.ram.is_none() && self.file.is_none()
     }
 
-    /// Bytes free in the spill tiers now (RAM not yet pinned counts as free).
-    pub fn free_bytes(&self) -> u64 {
-        self.ram.as_ref().map_or(0, |r| r.free_bytes())
-            + self.file.as_ref().map_or(0, |f| f.free_bytes())
-    }
-
     /// Total bytes the spill tiers may hold.
     pub fn capacity(&self) -> u64 {
         self.ram.as_ref().map_or(0, |r| r.capacity())
