@@ -206,24 +206,31 @@ mod tests {
         const OWNERS: usize = 4;
         const SLICE: usize = CHUNK / OWNERS;
         let stop = Arc::new(AtomicBool::new(false));
+        // The mover has a thread of its own: the owners' copies never yield, and on shared
+        // runtime workers they would starve it.
         let mover = {
             let (dev, stop) = (dev.clone(), stop.clone());
-            tokio::spawn(async move {
-                let (mut out, mut back) = (0u64, 0u64);
-                while !stop.load(Ordering::Relaxed) {
-                    for i in 0..4u64 {
-                        if let Ok(Moved::Done(_)) = dev.demote(i).await {
-                            out += 1;
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let (mut out, mut back) = (0u64, 0u64);
+                    while !stop.load(Ordering::Relaxed) {
+                        for i in 0..4u64 {
+                            if let Ok(Moved::Done(_)) = dev.demote(i).await {
+                                out += 1;
+                            }
+                        }
+                        for i in 0..4u64 {
+                            if let Ok(Moved::Done(_)) = dev.promote(i).await {
+                                back += 1;
+                            }
                         }
                     }
-                    for i in 0..4u64 {
-                        if let Ok(Moved::Done(_)) = dev.promote(i).await {
-                            back += 1;
-                        }
-                    }
-                    tokio::task::yield_now().await;
-                }
-                (out, back)
+                    (out, back)
+                })
             })
         };
         let owners: Vec<_> = (0..OWNERS)
@@ -264,7 +271,7 @@ mod tests {
             o.await.unwrap();
         }
         stop.store(true, Ordering::Relaxed);
-        let (out, back) = mover.await.unwrap();
+        let (out, back) = mover.join().unwrap();
         assert!(
             out > 20 && back > 20,
             "too few moves: {out} out, {back} back"
