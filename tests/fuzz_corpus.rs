@@ -31,7 +31,7 @@ fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
-fn run(target: &str, data: &[u8], exports: &[vramdisk::nbd::server::Export]) {
+fn run(target: &str, data: &[u8], exports: &[vramdisk::nbd::export::Export]) {
     match target {
         "parsers" => fuzzing::parsers(data),
         "options" => fuzzing::options(data, exports),

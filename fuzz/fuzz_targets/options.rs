@@ -1,7 +1,7 @@
 //! Option haggling on an arbitrary sequence of options.
 #![no_main]
 use std::sync::OnceLock;
-use vramdisk::nbd::server::Export;
+use vramdisk::nbd::export::Export;
 
 static EXPORTS: OnceLock<Vec<Export>> = OnceLock::new();
 

@@ -1,7 +1,7 @@
 //! A whole connection (handshake, then transmission) on arbitrary client bytes.
 #![no_main]
 use std::sync::OnceLock;
-use vramdisk::nbd::server::Export;
+use vramdisk::nbd::export::Export;
 
 static EXPORTS: OnceLock<Vec<Export>> = OnceLock::new();
 

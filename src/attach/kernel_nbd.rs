@@ -13,7 +13,8 @@
 
 use crate::engine::metered::DeviceMetrics;
 use crate::engine::{BlockDevice, Capabilities};
-use crate::nbd::server::{Export, Limits};
+use crate::nbd::export::Export;
+use crate::nbd::proto::{self, Framing};
 use anyhow::{Context, Result, bail};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -42,14 +43,16 @@ const NBD_SOCK_FD: u16 = 1;
 /// Client flag: remove the device when the last connection goes away.
 pub const NBD_CFLAG_DESTROY_ON_DISCONNECT: u64 = 1;
 
-// NBD transmission flags (NetworkBlockDevice/nbd doc/proto.md).
-const NBD_FLAG_HAS_FLAGS: u64 = 1 << 0;
-const NBD_FLAG_READ_ONLY: u64 = 1 << 1;
-const NBD_FLAG_SEND_FLUSH: u64 = 1 << 2;
-const NBD_FLAG_SEND_FUA: u64 = 1 << 3;
-const NBD_FLAG_SEND_TRIM: u64 = 1 << 5;
-const NBD_FLAG_SEND_WRITE_ZEROES: u64 = 1 << 6;
-const NBD_FLAG_CAN_MULTI_CONN: u64 = 1 << 8;
+/// The transmission flags the kernel's nbd driver acts on. It sends no `NBD_CMD_CACHE`,
+/// no fast zeroes and only simple requests, so the flags offering those are left out of
+/// what an NBD client would be sent.
+const KERNEL_FLAGS: u16 = proto::FLAG_HAS_FLAGS
+    | proto::FLAG_READ_ONLY
+    | proto::FLAG_SEND_FLUSH
+    | proto::FLAG_SEND_FUA
+    | proto::FLAG_SEND_TRIM
+    | proto::FLAG_SEND_WRITE_ZEROES
+    | proto::FLAG_CAN_MULTI_CONN;
 
 const NETLINK_GENERIC: libc::c_int = 16;
 const GENL_ID_CTRL: u16 = 0x10;
@@ -104,42 +107,21 @@ pub async fn serve_connection(
     flags: u16,
     shutdown: CancellationToken,
 ) -> Result<u64> {
-    let limits = Limits {
-        max_connections: 1,
-        inflight_bytes: INFLIGHT_PER_CONNECTION,
-        handshake_timeout: std::time::Duration::from_secs(30),
-        max_per_client: 1,
-        // One connection of the kernel's several; the device's buffer pool bounds them all.
-        client_inflight_bytes: INFLIGHT_PER_CONNECTION,
-        tls: None,
-        busy_poll: std::time::Duration::ZERO,
-    };
-    crate::nbd::server::serve_transmission_only(socket, &export, flags, &limits, &shutdown).await
+    crate::nbd::server::serve_transmission_only(
+        socket,
+        &export,
+        flags,
+        INFLIGHT_PER_CONNECTION,
+        &shutdown,
+    )
+    .await
 }
 
-/// The NBD transmission flags for a device with `caps`.
+/// The NBD transmission flags for a device with `caps`: those an NBD client with simple
+/// replies is sent ([`crate::nbd::export::transmission_flags`]), less what the kernel's
+/// driver does not use.
 pub fn transmission_flags(caps: &Capabilities) -> u16 {
-    let mut f = NBD_FLAG_HAS_FLAGS;
-    if caps.read_only {
-        f |= NBD_FLAG_READ_ONLY;
-    }
-    if caps.can_flush {
-        f |= NBD_FLAG_SEND_FLUSH;
-    }
-    if caps.can_fua {
-        f |= NBD_FLAG_SEND_FUA;
-    }
-    // The server refuses trims and zeroes on a read-only export, so they are not offered.
-    if !caps.read_only && caps.can_trim {
-        f |= NBD_FLAG_SEND_TRIM;
-    }
-    if !caps.read_only && caps.can_zero {
-        f |= NBD_FLAG_SEND_WRITE_ZEROES;
-    }
-    if caps.can_multi_conn {
-        f |= NBD_FLAG_CAN_MULTI_CONN;
-    }
-    f as u16
+    crate::nbd::export::transmission_flags(caps, Framing::Simple) & KERNEL_FLAGS
 }
 
 /// The parameters of one `NBD_CMD_CONNECT`.
@@ -1144,7 +1126,7 @@ mod tests {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let device = host_device(16 << 20);
         assert_ne!(
-            transmission_flags(&device.capabilities()) as u64 & NBD_FLAG_CAN_MULTI_CONN,
+            (transmission_flags(&device.capabilities()) & proto::FLAG_CAN_MULTI_CONN) as u64,
             0
         );
         let shutdown = CancellationToken::new();

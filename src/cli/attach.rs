@@ -430,7 +430,8 @@ fn start_nbd(
     export: &crate::ops::ExportState,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<Vec<String>> {
-    use crate::nbd::server::{Export, Limits, Listener};
+    use crate::nbd::export::{ConnectionLimits, Export, Limits};
+    use crate::nbd::server::Listener;
     let mut urls = Vec::new();
     let listeners = runtime.block_on(async {
         let mut ls = Vec::new();
@@ -460,13 +461,15 @@ fn start_nbd(
     };
     let limits = Limits {
         max_connections: 64,
-        inflight_bytes: 128 << 20,
         handshake_timeout: Duration::from_secs(30),
         max_per_client: 64,
         // One client may hold half the device's buffers, as `serve` allows by default.
         client_inflight_bytes: usize::try_from(args.device.buffer_memory / 2).unwrap_or(usize::MAX),
         tls: None,
-        busy_poll: Duration::from_micros(args.busy_poll),
+        connection: ConnectionLimits {
+            inflight_bytes: 128 << 20,
+            busy_poll: Duration::from_micros(args.busy_poll),
+        },
     };
     runtime.spawn(async move {
         if let Err(e) = server::serve(vec![export], listeners, limits, shutdown).await {

@@ -3,7 +3,8 @@
 use super::DeviceArgs;
 use super::size::format_size;
 use crate::engine::BlockDevice as _;
-use crate::nbd::server::{self, Export, Limits, Listener};
+use crate::nbd::export::{ConnectionLimits, Export, Limits};
+use crate::nbd::server::{self, Listener};
 use anyhow::{Context, Result, bail};
 use clap::{Args, FromArgMatches};
 use std::net::SocketAddr;
@@ -136,7 +137,7 @@ fn check_exposure(addr: &SocketAddr, tls: TlsArg, allow_insecure: bool) -> Resul
 }
 
 fn tls_setup(args: &ServeArgs) -> Result<Option<crate::nbd::tls::TlsSetup>> {
-    use crate::nbd::handshake::TlsMode;
+    use crate::nbd::tls::TlsMode;
     let mode = match args.tls {
         TlsArg::Off => {
             if args.tls_cert.is_some() || args.tls_key.is_some() || args.tls_ca.is_some() {
@@ -312,12 +313,14 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
         daemon.ready();
         let limits = Limits {
             max_connections: args.max_connections.max(1),
-            inflight_bytes: args.inflight_memory as usize,
             client_inflight_bytes: usize::try_from(client_inflight).unwrap_or(usize::MAX),
             handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
             max_per_client: args.max_connections_per_client.max(1),
             tls,
-            busy_poll,
+            connection: ConnectionLimits {
+                inflight_bytes: args.inflight_memory as usize,
+                busy_poll,
+            },
         };
         let served = server::serve(exports, listeners, limits, shutdown).await;
         // Save even when the server failed: the data in memory is what the file is for.

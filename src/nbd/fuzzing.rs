@@ -3,9 +3,10 @@
 //! in-process socket pair against small host-memory exports. Each returns normally on any
 //! input; a panic, a hang or unbounded memory is a bug. Not part of the stable API.
 
-use super::handshake::{self, Outcome, TlsMode};
+use super::export::{ConnectionLimits, Export};
+use super::handshake::{self, Outcome};
 use super::proto;
-use super::server::{Export, Limits};
+use super::tls::TlsMode;
 use super::transmission;
 use crate::engine::host::HostBackend;
 use crate::engine::{BlockDevice, SparseDevice, SparseOptions};
@@ -135,13 +136,8 @@ pub fn session(data: &[u8], exports: &[Export]) {
 
 async fn drive(input: &[u8], exports: &[Export]) {
     let (mut client, server) = tokio::net::UnixStream::pair().expect("a socket pair");
-    let limits = Limits {
-        max_connections: 1,
+    let limits = ConnectionLimits {
         inflight_bytes: 1 << 20,
-        handshake_timeout: Duration::from_secs(5),
-        max_per_client: 1,
-        client_inflight_bytes: 1 << 20,
-        tls: None,
         // Polling would make runs depend on timing; the fuzzer wants them repeatable.
         busy_poll: Duration::ZERO,
     };
@@ -151,17 +147,7 @@ async fn drive(input: &[u8], exports: &[Export]) {
         let neg = handshake::negotiate(&mut server, exports, "fuzz", TlsMode::Off).await;
         if let Ok(Outcome::Transmission(n)) = neg {
             let (rd, wr) = server.into_split();
-            transmission::run(
-                rd,
-                wr,
-                &exports[n.export],
-                &n,
-                &limits,
-                limits.busy_poll,
-                None,
-                &shutdown,
-            )
-            .await;
+            transmission::run(rd, wr, &exports[n.export], &n, &limits, None, &shutdown).await;
         }
     };
     let talk = async {

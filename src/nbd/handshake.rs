@@ -6,9 +6,9 @@
 //! TLS session started by `NBD_OPT_STARTTLS`: [`negotiate`] runs over any byte stream, so
 //! an upgrade can swap the stream and restart option haggling with fresh [`Options`]).
 
+use super::export::{BlockSizes, Export, transmission_flags};
 use super::proto::{self, Framing};
-use super::server::Export;
-use crate::engine::Capabilities;
+use super::tls::TlsMode;
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
@@ -88,68 +88,6 @@ impl Options {
     }
 }
 
-/// Block size constraints advertised with `NBD_INFO_BLOCK_SIZE`, made to obey the spec's
-/// rules whatever the device reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct BlockSizes {
-    /// Minimum block size: a power of two, at most 64 KiB.
-    pub min: u32,
-    /// Preferred block size: a power of two, at least max(min, 512).
-    pub preferred: u32,
-    /// Maximum payload: at least the preferred size.
-    pub max: u32,
-}
-
-impl BlockSizes {
-    pub(crate) fn of(caps: &Capabilities) -> Self {
-        let min = caps.min_block.clamp(1, 1 << 16).next_power_of_two();
-        let preferred = caps
-            .preferred_block
-            .clamp(min.max(512), 1 << 30)
-            .next_power_of_two();
-        let max = caps.max_block.max(preferred);
-        BlockSizes {
-            min,
-            preferred,
-            max,
-        }
-    }
-}
-
-/// Transmission flags for an export with `caps` on a connection with `framing`.
-pub(crate) fn transmission_flags(caps: &Capabilities, framing: Framing) -> u16 {
-    let mut f = proto::FLAG_HAS_FLAGS;
-    let writable = !caps.read_only;
-    if caps.read_only {
-        f |= proto::FLAG_READ_ONLY;
-    }
-    if caps.can_flush {
-        f |= proto::FLAG_SEND_FLUSH;
-    }
-    if caps.can_fua {
-        f |= proto::FLAG_SEND_FUA;
-    }
-    if writable && caps.can_trim {
-        f |= proto::FLAG_SEND_TRIM;
-    }
-    if writable && caps.can_zero {
-        f |= proto::FLAG_SEND_WRITE_ZEROES;
-        if caps.can_fast_zero {
-            f |= proto::FLAG_SEND_FAST_ZERO;
-        }
-    }
-    if caps.can_multi_conn {
-        f |= proto::FLAG_CAN_MULTI_CONN;
-    }
-    if caps.can_cache {
-        f |= proto::FLAG_SEND_CACHE;
-    }
-    if framing != Framing::Simple {
-        f |= proto::FLAG_SEND_DF;
-    }
-    f
-}
-
 /// The export a client means by `name`: an exact match, or for "" the first export (the
 /// CLI puts the default export, the one with the empty name, first).
 pub(crate) fn find_export(exports: &[Export], name: &[u8]) -> Option<usize> {
@@ -165,18 +103,6 @@ pub(crate) fn find_export(exports: &[Export], name: &[u8]) -> Option<usize> {
 /// Most options one handshake may send (per TLS phase). Real clients send a handful; a
 /// client that keeps haggling is only holding a connection slot.
 pub(crate) const MAX_OPTIONS: u32 = 1024;
-
-/// Whether the server offers TLS through `NBD_OPT_STARTTLS`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum TlsMode {
-    /// No TLS: STARTTLS is unsupported.
-    #[default]
-    Off,
-    /// Clients may upgrade to TLS or stay in plain text.
-    On,
-    /// Only STARTTLS and ABORT are accepted until TLS is up.
-    Require,
-}
 
 /// Where a connection stands with TLS, for option handling.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -932,30 +858,6 @@ mod tests {
         handle_option(OPT_SET_META_CONTEXT, &[0, 0], &ex, &mut opts, &mut out);
         assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
         assert_eq!(opts.allocation_for, None);
-    }
-
-    #[test]
-    fn block_sizes_obey_the_spec() {
-        let mut caps = export("", 4096, false).device.capabilities();
-        assert_eq!(
-            BlockSizes::of(&caps),
-            BlockSizes {
-                min: 1,
-                preferred: 4096,
-                max: 32 << 20
-            }
-        );
-        caps.min_block = 3;
-        caps.preferred_block = 100;
-        caps.max_block = 10;
-        assert_eq!(
-            BlockSizes::of(&caps),
-            BlockSizes {
-                min: 4,
-                preferred: 512,
-                max: 512
-            }
-        );
     }
 
     #[test]

@@ -2,9 +2,12 @@
 //!
 //! [`proto`] is the wire format: pure parse and encode, no I/O, tested byte for byte.
 //! `handshake` negotiates options until the client picks an export, `transmission` serves
-//! its requests, and [`server`] accepts connections, applies limits and shuts down. Devices
-//! are reached only through [`crate::engine::BlockDevice`].
+//! its requests, and [`server`] accepts connections, applies limits and shuts down. What
+//! the three share ([`export::Export`], [`export::Limits`]) sits below them in [`export`],
+//! so none of them imports another back. Devices are reached only through
+//! [`crate::engine::BlockDevice`].
 
+pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handshake;

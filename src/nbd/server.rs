@@ -2,10 +2,11 @@
 //! shutdown. Each accepted connection runs the handshake ([`super::handshake`]) and then the
 //! transmission phase ([`super::transmission`]) in its own task.
 
+use super::export::{ConnectionLimits, Export, Limits};
 use super::handshake::{self, Outcome};
 use super::proto::Framing;
-use super::transmission;
-use crate::engine::BlockDevice;
+use super::tls::TlsMode;
+use super::transmission::{self, ClientBudget};
 use anyhow::{Context, Result, bail};
 use std::future::Future;
 use std::io;
@@ -24,41 +25,6 @@ use tracing::{debug, error, info, warn};
 /// How long a shutdown waits for in-flight requests to finish and their replies to go out
 /// before the remaining connections are closed regardless.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// One export: a device under a name.
-pub struct Export {
-    /// Name clients ask for; "" for the default export.
-    pub name: String,
-    /// Free-text description sent with NBD_INFO_DESCRIPTION.
-    pub description: String,
-    /// The device.
-    pub device: Arc<dyn BlockDevice>,
-    /// Where the connection count of this export is kept (`vramdisk status`, metrics).
-    pub metrics: Option<Arc<crate::engine::metered::DeviceMetrics>>,
-}
-
-/// Resource bounds of the server.
-#[derive(Clone, Debug)]
-pub struct Limits {
-    /// Most connections served at once.
-    pub max_connections: usize,
-    /// Most payload bytes in flight per connection (counted as the I/O buffers they take).
-    pub inflight_bytes: usize,
-    /// Most payload bytes in flight over all connections of one source (as for
-    /// `max_per_client`), so that one client cannot take every I/O buffer of the daemon
-    /// however many connections it opens.
-    pub client_inflight_bytes: usize,
-    /// Time a client has to finish the handshake (TLS included).
-    pub handshake_timeout: Duration,
-    /// Most connections at once from one source: a TCP client's IP address, or the user
-    /// on the other end of a Unix socket.
-    pub max_per_client: usize,
-    /// TLS through `NBD_OPT_STARTTLS`, if offered.
-    pub tls: Option<super::tls::TlsSetup>,
-    /// How long a connection's reader polls its socket for the next request before it
-    /// sleeps (zero: never). See `transmission::Poller`.
-    pub busy_poll: Duration,
-}
 
 /// Default of `--busy-poll`, in microseconds: longer than a client at queue depth 1 takes
 /// to send its next request after a reply (a few µs to ~30 µs when the reply has to wake
@@ -144,7 +110,7 @@ struct Shared {
     workers: Workers,
     /// Open connections per source (see [`Limits::max_per_client`]), and the source's
     /// in-flight budget (see [`Limits::client_inflight_bytes`]), shared by them.
-    per_client: std::sync::Mutex<std::collections::HashMap<String, (usize, Arc<Semaphore>)>>,
+    per_client: std::sync::Mutex<std::collections::HashMap<String, (usize, ClientBudget)>>,
 }
 
 /// One connection counted against its source; uncounted when dropped.
@@ -152,7 +118,7 @@ struct ClientSlot {
     shared: Arc<Shared>,
     key: String,
     /// The source's in-flight budget.
-    budget: Arc<Semaphore>,
+    budget: ClientBudget,
 }
 
 impl Drop for ClientSlot {
@@ -175,13 +141,9 @@ impl Shared {
     /// Counts a connection from `key`, or `None` if that source has its fill.
     fn admit(self: &Arc<Self>, key: String) -> Option<ClientSlot> {
         let mut m = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
-        let (n, budget) = m.entry(key.clone()).or_insert_with(|| {
-            let bytes = self
-                .limits
-                .client_inflight_bytes
-                .clamp(1 << 20, Semaphore::MAX_PERMITS);
-            (0, Arc::new(Semaphore::new(bytes)))
-        });
+        let (n, budget) = m
+            .entry(key.clone())
+            .or_insert_with(|| (0, ClientBudget::new(self.limits.client_inflight_bytes)));
         if *n >= self.limits.max_per_client {
             return None;
         }
@@ -346,14 +308,15 @@ pub async fn serve(
 /// Serves the transmission phase alone on a connected socket whose peer skipped the
 /// handshake: the kernel's nbd driver, given sockets over netlink, negotiates nothing and
 /// starts sending requests at once. Replies are simple (the kernel knows no other kind) and
-/// `flags` are the transmission flags the peer was told. Returns when the peer sends
+/// `flags` are the transmission flags the peer was told; at most `inflight_bytes` of
+/// payload are in flight at once (see [`ConnectionLimits::inflight_bytes`]). Returns when the peer sends
 /// `NBD_CMD_DISC`, closes the socket, or `shutdown` is cancelled; the error says why a
 /// connection was dropped for a protocol violation or a failed socket.
 pub async fn serve_transmission_only(
     stream: UnixStream,
     export: &Export,
     flags: u16,
-    limits: &Limits,
+    inflight_bytes: usize,
     shutdown: &CancellationToken,
 ) -> Result<u64> {
     let neg = handshake::Negotiated {
@@ -365,8 +328,11 @@ pub async fn serve_transmission_only(
     let _counted = export.metrics.as_ref().map(|m| m.connection());
     let (rd, wr) = stream.into_split();
     // No busy polling: these connections share the caller's runtime threads with the others.
-    let summary =
-        transmission::run(rd, wr, export, &neg, limits, Duration::ZERO, None, shutdown).await;
+    let limits = ConnectionLimits {
+        inflight_bytes,
+        busy_poll: Duration::ZERO,
+    };
+    let summary = transmission::run(rd, wr, export, &neg, &limits, None, shutdown).await;
     match summary.ended {
         transmission::Ended::Protocol(_)
         | transmission::Ended::ReadFailed(_)
@@ -555,7 +521,7 @@ async fn handshake_phase<S: Stream>(
     peer: &str,
 ) -> Result<(Conn<S>, Outcome)> {
     let tls = shared.limits.tls.as_ref();
-    let mode = tls.map_or(handshake::TlsMode::Off, |t| t.mode);
+    let mode = tls.map_or(TlsMode::Off, |t| t.mode);
     let outcome = handshake::negotiate(&mut stream, &shared.exports, peer, mode).await?;
     let Outcome::StartTls { no_zeroes } = outcome else {
         return Ok((Conn::Plain(stream), outcome));
@@ -619,7 +585,7 @@ async fn connection<S: Stream>(
     peer: String,
     shared: Arc<Shared>,
     _slot: OwnedSemaphorePermit,
-    client_budget: Arc<Semaphore>,
+    client_budget: ClientBudget,
 ) {
     info!("client {peer} connected");
     let limits = &shared.limits;
@@ -679,8 +645,7 @@ async fn connection<S: Stream>(
                 wr,
                 export,
                 &neg,
-                limits,
-                limits.busy_poll,
+                &limits.connection,
                 Some(client_budget),
                 &shared.shutdown,
             )
@@ -707,8 +672,10 @@ async fn connection<S: Stream>(
                 wr,
                 export,
                 &neg,
-                limits,
-                Duration::ZERO,
+                &ConnectionLimits {
+                    busy_poll: Duration::ZERO,
+                    ..limits.connection
+                },
                 Some(client_budget),
                 &shared.shutdown,
             )

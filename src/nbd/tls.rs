@@ -1,12 +1,23 @@
 //! TLS for NBD (`NBD_OPT_STARTTLS`) through rustls: loading the server's certificate and
 //! key, and optionally a CA that client certificates must chain to (mutual TLS).
 
-use super::handshake::TlsMode;
 use anyhow::{Context, Result, bail};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::Path;
 use std::sync::Arc;
+
+/// Whether the server offers TLS through `NBD_OPT_STARTTLS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    /// No TLS: STARTTLS is unsupported.
+    #[default]
+    Off,
+    /// Clients may upgrade to TLS or stay in plain text.
+    On,
+    /// Only STARTTLS and ABORT are accepted until TLS is up.
+    Require,
+}
 
 /// What the server needs to offer TLS.
 #[derive(Clone)]

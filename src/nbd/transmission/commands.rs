@@ -8,9 +8,10 @@
 //! out (`execute.rs`): it reads or throws away the payload, takes buffers and runs the
 //! operation.
 
-use super::super::handshake::{BlockSizes, Negotiated};
-use super::super::proto::{self, Framing, NbdError, Request};
 use crate::engine::{BufferPool, Capabilities, ZeroFlags};
+use crate::nbd::export::BlockSizes;
+use crate::nbd::handshake::Negotiated;
+use crate::nbd::proto::{self, Framing, NbdError, Request};
 
 /// Block status looks at most this much of the device per request; clients ask again for
 /// the rest, as the spec expects.
@@ -342,7 +343,7 @@ mod tests {
     use super::*;
     use crate::engine::host::HostBackend;
     use crate::engine::{BlockDevice, SparseDevice, SparseOptions};
-    use crate::nbd::handshake::transmission_flags;
+    use crate::nbd::export::transmission_flags;
 
     const SIZE: u64 = 1 << 30;
 

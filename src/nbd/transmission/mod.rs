@@ -49,9 +49,9 @@ mod tests;
 pub(crate) use poll::set_thread_load;
 pub(crate) use socket::{Sink, Source};
 
+use super::export::{ConnectionLimits, Export};
 use super::handshake::Negotiated;
 use super::proto::{self, Request};
-use super::server::{Export, Limits};
 use crate::engine::{BlockDevice, Extent, IoBuf, IoError};
 use commands::Terms;
 use inbuf::{InBuf, READ_BUF};
@@ -145,25 +145,43 @@ struct Conn<R, S> {
     budget: Arc<Semaphore>,
     budget_max: u64,
     /// The budget shared by every connection of this client, if any.
-    client_budget: Option<Arc<Semaphore>>,
-    client_max: u64,
+    client_budget: Option<ClientBudget>,
     extents: Vec<Extent>,
     requests: u64,
     poller: Poller,
 }
 
-/// Runs the transmission phase on a connection whose handshake chose `export`, polling
-/// for requests up to `busy_poll` before each wait (see [`Poller`]; zero turns it off).
-// Each argument is a different thing the caller decides; a struct would only rename them.
-#[allow(clippy::too_many_arguments)]
+/// The in-flight budget that all connections from one source share (see
+/// [`crate::nbd::export::Limits::client_inflight_bytes`]): made once per source by the
+/// listener, held by each of its connections.
+#[derive(Clone)]
+pub(crate) struct ClientBudget {
+    permits: Arc<Semaphore>,
+    /// Its size: no request takes more.
+    size: u64,
+}
+
+impl ClientBudget {
+    /// A budget of `bytes` (at least 1 MiB, so that any request fits).
+    pub(crate) fn new(bytes: usize) -> Self {
+        let bytes = bytes.clamp(1 << 20, Semaphore::MAX_PERMITS);
+        ClientBudget {
+            permits: Arc::new(Semaphore::new(bytes)),
+            size: bytes as u64,
+        }
+    }
+}
+
+/// Runs the transmission phase on a connection whose handshake chose `export`, within
+/// `limits` (polling for requests up to `limits.busy_poll` before each wait, see
+/// [`Poller`]) and, if given, the budget of the client's connections together.
 pub(crate) async fn run<R, S>(
     rd: R,
     sink: S,
     export: &Export,
     neg: &Negotiated,
-    limits: &Limits,
-    busy_poll: Duration,
-    client_budget: Option<Arc<Semaphore>>,
+    limits: &ConnectionLimits,
+    client_budget: Option<ClientBudget>,
     shutdown: &CancellationToken,
 ) -> Summary
 where
@@ -185,13 +203,10 @@ where
         terms: Terms::new(export.device.capabilities(), export.device.size(), neg),
         budget: Arc::new(Semaphore::new(budget_max as usize)),
         budget_max,
-        client_max: client_budget.as_ref().map_or(0, |_| {
-            (limits.client_inflight_bytes as u64).clamp(1 << 20, Semaphore::MAX_PERMITS as u64)
-        }),
         client_budget,
         extents: Vec::new(),
         requests: 0,
-        poller: Poller::new(busy_poll, R::STEPS_ASIDE && few_cpus()),
+        poller: Poller::new(limits.busy_poll, R::STEPS_ASIDE && few_cpus()),
     };
     let ended = conn.serve(shutdown).await;
     let hard = ended.is_violation() || matches!(ended, Ended::ReadFailed(_) | Ended::WriteFailed);
@@ -366,20 +381,18 @@ impl<R: Source, S: Sink> Conn<R, S> {
                     .map_err(closed)?
             }
         };
-        let n = want.min(self.client_max) as u32;
-        let client = match self
-            .client_budget
-            .as_ref()
-            .map(|b| b.clone().try_acquire_many_owned(n))
-        {
+        let client = match self.client_budget.as_ref().map(|b| {
+            let n = want.min(b.size) as u32;
+            (n, b.permits.clone().try_acquire_many_owned(n))
+        }) {
             None => None,
-            Some(Ok(p)) => Some(p),
-            Some(Err(_)) => {
+            Some((_, Ok(p))) => Some(p),
+            Some((n, Err(_))) => {
                 // The client's other connections hold its share: wait for their replies
                 // to go out, as for this connection's own budget.
                 self.flush_replies();
                 let b = self.client_budget.clone().expect("checked above");
-                Some(b.acquire_many_owned(n).await.map_err(closed)?)
+                Some(b.permits.acquire_many_owned(n).await.map_err(closed)?)
             }
         };
         Ok(Permit {

@@ -2,8 +2,8 @@
 //! of data, device memory lent in place, or chunks of a sparse read), the budget it keeps
 //! until it is written, and how a request's reply is framed ([`ReplyTo`]).
 
-use super::super::proto::{self, Frame, Framing, NbdError};
 use crate::engine::{IoBuf, IoError, View};
+use crate::nbd::proto::{self, Frame, Framing, NbdError};
 use std::io::IoSlice;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::warn;

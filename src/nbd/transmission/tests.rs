@@ -5,7 +5,8 @@ use super::*;
 use crate::engine::host::HostBackend;
 use crate::engine::{Capabilities, ZeroFlags};
 use crate::engine::{SparseDevice, SparseOptions};
-use crate::nbd::handshake::{ALLOCATION_CONTEXT_ID, transmission_flags};
+use crate::nbd::export::transmission_flags;
+use crate::nbd::handshake::ALLOCATION_CONTEXT_ID;
 use crate::nbd::proto::{Framing, NbdError};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -51,29 +52,14 @@ fn spawn_run(
     neg: Negotiated,
     inflight: usize,
 ) -> tokio::task::JoinHandle<Summary> {
-    let limits = Limits {
-        max_connections: 1,
+    let limits = ConnectionLimits {
         inflight_bytes: inflight,
-        handshake_timeout: Duration::from_secs(5),
-        max_per_client: 1,
-        client_inflight_bytes: 64 << 20,
-        tls: None,
         busy_poll: Duration::from_micros(50),
     };
     tokio::spawn(async move {
         let (rd, wr) = server.into_split();
         let shutdown = CancellationToken::new();
-        run(
-            rd,
-            wr,
-            &export,
-            &neg,
-            &limits,
-            limits.busy_poll,
-            None,
-            &shutdown,
-        )
-        .await
+        run(rd, wr, &export, &neg, &limits, None, &shutdown).await
     })
 }
 
