@@ -19,7 +19,21 @@ cleanup() {
   for p in "${pid[@]}"; do kill "$p" 2>/dev/null; done
   for i in 1 2 3; do ip netns del "vdh$i" 2>/dev/null; done
 }
-trap cleanup EXIT
+# What a failed step leaves behind to read: the array, the kernel's view, the writer.
+diagnose() {
+  echo "--- diagnostics: /proc/mdstat"
+  cat /proc/mdstat
+  echo "--- dmesg (last 40 lines)"
+  dmesg | tail -n 40
+  for f in "$work"/writer.log "$work"/host*.log; do
+    [[ -e $f ]] && { echo "--- $f (last 20 lines)"; tail -n 20 "$f"; }
+  done
+  for p in $(pgrep -f "$work/mnt" 2>/dev/null); do
+    echo "--- stack of $p: $(tr '\0' ' ' </proc/$p/cmdline)"
+    cat "/proc/$p/stack" 2>/dev/null
+  done
+}
+trap 'rc=$?; ((rc == 0)) || diagnose >&2; cleanup' EXIT
 
 # A test CA, a server certificate per host (its address and name), a client certificate.
 pki=$work/pki
@@ -64,9 +78,11 @@ start_host() {
 attach_host() {
   local i=$1 d
   d=$(free_nbd)
+  # -timeout: without one, requests in flight when a host dies are never failed (the kernel
+  # only logs "Possible stuck request" every 30 s), and md waits for them for ever.
   nbd-client "10.77.$i.2" 10809 "$d" -N '' -enable-tls -cacertfile "$pki/ca-cert.pem" \
     -certfile "$pki/client-cert.pem" -keyfile "$pki/client-key.pem" -tlshostname "host$i" \
-    >/dev/null
+    -timeout 20 >/dev/null
   dev[$i]=$d
   echo "host$i: 10.77.$i.2 on $d"
 }
