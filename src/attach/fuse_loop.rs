@@ -25,9 +25,11 @@
 //! - A second file, `stats`, reads as the device's counters in JSON, so tests and tools can
 //!   see the daemon's memory without a control socket.
 
+use super::fuse_disk::{ATTR_TTL, Attr, DISK_INO, Disk, ENTRIES, OpenFiles, PAGE, ROOT_INO};
+pub use super::fuse_disk::{DISK_NAME, STATS_NAME};
 use super::loop_dev::{LoopDevice, LoopOptions};
 use super::pacing::Pacer;
-use crate::engine::{BlockDevice, IoError, ZeroFlags};
+use crate::engine::{BlockDevice, IoError};
 use anyhow::{Context, Result};
 use fuser::{
     BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
@@ -39,17 +41,8 @@ use std::ffi::OsStr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 use tracing::{info, warn};
-
-const ROOT_INO: u64 = 1;
-const DISK_INO: u64 = 2;
-const STATS_INO: u64 = 3;
-/// Name of the device image inside the FUSE mount.
-pub const DISK_NAME: &str = "disk";
-/// Name of the counters file inside the FUSE mount.
-pub const STATS_NAME: &str = "stats";
 
 /// The FUSE ABI caps one request at this many bytes in fuser's receive buffer.
 const FUSER_MAX_WRITE: u32 = 16 << 20;
@@ -57,27 +50,34 @@ const FUSER_MAX_WRITE: u32 = 16 << 20;
 /// would never be used, only pre-allocated.
 const LOOP_MAX_REQUEST: u32 = 1280 << 10;
 const FALLBACK_MAX_PAGES: u32 = 256;
-const PAGE: u32 = 4096;
-
-const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
-const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
-const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
-
-/// Attributes never change behind the kernel's back (the size is fixed), so cache them long.
-const ATTR_TTL: Duration = Duration::from_secs(3600);
 
 /// Options of the FUSE + loop method.
 #[derive(Clone, Debug)]
 pub struct FuseLoopOptions {
     /// Directory to mount the FUSE filesystem on (created if missing, must be empty).
     pub mountpoint: PathBuf,
-    /// Threads serving FUSE requests.
+    /// Threads serving FUSE requests (fuser).
     pub threads: usize,
     /// Requests in flight the kernel may queue to us (FUSE max_background).
     pub max_background: u16,
     /// How long a thread that has just replied polls for the next request before it goes
     /// back to sleep in its read; zero never polls.
     pub busy_poll: Duration,
+    /// How requests reach this process: FUSE over io_uring where the kernel offers it, or
+    /// fuser reading /dev/fuse.
+    pub transport: Transport,
+}
+
+/// How FUSE requests reach the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// FUSE over io_uring where the kernel offers it (fuse's `enable_uring` on and the
+    /// queues register), else fuser.
+    Auto,
+    /// FUSE over io_uring, or fail saying why not.
+    Uring,
+    /// fuser threads reading /dev/fuse.
+    Fuser,
 }
 
 /// The largest FUSE request this kernel allows, capped where larger would not help.
@@ -105,150 +105,53 @@ pub fn unavailable() -> Option<String> {
     None
 }
 
+/// The filesystem as fuser serves it: [`Disk`] plus the pacing of fuser's threads.
 struct DiskFs {
-    device: Arc<dyn BlockDevice>,
-    runtime: tokio::runtime::Handle,
-    size: u64,
-    read_only: bool,
+    disk: Arc<Disk>,
     max_write: u32,
     max_background: u16,
-    created: SystemTime,
-    io_errors: AtomicU64,
-    uid: u32,
-    gid: u32,
     /// Parks spare threads and polls for the next request after each reply.
     pacer: Arc<Pacer>,
-    /// Opens of the disk image not yet released.
-    open_files: Arc<OpenFiles>,
 }
 
-/// Counts the disk image's open files, so that detach can wait for the kernel's RELEASE of
-/// the loop device's file before it unmounts: unmounting first ends the connection while
-/// that RELEASE is on its way, and its reply then fails ("Failed to send FUSE reply: No
-/// such file or directory", seen in the test VM). Nothing was lost then (a RELEASE carries
-/// no data, and the kernel had closed the file already), but the error hid real ones.
-#[derive(Default)]
-struct OpenFiles {
-    count: std::sync::Mutex<u64>,
-    released: std::sync::Condvar,
-}
-
-impl OpenFiles {
-    fn opened(&self) {
-        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+fn fuser_attr(disk: &Disk, a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: disk.created,
+        mtime: disk.created,
+        ctime: disk.created,
+        crtime: disk.created,
+        kind: if a.dir {
+            FileType::Directory
+        } else {
+            FileType::RegularFile
+        },
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: disk.uid,
+        gid: disk.gid,
+        rdev: 0,
+        blksize: PAGE,
+        flags: 0,
     }
-
-    fn released(&self) {
-        let mut n = self.count.lock().unwrap_or_else(|e| e.into_inner());
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            self.released.notify_all();
-        }
-    }
-
-    /// Waits up to `timeout` for every open file to be released; whether they were.
-    fn wait_all_released(&self, timeout: Duration) -> bool {
-        let n = self.count.lock().unwrap_or_else(|e| e.into_inner());
-        let (n, _) = self
-            .released
-            .wait_timeout_while(n, timeout, |n| *n > 0)
-            .unwrap_or_else(|e| e.into_inner());
-        *n == 0
-    }
-}
-
-fn errno_of(e: &IoError) -> Errno {
-    Errno::from_i32(e.errno())
 }
 
 impl DiskFs {
-    /// Runs a device call to completion on this (FUSE) thread.
-    ///
-    /// Most calls never wait (host memory: a memcpy), so the future is first polled once,
-    /// inside the runtime's context, with a waker that does nothing; only if it is not ready
-    /// does the thread park in the runtime's `block_on` until it is. That skips the park
-    /// machinery on the common path.
-    fn complete<F: std::future::Future>(&self, fut: F) -> F::Output {
-        let _context = self.runtime.enter();
-        let mut fut = std::pin::pin!(fut);
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
-            return out;
-        }
-        self.runtime.block_on(fut)
-    }
-
-    fn attr(&self, ino: u64) -> Option<FileAttr> {
-        let (kind, size, perm, nlink) = match ino {
-            ROOT_INO => (FileType::Directory, 0, 0o500, 2),
-            DISK_INO => (
-                FileType::RegularFile,
-                self.size,
-                if self.read_only { 0o400 } else { 0o600 },
-                1,
-            ),
-            STATS_INO => (FileType::RegularFile, 0, 0o444, 1),
-            _ => return None,
-        };
-        let blocks = if ino == DISK_INO {
-            self.device.stats().allocated / 512
-        } else {
-            0
-        };
-        Some(FileAttr {
-            ino: INodeNo(ino),
-            size,
-            blocks,
-            atime: self.created,
-            mtime: self.created,
-            ctime: self.created,
-            crtime: self.created,
-            kind,
-            perm,
-            nlink,
-            uid: self.uid,
-            gid: self.gid,
-            rdev: 0,
-            blksize: PAGE,
-            flags: 0,
-        })
-    }
-
-    fn stats_json(&self) -> String {
-        let s = self.device.stats();
-        serde_json::json!({
-            "size": s.size,
-            "allocated": s.allocated,
-            "chunks": s.chunks,
-            "max_memory": s.max_memory,
-            "io_errors": self.io_errors.load(Ordering::Relaxed),
-            "backend": self.device.describe(),
-        })
-        .to_string()
-            + "\n"
-    }
-
-    /// FLUSH and FSYNC: both mean "make what was written durable", a device flush for the
-    /// disk image and nothing for the directory.
-    fn sync(&self, ino: INodeNo, reply: ReplyEmpty) {
-        if ino.0 != DISK_INO {
-            return reply.ok();
-        }
+    /// Runs a request that uses the device, then lets the pacer see how long it took.
+    fn timed<T>(&self, f: impl FnOnce(&Disk) -> T) -> T {
         let start = Instant::now();
-        let result = self.complete(self.device.flush());
-        let work = start.elapsed();
+        let out = f(&self.disk);
+        self.pacer.after_request(start.elapsed());
+        out
+    }
+
+    fn reply_empty(&self, reply: ReplyEmpty, result: Result<(), i32>) {
         match result {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(self.failed(&e)),
+            Err(e) => reply.error(Errno::from_i32(e)),
         }
-        self.pacer.after_request(work);
-    }
-
-    fn failed(&self, e: &IoError) -> Errno {
-        // Counted, not logged: a log line per failed request could itself need the device
-        // (or memory) that just failed.
-        self.io_errors.fetch_add(1, Ordering::Relaxed);
-        errno_of(e)
     }
 }
 
@@ -269,22 +172,17 @@ impl Filesystem for DiskFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let ino = match (parent.0, name.to_str()) {
-            (ROOT_INO, Some(DISK_NAME)) => DISK_INO,
-            (ROOT_INO, Some(STATS_NAME)) => STATS_INO,
-            _ => return reply.error(Errno::ENOENT),
-        };
-        let ttl = if ino == STATS_INO {
-            Duration::ZERO
-        } else {
-            ATTR_TTL
-        };
-        reply.entry(&ttl, &self.attr(ino).unwrap(), fuser::Generation(0));
+        match self.disk.lookup(parent.0, name.as_encoded_bytes()) {
+            Ok((attr, ttl)) => {
+                reply.entry(&ttl, &fuser_attr(&self.disk, &attr), fuser::Generation(0))
+            }
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.attr(ino.0) {
-            Some(attr) => reply.attr(&ATTR_TTL, &attr),
+        match self.disk.attr(ino.0) {
+            Some(attr) => reply.attr(&ATTR_TTL, &fuser_attr(&self.disk, &attr)),
             None => reply.error(Errno::ENOENT),
         }
     }
@@ -307,33 +205,16 @@ impl Filesystem for DiskFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let Some(attr) = self.attr(ino.0) else {
-            return reply.error(Errno::ENOENT);
-        };
-        // The device has a fixed size; everything else (times, modes) is accepted and
-        // forgotten, as on a device node.
-        if size.is_some_and(|s| s != attr.size) {
-            return reply.error(Errno::EPERM);
+        match self.disk.setattr(ino.0, size) {
+            Ok(attr) => reply.attr(&ATTR_TTL, &fuser_attr(&self.disk, &attr)),
+            Err(e) => reply.error(Errno::from_i32(e)),
         }
-        reply.attr(&ATTR_TTL, &attr)
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match ino.0 {
-            DISK_INO => {
-                let writing = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-                if writing && self.read_only {
-                    return reply.error(Errno::EROFS);
-                }
-                self.open_files.opened();
-                reply.opened(
-                    FileHandle(0),
-                    FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
-                )
-            }
-            STATS_INO => reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
-            ROOT_INO => reply.error(Errno::EISDIR),
-            _ => reply.error(Errno::ENOENT),
+        match self.disk.open(ino.0, flags.0) {
+            Ok(fopen) => reply.opened(FileHandle(0), FopenFlags::from_bits_retain(fopen)),
+            Err(e) => reply.error(Errno::from_i32(e)),
         }
     }
 
@@ -348,33 +229,17 @@ impl Filesystem for DiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if ino.0 == STATS_INO {
-            let text = self.stats_json();
-            let start = (offset as usize).min(text.len());
-            let end = start.saturating_add(size as usize).min(text.len());
-            return reply.data(&text.as_bytes()[start..end]);
-        }
-        if ino.0 != DISK_INO {
-            return reply.error(Errno::ENOENT);
-        }
-        // Like any file: a read that starts at or runs past the end is short.
-        let len = self.size.saturating_sub(offset).min(size as u64) as usize;
-        if len == 0 {
-            return reply.data(&[]);
-        }
-        let device = &self.device;
-        let start = Instant::now();
-        let result = self.complete(async {
-            let mut buf = device.buffers().get(len).await?;
-            device.read(offset, &mut buf[..len]).await?;
-            Ok::<_, IoError>(buf)
+        let result = self.timed(|disk| {
+            let mut buf = disk
+                .complete(disk.device.buffers().get((size as usize).max(1)))
+                .map_err(|e| e.errno())?;
+            let n = disk.read(ino.0, offset, &mut buf[..size as usize])?;
+            Ok::<_, i32>((buf, n))
         });
-        let work = start.elapsed();
         match result {
-            Ok(buf) => reply.data(&buf[..len]),
-            Err(e) => reply.error(self.failed(&e)),
+            Ok((buf, n)) => reply.data(&buf[..n]),
+            Err(e) => reply.error(Errno::from_i32(e)),
         }
-        self.pacer.after_request(work);
     }
 
     fn write(
@@ -389,26 +254,10 @@ impl Filesystem for DiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        if ino.0 != DISK_INO {
-            return reply.error(Errno::EBADF);
+        match self.timed(|disk| disk.write(ino.0, offset, data, flags.0)) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(Errno::from_i32(e)),
         }
-        // The file cannot grow: a write past the end is out of space, as on a full disk.
-        if offset
-            .checked_add(data.len() as u64)
-            .is_none_or(|end| end > self.size)
-        {
-            return reply.error(Errno::ENOSPC);
-        }
-        // FUSE passes the kiocb's O_DSYNC/O_SYNC in the flags: the loop's FUA writes.
-        let fua = flags.0 & (libc::O_DSYNC | libc::O_SYNC) != 0;
-        let start = Instant::now();
-        let result = self.complete(self.device.write(offset, data, fua));
-        let work = start.elapsed();
-        match result {
-            Ok(()) => reply.written(data.len() as u32),
-            Err(e) => reply.error(self.failed(&e)),
-        }
-        self.pacer.after_request(work);
     }
 
     fn release(
@@ -424,7 +273,7 @@ impl Filesystem for DiskFs {
         reply.ok();
         // After the reply: detach waits for this, then unmounts.
         if ino.0 == DISK_INO {
-            self.open_files.released();
+            self.disk.open_files.released();
         }
     }
 
@@ -436,7 +285,7 @@ impl Filesystem for DiskFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.sync(ino, reply);
+        self.reply_empty(reply, self.timed(|disk| disk.sync(ino.0)));
     }
 
     fn fsync(
@@ -447,7 +296,7 @@ impl Filesystem for DiskFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.sync(ino, reply);
+        self.reply_empty(reply, self.timed(|disk| disk.sync(ino.0)));
     }
 
     fn fallocate(
@@ -460,48 +309,8 @@ impl Filesystem for DiskFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        if ino.0 != DISK_INO {
-            return reply.error(Errno::EBADF);
-        }
-        if self.read_only {
-            return reply.error(Errno::EROFS);
-        }
-        // Trims and zeroes past the end are clipped (fstrim may cover the whole range);
-        // the file never grows.
-        let len = length.min(self.size.saturating_sub(offset));
-        let device = &self.device;
-        let start = Instant::now();
-        let result = if mode & FALLOC_FL_PUNCH_HOLE != 0 {
-            if mode & FALLOC_FL_KEEP_SIZE == 0 {
-                return reply.error(Errno::EINVAL);
-            }
-            if len == 0 {
-                return reply.ok();
-            }
-            self.complete(device.trim(offset, len))
-        } else if mode & FALLOC_FL_ZERO_RANGE != 0 {
-            if len == 0 {
-                return reply.ok();
-            }
-            // ZERO_RANGE keeps the range allocated: that is what the loop asks for when the
-            // block layer said "no unmap".
-            let flags = ZeroFlags {
-                may_trim: false,
-                fast: false,
-                fua: false,
-            };
-            self.complete(device.write_zeroes(offset, len, flags))
-        } else {
-            // Plain preallocation would promise that later writes cannot fail for lack of
-            // memory, which a sparse device cannot promise without zeroing live data.
-            return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
-        };
-        let work = start.elapsed();
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(self.failed(&e)),
-        }
-        self.pacer.after_request(work);
+        let result = self.timed(|disk| disk.fallocate(ino.0, offset, length, mode as u32));
+        self.reply_empty(reply, result);
     }
 
     fn readdir(
@@ -515,14 +324,13 @@ impl Filesystem for DiskFs {
         if ino.0 != ROOT_INO {
             return reply.error(Errno::ENOTDIR);
         }
-        let entries = [
-            (ROOT_INO, FileType::Directory, "."),
-            (ROOT_INO, FileType::Directory, ".."),
-            (DISK_INO, FileType::RegularFile, DISK_NAME),
-            (STATS_INO, FileType::RegularFile, STATS_NAME),
-        ];
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
+        for (i, (ino, dir, name)) in ENTRIES.iter().enumerate().skip(offset as usize) {
+            let kind = if *dir {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            };
+            if reply.add(INodeNo(*ino), (i + 1) as u64, kind, name) {
                 break;
             }
         }
@@ -530,9 +338,7 @@ impl Filesystem for DiskFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let blocks = self.size / PAGE as u64;
-        let used = self.device.stats().allocated.div_ceil(PAGE as u64);
-        let free = blocks.saturating_sub(used);
+        let (blocks, free) = self.disk.statfs();
         reply.statfs(blocks, free, free, 2, 0, PAGE, 255, PAGE)
     }
 
@@ -554,15 +360,22 @@ impl Filesystem for DiskFs {
     }
 }
 
+/// The transport serving the mount.
+enum Session {
+    Fuser(BackgroundSession),
+    Uring(super::fuse_uring::UringSession),
+}
+
 /// A device attached through FUSE and a loop device.
 pub struct FuseLoop {
-    session: Option<BackgroundSession>,
+    session: Option<Session>,
     loop_dev: Option<LoopDevice>,
     loop_number: u32,
     loop_path: PathBuf,
     mountpoint: PathBuf,
     image: PathBuf,
     max_request: u32,
+    transport: String,
     open_files: Arc<OpenFiles>,
 }
 
@@ -571,8 +384,88 @@ impl std::fmt::Debug for FuseLoop {
         f.debug_struct("FuseLoop")
             .field("mountpoint", &self.mountpoint)
             .field("loop", &self.loop_dev)
+            .field("transport", &self.transport)
             .finish()
     }
+}
+
+/// Mounts the filesystem served by fuser's threads.
+fn start_fuser(
+    disk: &Arc<Disk>,
+    opts: &FuseLoopOptions,
+    threads: usize,
+    max_request: u32,
+) -> Result<BackgroundSession> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pacer = Arc::new(Pacer::new(opts.busy_poll, threads, cpus));
+    let fs = DiskFs {
+        disk: disk.clone(),
+        max_write: max_request,
+        max_background: opts.max_background.max(1),
+        pacer: pacer.clone(),
+    };
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("vramdisk".into()),
+        MountOption::Subtype("vramdisk".into()),
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::NoExec,
+        MountOption::NoAtime,
+    ];
+    config.acl = SessionACL::Owner;
+    config.n_threads = Some(threads);
+    config.clone_fd = true;
+    let session = fuser::Session::new(fs, &opts.mountpoint, &config).with_context(|| {
+        format!(
+            "mounting the FUSE filesystem on {}",
+            opts.mountpoint.display()
+        )
+    })?;
+    pacer.set_fd(
+        session
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the /dev/fuse descriptor")?,
+    );
+    session.spawn().context("starting the FUSE threads")
+}
+
+/// Mounts the filesystem with the transport `opts` asks for: FUSE over io_uring where it
+/// works (or must), else fuser.
+fn start_session(
+    disk: &Arc<Disk>,
+    opts: &FuseLoopOptions,
+    threads: usize,
+    max_request: u32,
+) -> Result<(Session, String)> {
+    use super::fuse_uring;
+    let why_not = match opts.transport {
+        Transport::Fuser => "fuser asked for (--fuse-transport fuser)".to_string(),
+        wanted => {
+            let uring_opts = fuse_uring::UringOptions {
+                mountpoint: opts.mountpoint.clone(),
+                max_write: max_request,
+                max_background: opts.max_background.max(1),
+                busy_poll: opts.busy_poll,
+            };
+            let started = match fuse_uring::unavailable() {
+                Some(why) => Err(anyhow::anyhow!(why)),
+                None => fuse_uring::UringSession::start(disk.clone(), &uring_opts),
+            };
+            match started {
+                Ok(s) => {
+                    let what = format!("FUSE over io_uring, {} queues", s.queues());
+                    return Ok((Session::Uring(s), what));
+                }
+                Err(e) if wanted == Transport::Uring => return Err(e),
+                Err(e) => format!("{e:#}"),
+            }
+        }
+    };
+    let session = start_fuser(disk, opts, threads, max_request)?;
+    info!("FUSE requests through fuser: {why_not}");
+    Ok((Session::Fuser(session), format!("fuser, {threads} threads")))
 }
 
 impl FuseLoop {
@@ -593,48 +486,9 @@ impl FuseLoop {
 
         std::fs::create_dir_all(&opts.mountpoint)
             .with_context(|| format!("creating mountpoint {}", opts.mountpoint.display()))?;
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let pacer = Arc::new(Pacer::new(opts.busy_poll, threads, cpus));
-        let open_files = Arc::new(OpenFiles::default());
-        let fs = DiskFs {
-            size: device.size(),
-            read_only: caps.read_only,
-            device,
-            runtime,
-            max_write: max_request,
-            max_background: opts.max_background.max(1),
-            created: SystemTime::now(),
-            io_errors: AtomicU64::new(0),
-            uid: nix::unistd::getuid().as_raw(),
-            gid: nix::unistd::getgid().as_raw(),
-            pacer: pacer.clone(),
-            open_files: open_files.clone(),
-        };
-        let mut config = Config::default();
-        config.mount_options = vec![
-            MountOption::FSName("vramdisk".into()),
-            MountOption::Subtype("vramdisk".into()),
-            MountOption::NoDev,
-            MountOption::NoSuid,
-            MountOption::NoExec,
-            MountOption::NoAtime,
-        ];
-        config.acl = SessionACL::Owner;
-        config.n_threads = Some(threads);
-        config.clone_fd = true;
-        let session = fuser::Session::new(fs, &opts.mountpoint, &config).with_context(|| {
-            format!(
-                "mounting the FUSE filesystem on {}",
-                opts.mountpoint.display()
-            )
-        })?;
-        pacer.set_fd(
-            session
-                .as_fd()
-                .try_clone_to_owned()
-                .context("duplicating the /dev/fuse descriptor")?,
-        );
-        let session = session.spawn().context("starting the FUSE threads")?;
+        let disk = Arc::new(Disk::new(device, runtime));
+        let (session, transport) = start_session(&disk, opts, threads, max_request)?;
+        disk.set_transport(transport.clone());
         let mut this = FuseLoop {
             session: Some(session),
             loop_dev: None,
@@ -643,7 +497,8 @@ impl FuseLoop {
             mountpoint: opts.mountpoint.clone(),
             image: opts.mountpoint.join(DISK_NAME),
             max_request,
-            open_files,
+            transport,
+            open_files: disk.open_files.clone(),
         };
 
         let loop_opts = LoopOptions {
@@ -671,16 +526,21 @@ impl FuseLoop {
             }
         }
         info!(
-            "{} -> {} (FUSE requests up to {} KiB, {} threads)",
+            "{} -> {} (FUSE requests up to {} KiB, {})",
             loop_dev.path().display(),
             this.image.display(),
             max_request >> 10,
-            threads
+            this.transport
         );
         this.loop_number = loop_dev.number();
         this.loop_path = loop_dev.path().to_path_buf();
         this.loop_dev = Some(loop_dev);
         Ok(this)
+    }
+
+    /// How requests reach the daemon: "FUSE over io_uring, 2 queues" or "fuser, 2 threads".
+    pub fn transport(&self) -> &str {
+        &self.transport
     }
 
     /// `/dev/loopN`.
@@ -750,14 +610,18 @@ impl FuseLoop {
         let Some(session) = self.session.take() else {
             return;
         };
-        // Unmounting ends the FUSE connection, so every thread's read returns and the
-        // session ends.
-        if let Err(e) = session.umount_and_join() {
+        // Unmounting ends the FUSE connection, so every thread's read (or ring) returns
+        // and the session ends.
+        let result = match session {
+            Session::Fuser(s) => s.umount_and_join().map_err(anyhow::Error::from),
+            Session::Uring(s) => s.unmount_and_join(),
+        };
+        if let Err(e) = result {
             // Busy (a shell sitting in the mountpoint, or a loop device still bound after a
             // forced detach): detach it from the tree now; the connection ends when the
             // last user lets go, or when this process exits.
             warn!(
-                "unmounting {}: {e}; unmounting lazily",
+                "unmounting {}: {e:#}; unmounting lazily",
                 self.mountpoint.display()
             );
             let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);

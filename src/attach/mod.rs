@@ -13,7 +13,9 @@
 //! [`usage`] (is the device mounted or swap?), [`safety`] (memory locking and friends for
 //! swap), [`loop_dev`] (loop ioctls).
 
+mod fuse_disk;
 pub mod fuse_loop;
+mod fuse_uring;
 pub mod kernel_nbd;
 pub mod loop_dev;
 mod pacing;
@@ -141,6 +143,8 @@ pub struct AttachOptions {
     pub connections: usize,
     /// How long a FUSE thread polls for the next request after replying (zero: never).
     pub busy_poll: std::time::Duration,
+    /// How FUSE requests reach the daemon (FUSE method).
+    pub fuse_transport: fuse_loop::Transport,
     /// Where the NBD server counts the kernel's connections (status, metrics).
     pub metrics: Option<Arc<crate::engine::metered::DeviceMetrics>>,
 }
@@ -171,6 +175,7 @@ impl Attachment {
                     threads: opts.threads,
                     max_background: 128,
                     busy_poll: opts.busy_poll,
+                    transport: opts.fuse_transport,
                 };
                 Ok(Attachment::FuseLoop(fuse_loop::FuseLoop::attach(
                     device,
@@ -192,6 +197,16 @@ impl Attachment {
                     plan,
                 )?))
             }
+        }
+    }
+
+    /// The method and, for FUSE, how its requests arrive: "FUSE + loop (FUSE over
+    /// io_uring, 2 queues)".
+    pub fn describe(&self) -> String {
+        match self {
+            Attachment::FuseLoop(f) => format!("{} ({})", Method::FuseLoop.label(), f.transport()),
+            Attachment::KernelNbd(_) => Method::KernelNbd.label().into(),
+            Attachment::Ublk(_) => Method::Ublk.label().into(),
         }
     }
 

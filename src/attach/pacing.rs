@@ -30,6 +30,39 @@ const SLOW_WORK: Duration = Duration::from_micros(5);
 /// it never keeps the session from ending.
 const PARK_CHECK: Duration = Duration::from_millis(20);
 
+/// Lets one thread of several poll at a time: one catches the next request, more only
+/// burn CPU the program doing the I/O may need.
+#[derive(Debug, Default)]
+pub(crate) struct PollGate(AtomicBool);
+
+/// The right to poll, given back on drop.
+pub(crate) struct Polling<'a>(&'a AtomicBool);
+
+impl PollGate {
+    /// The right to poll, unless another thread holds it.
+    pub(crate) fn try_hold(&self) -> Option<Polling<'_>> {
+        self.0
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+            .then_some(Polling(&self.0))
+    }
+}
+
+impl Drop for Polling<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Spins while `waiting()` says so, for up to `limit`, yielding the CPU in between: the
+/// program doing the I/O may be waiting for this CPU.
+pub(crate) fn spin_while(limit: Duration, mut waiting: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while waiting() && start.elapsed() < limit {
+        std::thread::yield_now();
+    }
+}
+
 /// What polling the FUSE device said.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Queue {
@@ -62,7 +95,7 @@ pub(crate) struct Pacer {
     /// then the pacer does nothing.
     fd: OnceLock<OwnedFd>,
     /// One thread polls at a time: one catches the next request, more only burn CPU.
-    polling: AtomicBool,
+    polling: PollGate,
     /// Moving average of the device time per request, in nanoseconds.
     work_ns: AtomicU64,
     parking: Mutex<Parking>,
@@ -79,7 +112,7 @@ impl Pacer {
             // beyond a reader per four CPUs, fast requests only fight over the CPUs.
             fast_readers: (cpus / 4).clamp(1, threads.max(1)),
             fd: OnceLock::new(),
-            polling: AtomicBool::new(false),
+            polling: PollGate::default(),
             work_ns: AtomicU64::new(0),
             parking: Mutex::new(Parking {
                 readers: threads.max(1),
@@ -133,20 +166,13 @@ impl Pacer {
 
     /// Polls for the next request for up to `busy_poll`, if no other thread is polling.
     fn linger(&self, fd: &OwnedFd) {
-        if self.busy_poll.is_zero()
-            || self
-                .polling
-                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                .is_err()
-        {
+        if self.busy_poll.is_zero() {
             return;
         }
-        let start = Instant::now();
-        while queue_state(fd) == Queue::Empty && start.elapsed() < self.busy_poll {
-            // The program doing the I/O may be waiting for this CPU.
-            std::thread::yield_now();
-        }
-        self.polling.store(false, Ordering::Release);
+        let Some(_held) = self.polling.try_hold() else {
+            return;
+        };
+        spin_while(self.busy_poll, || queue_state(fd) == Queue::Empty);
     }
 
     /// Parks this thread if more than `keep` threads are reading; returns whether it

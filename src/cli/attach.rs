@@ -49,6 +49,17 @@ pub struct AttachArgs {
     #[arg(long, value_name = "MICROSECONDS", default_value_t = server::DEFAULT_BUSY_POLL_US)]
     busy_poll: u64,
 
+    /// How FUSE requests reach the daemon (--via fuse): FUSE over io_uring where the kernel
+    /// offers it (the fuse module's enable_uring parameter on), else fuser; or either one.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "auto",
+        env = "VRAMDISK_FUSE_TRANSPORT",
+        value_name = "HOW"
+    )]
+    fuse_transport: attach::fuse_loop::Transport,
+
     /// Also serve the device over NBD on this TCP address (repeatable).
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Vec<std::net::SocketAddr>,
@@ -318,6 +329,7 @@ fn serve_attached(
         }),
         connections: 4,
         busy_poll: Duration::from_micros(args.busy_poll),
+        fuse_transport: args.fuse_transport,
         metrics: Some(export.metrics().clone()),
     };
     let mut attachment = match Attachment::attach(method, device.clone(), runtime.handle(), &opts) {
@@ -362,6 +374,7 @@ fn serve_attached(
     let setup = (|| -> Result<()> {
         state::write(dir, &st)?;
         export.set_attach_path(Some(dev_path.display().to_string()));
+        export.set_attach_via(Some(attachment.describe()));
         {
             let _in_runtime = runtime.enter();
             daemon.start_control(None)?;

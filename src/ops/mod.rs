@@ -86,6 +86,7 @@ pub struct ExportState {
     /// Watermark and yield, where the device can spill.
     pub tiers: Option<Arc<dyn TierControl>>,
     attach: Mutex<Option<String>>,
+    attach_via: Mutex<Option<String>>,
     // Saves of one export run one at a time.
     save_lock: tokio::sync::Mutex<()>,
 }
@@ -94,6 +95,12 @@ impl ExportState {
     /// Records where the export is attached locally (a /dev node or a FUSE file), for status.
     pub fn set_attach_path(&self, path: Option<String>) {
         *self.attach.lock().unwrap() = path;
+    }
+
+    /// Records how the export is attached locally ("FUSE + loop (FUSE over io_uring, 2
+    /// queues)"), for status.
+    pub fn set_attach_via(&self, via: Option<String>) {
+        *self.attach_via.lock().unwrap() = via;
     }
 
     /// The counters of this export.
@@ -146,6 +153,7 @@ impl ExportState {
             max_memory: stats.max_memory,
             read_only: self.device.capabilities().read_only,
             attach: self.attach.lock().unwrap().clone(),
+            attach_via: self.attach_via.lock().unwrap().clone(),
             connections: m.connections,
             connections_total: m.connections_total,
             read_ops: m.op(Op::Read).ops,
@@ -204,6 +212,9 @@ pub struct ExportStatus {
     pub read_only: bool,
     /// Local attach path, if attached.
     pub attach: Option<String>,
+    /// How it is attached: the method and, for FUSE, how requests reach the daemon.
+    #[serde(default)]
+    pub attach_via: Option<String>,
     /// Clients connected now.
     pub connections: i64,
     /// Clients connected since start.
@@ -330,6 +341,7 @@ impl Daemon {
                 backend: d.backend,
                 plan: d.plan,
                 attach: Mutex::new(None),
+                attach_via: Mutex::new(None),
                 save_lock: tokio::sync::Mutex::new(()),
             };
             exports.push(Arc::new(state));
