@@ -117,6 +117,37 @@ fn run_ok(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The fuse module's switch for FUSE over io_uring.
+const URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Sets the fuse module's `enable_uring` for as long as it lives, then puts back what was
+/// there. It matters only when a mount negotiates (a connection that got io_uring keeps
+/// it), so a guard around an attach is enough.
+struct UringParam(Option<String>);
+
+impl UringParam {
+    /// `on` for a while; `None` where the kernel has no such switch or it cannot be set.
+    fn set(on: bool) -> Option<UringParam> {
+        let old = std::fs::read_to_string(URING_PARAM).ok()?;
+        std::fs::write(URING_PARAM, if on { "Y" } else { "N" }).ok()?;
+        Some(UringParam(Some(old)))
+    }
+}
+
+impl Drop for UringParam {
+    fn drop(&mut self) {
+        if let Some(old) = self.0.take() {
+            let _ = std::fs::write(URING_PARAM, old.trim());
+        }
+    }
+}
+
+/// The FUSE transport the general tests use: FUSE over io_uring where the kernel has it,
+/// or fuser where `VRAMDISK_FUSE_TRANSPORT=fuser` asks for the fallback.
+fn wants_uring() -> bool {
+    std::env::var("VRAMDISK_FUSE_TRANSPORT").as_deref() != Ok("fuser")
+}
+
 /// One attached device: the daemon (foreground child) and its private run directory.
 struct Attached {
     child: Option<Child>,
@@ -133,6 +164,11 @@ impl Attached {
         } else {
             &["--via", &via]
         };
+        // The FUSE tests run over io_uring where this kernel can (unless the fallback is
+        // asked for), with the module's switch on only while the daemon negotiates.
+        let _uring = (via == "fuse" && !extra.contains(&"--fuse-transport") && wants_uring())
+            .then(|| UringParam::set(true))
+            .flatten();
         let mut child = Command::new(bin())
             .arg("attach")
             .args(["--backend", backend()])
@@ -1063,6 +1099,107 @@ fn killed_daemon_fails_io_and_detach_recovers() {
         ],
     );
     d2.detach_clean();
+}
+
+/// Which FUSE transport serves the mount follows the kernel and the flag, and status (and
+/// the stats file) says which: FUSE over io_uring with a queue per possible CPU where the
+/// fuse module's enable_uring is on, fuser where it is off or where fuser is asked for;
+/// `--fuse-transport uring` where it is off fails in a sentence naming the switch.
+#[test]
+fn fuse_transport_follows_the_kernel_and_status_says_which() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let test = "fuse_transport_follows_the_kernel_and_status_says_which";
+    if via() != "fuse" {
+        skipped(&format!("{test}: VRAMDISK_TEST_VIA={} is not fuse", via()));
+        return;
+    }
+    if !capable(test) {
+        return;
+    }
+    let Some(off) = UringParam::set(false) else {
+        if std::env::var_os("VRAMDISK_REQUIRE_FUSE_URING").is_some() {
+            panic!("{test}: {URING_PARAM} cannot be set but VRAMDISK_REQUIRE_FUSE_URING is set");
+        }
+        skipped(&format!(
+            "{test}: this kernel has no settable {URING_PARAM}"
+        ));
+        return;
+    };
+    let via_of = |d: &Attached| -> (String, String) {
+        let status = d.status()["attach_via"].as_str().unwrap_or("").to_string();
+        let stats = std::fs::read_to_string(d.state()["stats"].as_str().unwrap()).unwrap();
+        let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+        (
+            status,
+            stats["transport"].as_str().unwrap_or("").to_string(),
+        )
+    };
+
+    // Off: auto falls back to fuser, and asking for io_uring says what to switch on.
+    let d = Attached::start(&["--size", "64M", "--fuse-transport", "auto"]);
+    let (status, stats) = via_of(&d);
+    assert!(status.starts_with("FUSE + loop (fuser, "), "{status}");
+    assert!(stats.starts_with("fuser, "), "{stats}");
+    d.detach_clean();
+    let run_dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin())
+        .args(["attach", "--backend", backend(), "--size", "64M"])
+        .args(["--via", "fuse", "--fuse-transport", "uring"])
+        .env("VRAMDISK_RUN_DIR", run_dir.path())
+        .env("VRAMDISK_RUNTIME_DIR", run_dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "attach over io_uring succeeded with it off"
+    );
+    assert!(
+        err.contains("FUSE over io_uring is off in this kernel") && err.contains(URING_PARAM),
+        "{err}"
+    );
+    drop(off);
+
+    // On: auto takes io_uring, one queue per possible CPU, and serves data through it.
+    let on = UringParam::set(true).unwrap();
+    let d = Attached::start(&["--size", "64M", "--fuse-transport", "auto"]);
+    let queues = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    let queues: usize = queues
+        .trim()
+        .split(',')
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum();
+    let (status, stats) = via_of(&d);
+    let want = format!("FUSE over io_uring, {queues} queues");
+    assert_eq!(status, format!("FUSE + loop ({want})"));
+    assert_eq!(stats, want);
+    let data = pattern(11, 1 << 20);
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc_o_direct())
+            .open(d.dev())
+            .unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(AlignedBuf::from(&data).as_slice(), 3 << 20)
+            .unwrap();
+    }
+    assert!(
+        read_direct(&d.dev, 3 << 20, 1 << 20) == data,
+        "data read back differ"
+    );
+    d.detach_clean();
+
+    // On, but fuser asked for: fuser it is.
+    let d = Attached::start(&["--size", "64M", "--fuse-transport", "fuser"]);
+    let (status, _) = via_of(&d);
+    assert!(status.starts_with("FUSE + loop (fuser, "), "{status}");
+    d.detach_clean();
+    drop(on);
 }
 
 #[test]

@@ -139,19 +139,22 @@ fn fuser_attr(disk: &Disk, a: &Attr) -> FileAttr {
 }
 
 impl DiskFs {
-    /// Runs a request that uses the device, then lets the pacer see how long it took.
-    fn timed<T>(&self, f: impl FnOnce(&Disk) -> T) -> T {
+    /// Runs `work` (a request that uses the device), sends its `reply`, and only then lets
+    /// the pacer see how long the work took: the pacer may park this thread, which must
+    /// not hold a reply back.
+    fn paced<T>(&self, work: impl FnOnce(&Disk) -> T, reply: impl FnOnce(T)) {
         let start = Instant::now();
-        let out = f(&self.disk);
-        self.pacer.after_request(start.elapsed());
-        out
+        let out = work(&self.disk);
+        let took = start.elapsed();
+        reply(out);
+        self.pacer.after_request(took);
     }
+}
 
-    fn reply_empty(&self, reply: ReplyEmpty, result: Result<(), i32>) {
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(Errno::from_i32(e)),
-        }
+fn reply_empty(reply: ReplyEmpty, result: Result<(), i32>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(Errno::from_i32(e)),
     }
 }
 
@@ -229,17 +232,19 @@ impl Filesystem for DiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let result = self.timed(|disk| {
-            let mut buf = disk
-                .complete(disk.device.buffers().get((size as usize).max(1)))
-                .map_err(|e| e.errno())?;
-            let n = disk.read(ino.0, offset, &mut buf[..size as usize])?;
-            Ok::<_, i32>((buf, n))
-        });
-        match result {
-            Ok((buf, n)) => reply.data(&buf[..n]),
-            Err(e) => reply.error(Errno::from_i32(e)),
-        }
+        self.paced(
+            |disk| {
+                let mut buf = disk
+                    .complete(disk.device.buffers().get((size as usize).max(1)))
+                    .map_err(|e| e.errno())?;
+                let n = disk.read(ino.0, offset, &mut buf[..size as usize])?;
+                Ok::<_, i32>((buf, n))
+            },
+            |result| match result {
+                Ok((buf, n)) => reply.data(&buf[..n]),
+                Err(e) => reply.error(Errno::from_i32(e)),
+            },
+        );
     }
 
     fn write(
@@ -254,10 +259,13 @@ impl Filesystem for DiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.timed(|disk| disk.write(ino.0, offset, data, flags.0)) {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(Errno::from_i32(e)),
-        }
+        self.paced(
+            |disk| disk.write(ino.0, offset, data, flags.0),
+            |result| match result {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(Errno::from_i32(e)),
+            },
+        );
     }
 
     fn release(
@@ -285,7 +293,7 @@ impl Filesystem for DiskFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.reply_empty(reply, self.timed(|disk| disk.sync(ino.0)));
+        self.paced(|disk| disk.sync(ino.0), |r| reply_empty(reply, r));
     }
 
     fn fsync(
@@ -296,7 +304,7 @@ impl Filesystem for DiskFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.reply_empty(reply, self.timed(|disk| disk.sync(ino.0)));
+        self.paced(|disk| disk.sync(ino.0), |r| reply_empty(reply, r));
     }
 
     fn fallocate(
@@ -309,8 +317,10 @@ impl Filesystem for DiskFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let result = self.timed(|disk| disk.fallocate(ino.0, offset, length, mode as u32));
-        self.reply_empty(reply, result);
+        self.paced(
+            |disk| disk.fallocate(ino.0, offset, length, mode as u32),
+            |r| reply_empty(reply, r),
+        );
     }
 
     fn readdir(
