@@ -933,6 +933,9 @@ fn daemon_mode_with_pid_file() {
     let run_dir = tempfile::tempdir().unwrap();
     let pid_file = run_dir.path().join("vd.pid");
     let start = Instant::now();
+    let uring = (via() == "fuse" && wants_uring())
+        .then(|| UringParam::set(true))
+        .flatten();
     let out = Command::new(bin())
         .args([
             "attach",
@@ -951,6 +954,7 @@ fn daemon_mode_with_pid_file() {
         .stdin(Stdio::null())
         .output()
         .unwrap();
+    drop(uring);
     // output() returning at all means the daemon let go of our stdout and stderr.
     assert!(
         out.status.success(),
