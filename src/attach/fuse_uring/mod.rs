@@ -35,9 +35,11 @@ use tracing::{info, warn};
 const ENABLE_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
 
 /// Ring entries shared out among the queues: enough that a queue depth of 32 on few CPUs
-/// finds an entry free, few enough that a machine with many CPUs does not hold hundreds
-/// of payload buffers (each the size of the largest request). `bench/attach` on 2 CPUs:
-/// 4 KiB at queue depth 32 was the same with 16 and 32 entries per queue.
+/// finds entries free (the loop's requests of one submitter mostly land on one queue),
+/// few enough that a machine with many CPUs does not hold hundreds of payload buffers, each
+/// the size of the largest request and taken from the device's buffer pool for good. Not
+/// measured yet beyond "QD32 on 2 CPUs works with 16 per queue" (`bench/attach`); the
+/// number of entries per queue bounds how many requests one `io_uring_enter` answers.
 const RING_ENTRIES: usize = 64;
 /// Entries per queue at most.
 const MAX_QUEUE_DEPTH: usize = 16;

@@ -57,16 +57,15 @@ fn cmd_req(qid: u16, commit_id: u64) -> [u8; 80] {
     cmd
 }
 
-/// The SQE of `entry`'s command `cmd`; user data is the entry's index.
-fn sqe(fd: RawFd, qid: u16, index: usize, entry: &Entry, cmd: u32) -> squeue::Entry128 {
-    let mut op = opcode::UringCmd80::new(types::Fd(fd), cmd);
-    if cmd == abi::CMD_REGISTER {
-        op = op
-            .cmd(cmd_req(qid, 0))
-            .addr(Some(entry.iov.as_ptr() as u64));
+/// The SQE of command `cmd` for the entry at `index`: REGISTER lends the buffers that
+/// `iov` describes, COMMIT_AND_FETCH replies to request `commit_id`. User data is `index`.
+fn sqe(fd: RawFd, qid: u16, index: usize, cmd: u32, iov: u64, commit_id: u64) -> squeue::Entry128 {
+    let op = opcode::UringCmd80::new(types::Fd(fd), cmd);
+    let op = if cmd == abi::CMD_REGISTER {
+        op.cmd(cmd_req(qid, 0)).addr(Some(iov))
     } else {
-        op = op.cmd(cmd_req(qid, entry.commit_id));
-    }
+        op.cmd(cmd_req(qid, commit_id))
+    };
     let sqe = op.build().user_data(index as u64);
     if cmd != abi::CMD_REGISTER {
         return sqe;
@@ -176,7 +175,8 @@ impl Queue {
     /// Queues entry `i`'s next command.
     fn push(&mut self, i: usize) -> Result<()> {
         let e = &self.entries[i];
-        let sqe = sqe(self.fd, self.qid, i, e, e.last_cmd);
+        let iov = e.iov.as_ptr() as u64;
+        let sqe = sqe(self.fd, self.qid, i, e.last_cmd, iov, e.commit_id);
         // SAFETY: the SQE points at this entry's iovec and buffers, which live as long as
         // the queue; the kernel reads the iovec while the SQE is submitted and keeps the
         // buffers until the connection ends, after which no command of ours is pending.
@@ -304,5 +304,44 @@ impl Queue {
             batch.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
         }
         debug!("FUSE ring {} ended", self.qid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(e: squeue::Entry128) -> [u8; 128] {
+        // SAFETY: as in `sqe`: a repr(C) struct of plain bytes.
+        unsafe { std::mem::transmute(e) }
+    }
+
+    fn u32_at(b: &[u8], at: usize) -> u32 {
+        u32::from_ne_bytes(b[at..at + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], at: usize) -> u64 {
+        u64::from_ne_bytes(b[at..at + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn register_and_commit_sqes_have_the_kernels_layout() {
+        let b = bytes(sqe(7, 3, 5, abi::CMD_REGISTER, 0x1000, 99));
+        assert_eq!(b[0], 46, "IORING_OP_URING_CMD");
+        assert_eq!(u32_at(&b, 4), 7, "fd");
+        assert_eq!(u32_at(&b, 8), abi::CMD_REGISTER, "cmd_op");
+        assert_eq!(u64_at(&b, 16), 0x1000, "addr: the iovec array");
+        assert_eq!(u32_at(&b, 24), 2, "len: header and payload");
+        assert_eq!(u64_at(&b, 32), 5, "user data: the entry");
+        // struct fuse_uring_cmd_req at the command area (byte 48): flags, commit_id, qid.
+        assert_eq!(u64_at(&b, 48 + 8), 0, "no commit id on REGISTER");
+        assert_eq!(u16::from_ne_bytes([b[48 + 16], b[48 + 17]]), 3, "qid");
+
+        let b = bytes(sqe(7, 3, 5, abi::CMD_COMMIT_AND_FETCH, 0x1000, 99));
+        assert_eq!(u32_at(&b, 8), abi::CMD_COMMIT_AND_FETCH);
+        assert_eq!(u64_at(&b, 16), 0, "no buffers on commit");
+        assert_eq!(u32_at(&b, 24), 0);
+        assert_eq!(u64_at(&b, 48 + 8), 99, "commit id");
+        assert_eq!(u16::from_ne_bytes([b[48 + 16], b[48 + 17]]), 3);
     }
 }
