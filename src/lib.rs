@@ -14,6 +14,7 @@
 //! - [`cli`]: the command line.
 
 pub mod attach;
+mod busy_poll;
 pub mod cli;
 pub mod engine;
 pub mod nbd;

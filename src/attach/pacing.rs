@@ -6,7 +6,8 @@
 //!
 //! - keeps one thread polling the device for the next request for a short while after each
 //!   reply (`busy_poll`), so that at queue depth 1 no one has to be woken (`bench/attach`
-//!   on 2 CPUs: 4 KiB at queue depth 1 went from 0.37x to 0.68x tmpfs+loop);
+//!   on 2 CPUs: 4 KiB at queue depth 1 went from 0.37x to 0.68x tmpfs+loop), unless polls
+//!   keep coming back empty or the machine has no idle CPU ([`crate::busy_poll`]);
 //! - parks threads that are not needed (in our own handler, where the kernel cannot wake
 //!   them) and brings them back when requests queue up *and* each takes long enough
 //!   (a GPU copy, a large transfer) that another thread can overlap it. Fast requests
@@ -17,6 +18,7 @@
 //! fuser owns the read loop, so all of this happens in our request handlers after the
 //! reply has been sent, before control returns to fuser's next `read`.
 
+use crate::busy_poll::{self, Misses};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -63,6 +65,8 @@ pub(crate) struct Pacer {
     fd: OnceLock<OwnedFd>,
     /// One thread polls at a time: one catches the next request, more only burn CPU.
     polling: AtomicBool,
+    /// Polls that found nothing, which rest polling (held by the polling thread).
+    misses: Mutex<Misses>,
     /// Moving average of the device time per request, in nanoseconds.
     work_ns: AtomicU64,
     parking: Mutex<Parking>,
@@ -80,6 +84,7 @@ impl Pacer {
             fast_readers: (cpus / 4).clamp(1, threads.max(1)),
             fd: OnceLock::new(),
             polling: AtomicBool::new(false),
+            misses: Mutex::new(Misses::default()),
             work_ns: AtomicU64::new(0),
             parking: Mutex::new(Parking {
                 readers: threads.max(1),
@@ -131,7 +136,9 @@ impl Pacer {
         new >= SLOW_WORK.as_nanos() as u64
     }
 
-    /// Polls for the next request for up to `busy_poll`, if no other thread is polling.
+    /// Polls for the next request for up to `busy_poll`, if no other thread is polling,
+    /// polls have not kept coming back empty, and the machine has a CPU to spare (see
+    /// [`crate::busy_poll`]).
     fn linger(&self, fd: &OwnedFd) {
         if self.busy_poll.is_zero()
             || self
@@ -141,11 +148,23 @@ impl Pacer {
         {
             return;
         }
-        let start = Instant::now();
-        while queue_state(fd) == Queue::Empty && start.elapsed() < self.busy_poll {
-            // The program doing the I/O may be waiting for this CPU.
-            std::thread::yield_now();
+        // Only the thread that holds `polling` gets here: the lock is never contended.
+        let mut misses = self.misses.lock().unwrap_or_else(|e| e.into_inner());
+        if misses.may_poll() && busy_poll::cpu_to_spare() {
+            let start = Instant::now();
+            let mut found = true;
+            while queue_state(fd) == Queue::Empty {
+                if start.elapsed() >= self.busy_poll {
+                    found = false;
+                    break;
+                }
+                // The program doing the I/O may be waiting for this CPU.
+                std::thread::yield_now();
+            }
+            busy_poll::spun(start.elapsed());
+            misses.record(found);
         }
+        drop(misses);
         self.polling.store(false, Ordering::Release);
     }
 

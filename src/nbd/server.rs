@@ -698,4 +698,10 @@ async fn connection<S: Stream>(
             export.name, summary.ended, summary.requests
         );
     }
+    let p = summary.polls;
+    debug!(
+        "client {peer}: {} polls: {} found the request at once, {} caught it spinning, {} \
+         came back empty, {} did not spin (no CPU to spare)",
+        p.polls, p.first_try, p.caught, p.empty, p.no_spare
+    );
 }

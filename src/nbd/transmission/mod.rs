@@ -56,7 +56,7 @@ use crate::engine::{BlockDevice, Extent, IoBuf, IoError};
 use commands::Terms;
 use inbuf::{InBuf, READ_BUF};
 use outbox::{AbortOnDrop, Outbox, writer};
-use poll::{Poller, alone_on_thread, few_cpus};
+use poll::{PollStats, Poller, alone_on_thread};
 use reply::{Body, Permit, Reply, ReplyTo};
 use std::collections::VecDeque;
 use std::fmt;
@@ -128,6 +128,8 @@ pub(crate) struct Summary {
     pub ended: Ended,
     /// Requests received.
     pub requests: u64,
+    /// What busy polling did.
+    pub polls: PollStats,
 }
 
 /// Per-connection state of the reader.
@@ -206,7 +208,7 @@ where
         client_budget,
         extents: Vec::new(),
         requests: 0,
-        poller: Poller::new(limits.busy_poll, R::STEPS_ASIDE && few_cpus()),
+        poller: Poller::new(limits.busy_poll, R::STEPS_ASIDE),
     };
     let ended = conn.serve(shutdown).await;
     let hard = ended.is_violation() || matches!(ended, Ended::ReadFailed(_) | Ended::WriteFailed);
@@ -214,6 +216,7 @@ where
         conn.flush_replies();
     }
     let requests = conn.requests;
+    let polls = conn.poller.stats();
     drop(conn);
     out.reader_done(hard);
     if !hard {
@@ -239,7 +242,11 @@ where
         // can land any more, on top of what the client writes after reconnecting.
         out.ops_done().await;
     }
-    Summary { ended, requests }
+    Summary {
+        ended,
+        requests,
+        polls,
+    }
 }
 
 /// What the reader does after a request.

@@ -44,8 +44,9 @@ fn start_on(export: Export, framing: Framing) -> (UnixStream, tokio::task::JoinH
     (client, task)
 }
 
-/// Runs the transmission phase of `export` on `server` (busy polling on, no per-client
-/// budget) with `inflight` bytes of in-flight budget.
+/// Runs the transmission phase of `export` on `server` (a 50 µs poll budget, no per-client
+/// budget) with `inflight` bytes of in-flight budget. On the test's own runtime, which the
+/// client shares: nothing polls there (see `polling_connection_serves_in_process`).
 fn spawn_run(
     server: UnixStream,
     export: Export,
@@ -61,6 +62,16 @@ fn spawn_run(
         let shutdown = CancellationToken::new();
         run(rd, wr, &export, &neg, &limits, None, &shutdown).await
     })
+}
+
+/// What a client that negotiated nothing (simple replies) gets on `export`.
+fn simple_terms(export: &Export) -> Negotiated {
+    Negotiated {
+        export: 0,
+        framing: Framing::Simple,
+        allocation_context: None,
+        flags: transmission_flags(&export.device.capabilities(), Framing::Simple),
+    }
 }
 
 fn request(ext: bool, cmd: u16, flags: u16, cookie: u64, offset: u64, len: u64) -> Vec<u8> {
@@ -479,12 +490,7 @@ async fn a_client_that_stops_reading_is_held_back_not_buffered() {
     // flight instead of queueing every reply.
     let (c, server) = UnixStream::pair().unwrap();
     let export = export(false);
-    let neg = Negotiated {
-        export: 0,
-        framing: Framing::Simple,
-        allocation_context: None,
-        flags: transmission_flags(&export.device.capabilities(), Framing::Simple),
-    };
+    let neg = simple_terms(&export);
     let pool = export.device.buffers().clone();
     let task = spawn_run(server, export, neg, 1 << 20);
     let (mut crd, mut cwr) = c.into_split();
@@ -848,4 +854,76 @@ async fn a_dropped_connection_ends_after_its_writes_land() {
             t0.elapsed()
         );
     }
+}
+
+/// A connection alone on a server connection thread polls: at queue depth 1 its polls find
+/// the client's next requests (or turn themselves off when the machine has no CPU to spare),
+/// and every write reads back intact.
+#[tokio::test]
+async fn polling_connection_serves_in_process() {
+    let (client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+    let export = export(false);
+    let neg = simple_terms(&export);
+    // The server's own thread and runtime, as `server::Workers` runs them.
+    let thread = std::thread::spawn(move || {
+        set_thread_load(Arc::new(std::sync::atomic::AtomicUsize::new(1)));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            server.set_nonblocking(true).unwrap();
+            let (rd, wr) = UnixStream::from_std(server).unwrap().into_split();
+            let limits = ConnectionLimits {
+                inflight_bytes: 64 << 20,
+                busy_poll: Duration::from_micros(500),
+            };
+            run(
+                rd,
+                wr,
+                &export,
+                &neg,
+                &limits,
+                None,
+                &CancellationToken::new(),
+            )
+            .await
+        })
+    });
+    client.set_nonblocking(true).unwrap();
+    let mut c = UnixStream::from_std(client).unwrap();
+    const N: u64 = 300;
+    for i in 0..N {
+        let data = pattern(i, 4096);
+        let mut r = request(false, proto::CMD_WRITE, 0, i, i * 4096, 4096);
+        r.extend_from_slice(&data);
+        c.write_all(&r).await.unwrap();
+        assert_eq!(simple_reply(&mut c).await, (0, i));
+        c.write_all(&request(false, proto::CMD_READ, 0, N + i, i * 4096, 4096))
+            .await
+            .unwrap();
+        assert_eq!(simple_reply(&mut c).await, (0, N + i));
+        let mut back = vec![0u8; 4096];
+        c.read_exact(&mut back).await.unwrap();
+        assert!(back == data, "block {i} read back wrong");
+    }
+    c.write_all(&request(false, proto::CMD_DISC, 0, 0, 0, 0))
+        .await
+        .unwrap();
+    let summary = thread.join().unwrap();
+    assert_eq!(summary.requests, 2 * N + 1);
+    let p = summary.polls;
+    assert!(
+        p.polls > 0,
+        "a connection alone on its thread never polled: {p:?}"
+    );
+    assert_eq!(
+        p.polls,
+        p.first_try + p.caught + p.empty + p.no_spare,
+        "every poll has one outcome: {p:?}"
+    );
+    assert!(
+        p.first_try + p.caught > 0 || p.no_spare > 0,
+        "polls neither found a request nor stood down for want of CPU: {p:?}"
+    );
 }
