@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use super::local_ops::Watch;
 use crate::busy_poll::{Misses, cpu_to_spare, spun};
 
 /// Busy polling: the reader waits for a client's next request by polling the socket for
@@ -77,6 +78,9 @@ pub(crate) struct PollStats {
     pub empty: u64,
     /// Polls that did not spin because the machine had no CPU to spare.
     pub no_spare: u64,
+    /// Waits that polled while operations of the connection were in flight (not counted
+    /// above: they watch the GPU as much as the client).
+    pub with_ops: u64,
 }
 
 /// Waits through the reactor after a poll found the client's next request already there.
@@ -154,6 +158,48 @@ impl Poller {
                 Some(r)
             }
         }
+    }
+
+    /// Polls `fd` into `buf` while operations of this connection are in flight (GPU copies,
+    /// see [`super::local_ops`]): for up to the budget, until bytes come or an operation
+    /// completes (`None`: wait in the reactor, or drive the operations). The client's pace
+    /// does not matter here, the GPU's does: a copy comes back within µs, sooner than a
+    /// wake-up of this thread would.
+    pub(super) fn poll_with_ops(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        buf: &mut [u8],
+        ops: Watch<'_>,
+    ) -> Option<io::Result<usize>> {
+        if self.budget.is_zero() {
+            return None;
+        }
+        let spin = ops.spinning();
+        let ready = spin.any_ready();
+        if ready.load(Ordering::SeqCst) {
+            return None;
+        }
+        let spare = (self.spare)();
+        let start = Instant::now();
+        let mut first_try = true;
+        let found = loop {
+            match recv(fd.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(n) => break Some(Ok(n)),
+                Err(Errno::EAGAIN | Errno::EINTR) => {}
+                Err(e) => break Some(Err(e.into())),
+            }
+            first_try = false;
+            if !spare || ready.load(Ordering::SeqCst) || start.elapsed() >= self.budget {
+                break None;
+            }
+            std::thread::yield_now();
+        };
+        drop(spin);
+        if !first_try && spare {
+            spun(start.elapsed());
+        }
+        self.stats.with_ops += 1;
+        found
     }
 
     /// Whether polling is on at all (a budget of zero turns it off).

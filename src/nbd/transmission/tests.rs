@@ -349,7 +349,10 @@ async fn reads_lent_in_place_and_copied_agree_across_thousands_of_pieces() {
         dev.view(0, len as u64).is_some(),
         "host memory lends itself"
     );
-    let copied: Arc<dyn BlockDevice> = Arc::new(SlowWrites(dev.clone()));
+    let copied: Arc<dyn BlockDevice> = Arc::new(Delayed {
+        inner: dev.clone(),
+        how: Delay::SlowWrites,
+    });
     assert!(copied.view(0, len as u64).is_none());
     for device in [dev, copied] {
         let export = || Export {
@@ -759,32 +762,54 @@ async fn a_write_cut_anywhere_never_lands_in_part() {
     );
 }
 
-/// A device whose writes wait before they land, as GPU copies do.
-struct SlowWrites(Arc<dyn BlockDevice>);
+/// A device whose operations wait before they run, as GPU copies do.
+struct Delayed {
+    inner: Arc<dyn BlockDevice>,
+    how: Delay,
+}
+
+enum Delay {
+    /// Writes wait 300 ms on the runtime's timer.
+    SlowWrites,
+    /// Reads, writes and flushes complete on another thread some µs later (the GPU's
+    /// completion thread wakes them).
+    Elsewhere,
+}
+
+impl Delayed {
+    async fn wait(&self, write: bool) {
+        match self.how {
+            Delay::SlowWrites if write => tokio::time::sleep(Duration::from_millis(300)).await,
+            Delay::SlowWrites => {}
+            Delay::Elsewhere => completed_elsewhere(20).await,
+        }
+    }
+}
 
 #[async_trait::async_trait]
-impl BlockDevice for SlowWrites {
+impl BlockDevice for Delayed {
     fn size(&self) -> u64 {
-        self.0.size()
+        self.inner.size()
     }
     fn capabilities(&self) -> Capabilities {
-        self.0.capabilities()
+        self.inner.capabilities()
     }
     fn describe(&self) -> String {
-        self.0.describe()
+        self.inner.describe()
     }
     fn buffers(&self) -> &crate::engine::BufferPool {
-        self.0.buffers()
+        self.inner.buffers()
     }
     fn stats(&self) -> crate::engine::DeviceStats {
-        self.0.stats()
+        self.inner.stats()
     }
     async fn read(&self, offset: u64, buf: &mut [u8]) -> crate::engine::IoResult<()> {
-        self.0.read(offset, buf).await
+        self.wait(false).await;
+        self.inner.read(offset, buf).await
     }
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> crate::engine::IoResult<()> {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        self.0.write(offset, data, fua).await
+        self.wait(true).await;
+        self.inner.write(offset, data, fua).await
     }
     async fn write_zeroes(
         &self,
@@ -792,19 +817,20 @@ impl BlockDevice for SlowWrites {
         len: u64,
         flags: ZeroFlags,
     ) -> crate::engine::IoResult<()> {
-        self.0.write_zeroes(offset, len, flags).await
+        self.inner.write_zeroes(offset, len, flags).await
     }
     async fn trim(&self, offset: u64, len: u64) -> crate::engine::IoResult<()> {
-        self.0.trim(offset, len).await
+        self.inner.trim(offset, len).await
     }
     async fn flush(&self) -> crate::engine::IoResult<()> {
-        self.0.flush().await
+        self.wait(false).await;
+        self.inner.flush().await
     }
     async fn cache(&self, offset: u64, len: u64) -> crate::engine::IoResult<()> {
-        self.0.cache(offset, len).await
+        self.inner.cache(offset, len).await
     }
     fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> crate::engine::IoResult<()> {
-        self.0.extents(offset, len, out)
+        self.inner.extents(offset, len, out)
     }
 }
 
@@ -818,7 +844,10 @@ async fn a_dropped_connection_ends_after_its_writes_land() {
     let export = Export {
         name: String::new(),
         description: String::new(),
-        device: Arc::new(SlowWrites(inner.clone())),
+        device: Arc::new(Delayed {
+            inner: inner.clone(),
+            how: Delay::SlowWrites,
+        }),
         metrics: None,
     };
     for garbage in [true, false] {
@@ -864,32 +893,11 @@ async fn polling_connection_serves_in_process() {
     let (client, server) = std::os::unix::net::UnixStream::pair().unwrap();
     let export = export(false);
     let neg = simple_terms(&export);
-    // The server's own thread and runtime, as `server::Workers` runs them.
-    let thread = std::thread::spawn(move || {
-        set_thread_load(Arc::new(std::sync::atomic::AtomicUsize::new(1)));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            server.set_nonblocking(true).unwrap();
-            let (rd, wr) = UnixStream::from_std(server).unwrap().into_split();
-            let limits = ConnectionLimits {
-                inflight_bytes: 64 << 20,
-                busy_poll: Duration::from_micros(500),
-            };
-            run(
-                rd,
-                wr,
-                &export,
-                &neg,
-                &limits,
-                None,
-                &CancellationToken::new(),
-            )
-            .await
-        })
-    });
+    let limits = ConnectionLimits {
+        inflight_bytes: 64 << 20,
+        busy_poll: Duration::from_micros(500),
+    };
+    let thread = serve_on_own_thread(server, export, neg, limits);
     client.set_nonblocking(true).unwrap();
     let mut c = UnixStream::from_std(client).unwrap();
     const N: u64 = 300;
@@ -926,4 +934,140 @@ async fn polling_connection_serves_in_process() {
         p.first_try + p.caught > 0 || p.no_spare > 0,
         "polls neither found a request nor stood down for want of CPU: {p:?}"
     );
+}
+
+/// Waits about `us` µs on a thread of its own, then wakes the caller from there.
+async fn completed_elsewhere(us: u64) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_micros(us));
+        let _ = tx.send(());
+    });
+    rx.await.unwrap();
+}
+
+/// Requests whose device operations complete on other threads (the GPU's way), pipelined
+/// with sizes from 4 KiB to 256 KiB and a budget that runs out: every request gets its reply
+/// and every block reads back as written, on a connection that polls (alone on a server
+/// thread, its operations waiting in the reader) and on one that does not.
+#[tokio::test]
+async fn operations_completed_elsewhere_answer_every_request() {
+    const N: u64 = 240;
+    let len = |i: u64| 4096usize << (i % 7);
+    let at = |i: u64| i * (256 << 10);
+    for polling in [true, false] {
+        let export = Export {
+            name: String::new(),
+            description: String::new(),
+            device: Arc::new(Delayed {
+                inner: export(false).device,
+                how: Delay::Elsewhere,
+            }),
+            metrics: None,
+        };
+        let neg = simple_terms(&export);
+        let (client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        client.set_nonblocking(true).unwrap();
+        let limits = ConnectionLimits {
+            inflight_bytes: 2 << 20,
+            busy_poll: Duration::from_micros(if polling { 500 } else { 0 }),
+        };
+        let server = serve_on_own_thread(server, export, neg, limits);
+        let (mut rd, mut wr) = UnixStream::from_std(client).unwrap().into_split();
+        // Writes (and a flush now and then), all sent at once; then, once all are answered
+        // (NBD orders nothing), reads of every block.
+        for phase in ["write", "read"] {
+            let sender = tokio::spawn(async move {
+                let mut sent = 0u64;
+                for i in 0..N {
+                    let r = if phase == "write" {
+                        let mut r = request(false, proto::CMD_WRITE, 0, i, at(i), len(i) as u64);
+                        r.extend_from_slice(&pattern(i, len(i)));
+                        r
+                    } else {
+                        request(false, proto::CMD_READ, 0, N + i, at(i), len(i) as u64)
+                    };
+                    wr.write_all(&r).await.unwrap();
+                    sent += 1;
+                    if i % 17 == 0 {
+                        let r = request(false, proto::CMD_FLUSH, 0, 10_000 + i, 0, 0);
+                        wr.write_all(&r).await.unwrap();
+                        sent += 1;
+                    }
+                }
+                (wr, sent)
+            });
+            let mut answered = std::collections::HashSet::new();
+            // Reply headers until every request of the phase is answered; the count is known
+            // once the sender is done, and it never sends more than this.
+            let most = N + N.div_ceil(17);
+            while (answered.len() as u64) < most {
+                let (err, cookie) = simple_reply_half(&mut rd).await;
+                assert_eq!(err, 0, "{phase} request {cookie} failed");
+                if (N..2 * N).contains(&cookie) {
+                    let k = cookie - N;
+                    let mut back = vec![0u8; len(k)];
+                    rd.read_exact(&mut back).await.unwrap();
+                    assert!(back == pattern(k, len(k)), "block {k} read back wrong");
+                }
+                assert!(answered.insert(cookie), "two replies for request {cookie}");
+            }
+            let (w, sent) = sender.await.unwrap();
+            assert_eq!(sent, most);
+            wr = w;
+        }
+        wr.write_all(&request(false, proto::CMD_DISC, 0, 0, 0, 0))
+            .await
+            .unwrap();
+        let summary = server.join().unwrap();
+        assert!(
+            matches!(summary.ended, Ended::Disconnect),
+            "{}",
+            summary.ended
+        );
+        assert_eq!(summary.requests, 2 * (N + N.div_ceil(17)) + 1);
+        if polling {
+            assert!(
+                summary.polls.with_ops > 0,
+                "the reader never watched its operations: {:?}",
+                summary.polls
+            );
+        } else {
+            assert_eq!(summary.polls, PollStats::default(), "polling is off");
+        }
+    }
+}
+
+/// A simple reply's header from the read half of a connection: (error, cookie).
+async fn simple_reply_half(c: &mut tokio::net::unix::OwnedReadHalf) -> (u32, u64) {
+    let mut h = [0u8; 16];
+    c.read_exact(&mut h).await.unwrap();
+    assert_eq!(&h[0..4], &proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+    (
+        u32::from_be_bytes(h[4..8].try_into().unwrap()),
+        u64::from_be_bytes(h[8..16].try_into().unwrap()),
+    )
+}
+
+/// Runs the transmission phase on `server` on a thread and runtime of its own, counted as
+/// its thread's one connection, as `server::Workers` runs connections (so it may poll).
+fn serve_on_own_thread(
+    server: std::os::unix::net::UnixStream,
+    export: Export,
+    neg: Negotiated,
+    limits: ConnectionLimits,
+) -> std::thread::JoinHandle<Summary> {
+    std::thread::spawn(move || {
+        set_thread_load(Arc::new(std::sync::atomic::AtomicUsize::new(1)));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            server.set_nonblocking(true).unwrap();
+            let (rd, wr) = UnixStream::from_std(server).unwrap().into_split();
+            let shutdown = CancellationToken::new();
+            run(rd, wr, &export, &neg, &limits, None, &shutdown).await
+        })
+    })
 }
