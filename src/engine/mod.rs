@@ -20,6 +20,7 @@ pub mod fake_gpu;
 pub mod host;
 pub mod metered;
 pub mod persist;
+mod plug;
 mod sparse;
 pub mod tier;
 mod view;
@@ -30,6 +31,7 @@ pub use backend::{Backend, HostAllocator};
 pub use buffer::{BufferBudget, BufferPool, IoBuf};
 pub use chunk_map::ChunkMap;
 pub use error::{IoError, IoResult};
+pub use plug::{Plug, plugged};
 pub use sparse::{SparseDevice, SparseOptions};
 pub use view::View;
 

@@ -17,8 +17,9 @@
 //! which is what bounds 4 KiB I/O at high depth; more completion threads (each reaping a
 //! share of the lanes) and reaping by the submitting tasks were both measured and were
 //! slower (see bench/notes-gpu.md). No tokio worker ever waits in a GPU synchronisation. The
-//! one bounded exception: a task whose small op went out alone, with nothing else in flight,
-//! watches its op for up to [`QueueOptions::spin`] (20 µs) before yielding, since waking a
+//! one bounded exception: a task whose small op went out alone, with nothing else in flight
+//! and no word from its submitter that more follow ([`crate::engine::Plug`]), watches its op
+//! for up to [`QueueOptions::spin`] (20 µs) before yielding, since waking a
 //! parked worker costs about as much as the copy itself (4 KiB at queue depth 1: 20 µs
 //! median without the watch, 10 with).
 //!
@@ -456,7 +457,12 @@ impl CopyQueue {
         let op = op;
         let guard = WaitOnDrop(&op);
         let solo = self.shared.submit(&op);
-        if solo && !self.shared.opts.spin.is_zero() && op.len <= self.shared.opts.small_max {
+        // Not when the submitter has the next request in hand (see `engine::plug`).
+        if solo
+            && !self.shared.opts.spin.is_zero()
+            && op.len <= self.shared.opts.small_max
+            && !crate::engine::plugged()
+        {
             let start = Instant::now();
             while start.elapsed() < self.shared.opts.spin {
                 if let Some(r) = op.result() {

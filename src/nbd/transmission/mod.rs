@@ -53,7 +53,7 @@ pub(crate) use socket::{Sink, Source};
 use super::export::{ConnectionLimits, Export};
 use super::handshake::Negotiated;
 use super::proto::{self, Request};
-use crate::engine::{BlockDevice, Extent, IoBuf, IoError};
+use crate::engine::{BlockDevice, Extent, IoBuf, IoError, Plug};
 use commands::Terms;
 use inbuf::{InBuf, READ_BUF};
 use local_ops::{LocalOps, OpFuture};
@@ -154,6 +154,9 @@ struct Conn<R, S> {
     poller: Poller,
     /// Operations that had to wait, in flight in the reader (see [`local_ops`]).
     local: LocalOps,
+    /// The request being served is not the last one the read buffer holds: operations
+    /// started for it are told more follow ([`crate::engine::Plug`]).
+    more_queued: bool,
 }
 
 /// The in-flight budget that all connections from one source share (see
@@ -213,6 +216,7 @@ where
         requests: 0,
         poller: Poller::new(limits.busy_poll, R::STEPS_ASIDE),
         local: LocalOps::new(),
+        more_queued: false,
     };
     let ended = conn.serve(shutdown).await;
     // What is still in flight finishes as tasks, as if spawned from the start.
@@ -300,6 +304,12 @@ impl<R: Source, S: Sink> Conn<R, S> {
             };
             self.inbuf.consume(hlen);
             self.requests += 1;
+            let payload = if req.command == proto::CMD_WRITE {
+                req.length
+            } else {
+                0
+            };
+            self.more_queued = self.inbuf.len() as u64 >= payload.saturating_add(hlen as u64);
             trace!(
                 cmd = req.command,
                 flags = req.flags,
@@ -411,7 +421,10 @@ impl<R: Source, S: Sink> Conn<R, S> {
         F: Future<Output = Reply> + Send + 'static,
     {
         let op: OpFuture = Box::pin(op);
-        if let Some(reply) = self.local.start(op) {
+        let plug = self.more_queued.then(Plug::new);
+        let done = self.local.start(op);
+        drop(plug);
+        if let Some(reply) = done {
             self.push(reply);
         }
     }
