@@ -83,8 +83,8 @@ pub fn server_kind() -> ServerKind {
 /// True when the stand-in serves: the caller skips a vramdisk-only check and says so.
 pub fn standin_skips(what: &str) -> bool {
     if server_kind() == ServerKind::Nbdkit {
-        loud(&format!(
-            "SKIPPED under VRAMDISK_TEST_SERVER=nbdkit: {what} (vramdisk-only behaviour)"
+        skip_loudly(&format!(
+            "under VRAMDISK_TEST_SERVER=nbdkit: {what} (vramdisk-only behaviour)"
         ));
         true
     } else {
@@ -92,13 +92,9 @@ pub fn standin_skips(what: &str) -> bool {
     }
 }
 
-/// Prints a line on stderr past the test harness's output capture, so that a skip is seen
-/// even when the test passes.
-pub fn loud(line: &str) {
-    use std::io::Write;
-    let name = std::thread::current().name().unwrap_or("test").to_string();
-    let _ = writeln!(std::io::stderr(), "{name}: {line}");
-}
+#[path = "../../src/test_support.rs"]
+mod test_support;
+pub use test_support::*;
 
 /// The vramdisk binary under test.
 pub fn vramdisk_bin() -> PathBuf {
@@ -140,8 +136,8 @@ pub fn clients_available(tools: &[&str]) -> bool {
             if clients_required() {
                 panic!("{tool} is not installed, and VRAMDISK_REQUIRE_CLIENTS=1 requires it");
             }
-            loud(&format!(
-                "*** SKIPPED: {tool} not installed (set VRAMDISK_REQUIRE_CLIENTS=1 to fail instead) ***"
+            skip_loudly(&format!(
+                "{tool} not installed (set VRAMDISK_REQUIRE_CLIENTS=1 to fail instead)"
             ));
             return false;
         }

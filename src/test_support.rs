@@ -1,0 +1,20 @@
+//! Helpers every kind of test needs: the library's unit tests compile this file as a module,
+//! and the integration tests include it from `tests/common` by path, so there is one of each.
+//!
+//! Skips that show: the test harness captures `print!`/`eprint!` output and shows it only for
+//! a failed test, so a test that skips with `eprintln!` reports a silent `ok`. These write to
+//! the process's stderr directly, past the capture.
+
+/// Prints `line` on the process's stderr past the harness's capture, prefixed by the running
+/// test's name.
+pub fn loud(line: &str) {
+    use std::io::Write;
+    let name = std::thread::current().name().unwrap_or("test").to_string();
+    let _ = writeln!(std::io::stderr().lock(), "{name}: {line}");
+}
+
+/// Reports that the running test is skipped, and `why`, where it shows even though the test
+/// passes. The caller returns right after.
+pub fn skip_loudly(why: &str) {
+    loud(&format!("*** SKIPPED: {why} ***"));
+}
