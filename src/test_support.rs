@@ -5,6 +5,18 @@
 //! a failed test, so a test that skips with `eprintln!` reports a silent `ok`. These write to
 //! the process's stderr directly, past the capture.
 
+use std::path::PathBuf;
+
+/// The source tree the tests read their data files from (the example config, the fuzz
+/// corpus, test scripts): `VRAMDISK_SOURCE_DIR` when set, for a test binary run from a copy
+/// of the tree somewhere else than where it was built, else the tree it was built from.
+pub fn source_dir() -> PathBuf {
+    match std::env::var_os("VRAMDISK_SOURCE_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    }
+}
+
 /// Prints `line` on the process's stderr past the harness's capture, prefixed by the running
 /// test's name.
 pub fn loud(line: &str) {

@@ -5,7 +5,9 @@
 //! A panic, a hang (the session entry point fails after 10 s) or a crash is a failure.
 //!
 //! Environment: `VRAMDISK_FUZZ_SEED` (mutation seed, printed), `VRAMDISK_FUZZ_SECS`
-//! (seconds of mutations per target, default 2).
+//! (seconds of mutations per target, default 2), `VRAMDISK_SOURCE_DIR` (where `fuzz/` is).
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -15,7 +17,7 @@ const TARGETS: [&str; 3] = ["parsers", "options", "session"];
 
 /// Every input of one target: its corpus and its seeds, in a fixed order.
 fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let root = common::source_dir().join("fuzz");
     let mut out = Vec::new();
     for dir in ["corpus", "seeds"] {
         let Ok(entries) = std::fs::read_dir(root.join(dir).join(target)) else {
@@ -129,7 +131,9 @@ fn corpus_replays_and_mutations_through_every_target() {
         let own = inputs(target);
         assert!(
             !own.is_empty(),
-            "no committed inputs for the {target} target under fuzz/"
+            "no committed inputs for the {target} target under {}: run from the source tree, \
+             or point VRAMDISK_SOURCE_DIR at it",
+            common::source_dir().join("fuzz").display()
         );
         // Replay: the target's own inputs, then the other targets' (any bytes are valid).
         let t0 = Instant::now();

@@ -211,9 +211,7 @@ pub fn python() -> Option<&'static Path> {
 
 /// Path of a helper script in tests/scripts.
 pub fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/scripts")
-        .join(name)
+    source_dir().join("tests/scripts").join(name)
 }
 
 /// A `python3 -u tests/scripts/nbd_checks.py SUBCOMMAND ARGS...` command.
