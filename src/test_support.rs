@@ -7,6 +7,12 @@
 
 use std::path::PathBuf;
 
+/// A seeded random generator: with one build, the same seed gives the same sequence, so a
+/// test that prints its seed (or fixes one) can be repeated exactly.
+pub fn seeded_rng(seed: u64) -> rand::rngs::StdRng {
+    rand::SeedableRng::seed_from_u64(seed)
+}
+
 /// The source tree the tests read their data files from (the example config, the fuzz
 /// corpus, test scripts): `VRAMDISK_SOURCE_DIR` when set, for a test binary run from a copy
 /// of the tree somewhere else than where it was built, else the tree it was built from.

@@ -30,6 +30,7 @@ mod common;
 use common::{
     Endpoint, MIB, SIMPLE_REPLY_MAGIC, Server, ServerConfig, Transport, request_header as header,
 };
+use rand::RngExt;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -52,19 +53,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// Small, fast, seeded generator (splitmix64): reproducible from the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        mix(self.0)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
+/// splitmix64's finaliser: the check words' hash (the generator is rand's, seeded).
 fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -228,7 +217,7 @@ struct Client {
     first: u64,
     blocks: u64,
     model: Vec<State>,
-    rng: Rng,
+    rng: rand::rngs::StdRng,
     version: u64,
     eps: Vec<Endpoint>,
     conn: Option<Box<dyn Io>>,
@@ -252,7 +241,7 @@ struct Op {
 impl Client {
     fn conn(&mut self) -> &mut Box<dyn Io> {
         if self.conn.is_none() {
-            let ep = &self.eps[self.rng.below(self.eps.len() as u64) as usize];
+            let ep = &self.eps[self.rng.random_range(0..self.eps.len() as u64) as usize];
             let (s, size) = connect(ep).unwrap_or_else(|e| panic!("client {}: {e}", self.id));
             assert_eq!(size, EXPORT);
             self.totals.connects.fetch_add(1, Ordering::Relaxed);
@@ -401,7 +390,7 @@ impl Client {
     /// Plans a batch of requests on disjoint block ranges of the region.
     fn plan(&mut self) -> Vec<Op> {
         let chase = std::mem::take(&mut self.chase);
-        if !chase.is_empty() && self.rng.below(2) == 0 {
+        if !chase.is_empty() && self.rng.random_range(0..2) == 0 {
             return chase
                 .into_iter()
                 .map(|(start, count)| Op {
@@ -412,18 +401,18 @@ impl Client {
                 })
                 .collect();
         }
-        let n = 1 + self.rng.below(8);
+        let n = 1 + self.rng.random_range(0..8);
         let mut ops: Vec<Op> = Vec::new();
         for _ in 0..n {
-            let count = 1 + self.rng.below(16).min(self.blocks - 1);
-            let start = self.rng.below(self.blocks - count + 1);
+            let count = 1 + self.rng.random_range(0..16).min(self.blocks - 1);
+            let start = self.rng.random_range(0..self.blocks - count + 1);
             if ops
                 .iter()
                 .any(|o| start < o.start + o.count && o.start < start + count)
             {
                 continue;
             }
-            let mut write = self.rng.below(2) == 0;
+            let mut write = self.rng.random_range(0..2) == 0;
             if write && (start..start + count).any(|b| self.pending(b)) {
                 write = false;
             }
@@ -464,7 +453,7 @@ impl Client {
             ends.push(out.len());
         }
         if kill {
-            let cut = 1 + self.rng.below(out.len() as u64) as usize;
+            let cut = 1 + self.rng.random_range(0..out.len() as u64) as usize;
             self.conn();
             let mut s = self.conn.take().expect("connected");
             let _ = s.write_all(&out[..cut]);
@@ -766,7 +755,7 @@ fn soak_many_clients_with_random_kills() {
                     first: id as u64 * region,
                     blocks: region,
                     model: vec![State::Known(0); region as usize],
-                    rng: Rng(seed ^ mix(id as u64 + 1)),
+                    rng: common::seeded_rng(seed ^ mix(id as u64 + 1)),
                     version: 0,
                     // Half the clients start on each transport; reconnects pick at random.
                     eps: if id % 2 == 0 {
@@ -809,7 +798,7 @@ fn soak_many_clients_with_random_kills() {
                         continue;
                     }
                     let ops = c.plan();
-                    let kill = c.rng.below(50) == 0;
+                    let kill = c.rng.random_range(0..50) == 0;
                     if let Err(e) = c.run_batch(&ops, kill) {
                         panic!("client {}: {e}", c.id);
                     }

@@ -176,21 +176,9 @@ async fn drive(input: &[u8], exports: &[Export]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
-        }
-    }
+    use crate::test_support::seeded_rng;
+    use rand::RngExt;
+    use rand::rngs::StdRng;
 
     fn req(cmd: u16, flags: u16, off: u64, len: u32, payload: usize) -> Vec<u8> {
         let mut v = proto::REQUEST_MAGIC.to_be_bytes().to_vec();
@@ -251,36 +239,37 @@ mod tests {
         vec![simple, structured, extended, ro, raw]
     }
 
-    fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+    fn mutate(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
         let mut v = seed.to_vec();
-        for _ in 0..1 + rng.below(8) {
-            match rng.below(6) {
+        for _ in 0..1 + rng.random_range(0..8) {
+            match rng.random_range(0..6) {
                 0 if !v.is_empty() => {
-                    let i = rng.below(v.len());
-                    v[i] ^= 1 << rng.below(8);
+                    let i = rng.random_range(0..v.len());
+                    v[i] ^= 1 << rng.random_range(0..8);
                 }
                 1 if !v.is_empty() => {
-                    let i = rng.below(v.len());
-                    v[i] = rng.next() as u8;
+                    let i = rng.random_range(0..v.len());
+                    v[i] = rng.random::<u8>();
                 }
                 2 => {
-                    let i = rng.below(v.len() + 1);
-                    let n = rng.below(64);
-                    let bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                    let i = rng.random_range(0..v.len() + 1);
+                    let n = rng.random_range(0..64);
+                    let bytes: Vec<u8> = (0..n).map(|_| rng.random::<u8>()).collect();
                     v.splice(i..i, bytes);
                 }
                 3 if !v.is_empty() => {
-                    let i = rng.below(v.len());
-                    let n = rng.below(v.len() - i + 1);
+                    let i = rng.random_range(0..v.len());
+                    let n = rng.random_range(0..v.len() - i + 1);
                     v.drain(i..i + n);
                 }
                 4 if v.len() > 8 => {
                     // An interesting 32-bit value somewhere (lengths, offsets).
-                    let i = rng.below(v.len() - 4);
-                    let x: u32 = [0, 1, 0x7fff_ffff, 0xffff_ffff, 1 << 25, 4096][rng.below(6)];
+                    let i = rng.random_range(0..v.len() - 4);
+                    let x: u32 =
+                        [0, 1, 0x7fff_ffff, 0xffff_ffff, 1 << 25, 4096][rng.random_range(0..6)];
                     v[i..i + 4].copy_from_slice(&x.to_be_bytes());
                 }
-                _ => v.truncate(rng.below(v.len() + 1)),
+                _ => v.truncate(rng.random_range(0..v.len() + 1)),
             }
         }
         v
@@ -296,7 +285,7 @@ mod tests {
     #[test]
     fn parsers_and_options_survive_mutations() {
         let exports = exports();
-        let mut rng = Rng(seed_from_env());
+        let mut rng = seeded_rng(seed_from_env());
         let seeds = seeds();
         for i in 0..50_000 {
             let s = &seeds[i % seeds.len()];
@@ -311,7 +300,7 @@ mod tests {
     #[test]
     fn sessions_survive_mutations() {
         let exports = exports();
-        let mut rng = Rng(seed_from_env() ^ 1);
+        let mut rng = seeded_rng(seed_from_env() ^ 1);
         let seeds = seeds();
         let deadline = std::time::Instant::now() + Duration::from_secs(3);
         let mut runs = 0;

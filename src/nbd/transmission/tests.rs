@@ -8,6 +8,7 @@ use crate::engine::{SparseDevice, SparseOptions};
 use crate::nbd::export::transmission_flags;
 use crate::nbd::handshake::ALLOCATION_CONTEXT_ID;
 use crate::nbd::proto::{Framing, NbdError};
+use rand::RngExt;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
@@ -618,6 +619,7 @@ async fn pipelined_writes_of_mixed_sizes_land_intact() {
 /// Bytes that differ from `pattern(seed ^ 1, ..)` everywhere, made 8 at a time.
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut v = Vec::with_capacity(len + 8);
+    // xorshift, not the seeded generator: this fills megabytes a round, and fast.
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     while v.len() < len {
         x ^= x << 13;
@@ -650,14 +652,8 @@ async fn a_write_cut_anywhere_never_lands_in_part() {
         200_000,
         1 << 20,
     ];
-    let mut rng = 0x5eed_u64;
-    let mut next = move |n: usize| {
-        rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) % n.max(1) as u64) as usize
-    };
+    let mut rng = crate::test_support::seeded_rng(0x5eed);
+    let mut next = move |n: usize| rng.random_range(0..n);
     let (mut whole, mut landed, mut cut_short) = (0, 0, 0);
     for round in 0..240u64 {
         let ext = round % 2 == 1;
