@@ -16,8 +16,9 @@
 //!
 //! Such a block is "pending": it is not written again, and a read must see, byte for byte,
 //! its acknowledged version or the killed one. Every second all clients pause between
-//! batches, and the soak waits until the server's log shows that every connection it opened
-//! has closed except the clients' live ones: then no killed write can still land, and each
+//! batches, and the soak waits until the server's metrics show that every connection has
+//! ended except the clients' live ones (a connection counts until its last write landed):
+//! then no killed write can still land, and each
 //! client reads its pending blocks, which must now hold one whole version or the other.
 //!
 //! Environment: `SOAK_SECS` (default 20), `SOAK_CLIENTS` (default 72, half TCP half Unix),
@@ -35,7 +36,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -650,44 +651,6 @@ impl Pause {
     }
 }
 
-/// Follows the server's log: connections opened and closed so far.
-struct LogTail {
-    file: std::fs::File,
-    partial: Vec<u8>,
-    opened: u64,
-    closed: u64,
-}
-
-impl LogTail {
-    fn new(path: &Path) -> Self {
-        LogTail {
-            file: std::fs::File::open(path).expect("opening the server log"),
-            partial: Vec::new(),
-            opened: 0,
-            closed: 0,
-        }
-    }
-
-    fn update(&mut self) {
-        let mut buf = Vec::new();
-        self.file
-            .read_to_end(&mut buf)
-            .expect("reading the server log");
-        self.partial.extend_from_slice(&buf);
-        let Some(last) = self.partial.iter().rposition(|&b| b == b'\n') else {
-            return;
-        };
-        for line in self.partial[..last].split(|&b| b == b'\n') {
-            let line = String::from_utf8_lossy(line);
-            if line.ends_with(" connected") {
-                self.opened += 1;
-            } else if line.contains(" closed") || line.contains(" dropped from") {
-                self.closed += 1;
-            }
-        }
-        self.partial.drain(..=last);
-    }
-}
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     s.lines()
@@ -700,7 +663,7 @@ fn rss_kib(pid: u32) -> u64 {
 #[test]
 fn soak_many_clients_with_random_kills() {
     if common::server_kind() != common::ServerKind::Vramdisk {
-        common::loud("SKIPPED: the soak samples vramdisk's own memory use and log");
+        common::skip_loudly("the soak samples vramdisk's own memory use and metrics");
         return;
     }
     let secs = env_u64("SOAK_SECS", 20);
@@ -711,7 +674,7 @@ fn soak_many_clients_with_random_kills() {
         .unwrap()
         .as_nanos() as u64;
     let seed = env_u64("SOAK_SEED", mix(now));
-    let mut config = ServerConfig::sized(EXPORT);
+    let mut config = ServerConfig::sized(EXPORT).with_metrics();
     // A second listener: half the clients come over a Unix socket.
     let sock = tempfile::tempdir().unwrap();
     let sock_path: PathBuf = sock.path().join("soak.sock");
@@ -719,7 +682,6 @@ fn soak_many_clients_with_random_kills() {
         .extra_args
         .extend(["--socket".to_string(), sock_path.display().to_string()]);
     let mut srv = Server::start(config, Transport::Tcp);
-    let mut log = LogTail::new(&srv.dir().join("server.log"));
     let eps = vec![srv.endpoint().clone(), Endpoint::Unix(sock_path)];
     let totals = Arc::new(Totals {
         ops: AtomicU64::new(0),
@@ -812,16 +774,16 @@ fn soak_many_clients_with_random_kills() {
     let mut samples = Vec::new();
     let mut next_sample = started + Duration::from_secs(1);
     let mut next_pause = started + pause_every;
-    // Every connection but the clients' live ones has ended on the server.
-    let mut quiet = || {
-        log.update();
+    // Every connection but the clients' live ones has ended on the server: its count of
+    // clients connected now is down to theirs.
+    let quiet = |srv: &Server| {
         let live = LIVE.load(Ordering::SeqCst) as u64;
-        if log.opened == log.closed + live {
+        let open = srv.metric("vramdisk_connections");
+        if open == live {
             Ok(())
         } else {
             Err(format!(
-                "{} opened, {} closed, {live} live",
-                log.opened, log.closed
+                "{open} connections open on the server, {live} live"
             ))
         }
     };
@@ -834,7 +796,7 @@ fn soak_many_clients_with_random_kills() {
             next_sample += Duration::from_secs(1);
         }
         if last || now >= next_pause {
-            pause.run(clients, last, &failed, &mut quiet);
+            pause.run(clients, last, &failed, || quiet(&srv));
             totals.pauses.fetch_add(1, Ordering::Relaxed);
             next_pause = Instant::now() + pause_every;
         }
@@ -853,13 +815,14 @@ fn soak_many_clients_with_random_kills() {
     srv.assert_running();
     // Every connection the server opened has ended: none leaked its slot.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let (opened, closed) = loop {
-        log.update();
-        if log.opened == log.closed || Instant::now() > deadline {
-            break (log.opened, log.closed);
+    let still_open = loop {
+        let open = srv.metric("vramdisk_connections");
+        if open == 0 || Instant::now() > deadline {
+            break open;
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(20));
     };
+    let opened = srv.metric("vramdisk_connections_total");
     let t = &totals;
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let ops = get(&t.ops);
@@ -877,7 +840,7 @@ fn soak_many_clients_with_random_kills() {
          connections, {} pauses; killed writes: {} sent whole ({} blocks seen landed, {} \
          found not landed, {} landed after a read had seen the old data), {} cut short (must \
          never land); {} reads caught a killed write landing; {} mismatches, {} error replies; server RSS early {} MiB, late {} MiB, \
-         max {} MiB; {opened} connections opened, {closed} closed; seed {seed}",
+         max {} MiB; {opened} connections opened, {still_open} still open; seed {seed}",
         started.elapsed().as_secs_f64(),
         get(&t.bytes) >> 20,
         get(&t.kills),
@@ -908,7 +871,7 @@ fn soak_many_clients_with_random_kills() {
     assert_eq!(get(&t.mismatches), 0, "{summary}");
     assert_eq!(get(&t.failures), 0, "{summary}");
     assert!(ops > 1000, "too few requests for a soak: {summary}");
-    assert_eq!(opened, closed, "connections leaked: {summary}");
+    assert_eq!(still_open, 0, "connections leaked: {summary}");
     assert!(get(&t.kills) > 0, "{summary}");
     // Unless the machine starved the run, kills hit both kinds of write.
     assert!(
