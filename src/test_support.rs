@@ -5,6 +5,7 @@
 //! a failed test, so a test that skips with `eprintln!` reports a silent `ok`. These write to
 //! the process's stderr directly, past the capture.
 
+use rand::RngExt;
 use std::path::PathBuf;
 
 /// A seeded random generator: with one build, the same seed gives the same sequence, so a
@@ -35,4 +36,58 @@ pub fn loud(line: &str) {
 /// passes. The caller returns right after.
 pub fn skip_loudly(why: &str) {
     loud(&format!("*** SKIPPED: {why} ***"));
+}
+
+/// A few libFuzzer-like edits of `input`, for the fuzz targets' short runs in the test
+/// suite: bit flips, random bytes, inserted and erased runs, splices
+/// from another input, interesting 32- and 64-bit values (lengths, offsets), truncation.
+pub fn mutate(rng: &mut rand::rngs::StdRng, input: &[u8], other: &[u8]) -> Vec<u8> {
+    let mut v = input.to_vec();
+    for _ in 0..1 + rng.random_range(0..6) {
+        match rng.random_range(0..8) {
+            0 if !v.is_empty() => {
+                let i = rng.random_range(0..v.len());
+                v[i] ^= 1 << rng.random_range(0..8);
+            }
+            1 if !v.is_empty() => {
+                let i = rng.random_range(0..v.len());
+                v[i] = rng.random::<u8>();
+            }
+            2 => {
+                let i = rng.random_range(0..v.len() + 1);
+                let bytes: Vec<u8> = (0..rng.random_range(0..32))
+                    .map(|_| rng.random::<u8>())
+                    .collect();
+                v.splice(i..i, bytes);
+            }
+            3 if !v.is_empty() => {
+                let i = rng.random_range(0..v.len());
+                let n = rng.random_range(0..v.len() - i + 1);
+                v.drain(i..i + n);
+            }
+            4 if v.len() >= 4 => {
+                let i = rng.random_range(0..v.len() - 3);
+                let x: u32 = [0, 1, 512, 4096, 1 << 20, 1 << 25, 0x7fff_ffff, u32::MAX]
+                    [rng.random_range(0..8)];
+                v[i..i + 4].copy_from_slice(&x.to_be_bytes());
+            }
+            5 if v.len() >= 8 => {
+                let i = rng.random_range(0..v.len() - 7);
+                let x: u64 = [0, 4 << 20, (4 << 20) - 1, 1 << 63, u64::MAX][rng.random_range(0..5)];
+                v[i..i + 8].copy_from_slice(&x.to_be_bytes());
+            }
+            6 if !other.is_empty() => {
+                // The head of this input, the tail of another.
+                let i = rng.random_range(0..v.len() + 1);
+                let j = rng.random_range(0..other.len());
+                v.truncate(i);
+                v.extend_from_slice(&other[j..]);
+            }
+            _ => {
+                let n = rng.random_range(0..v.len() + 1);
+                v.truncate(n);
+            }
+        }
+    }
+    v
 }

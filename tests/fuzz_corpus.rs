@@ -10,7 +10,6 @@
 mod common;
 
 use rand::RngExt;
-use rand::rngs::StdRng;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vramdisk::nbd::fuzzing;
@@ -42,59 +41,6 @@ fn run(target: &str, data: &[u8], exports: &[vramdisk::nbd::export::Export]) {
         "session" => fuzzing::session(data, exports),
         _ => unreachable!(),
     }
-}
-
-/// A few libFuzzer-like edits: bit flips, random bytes, inserted and erased runs, splices
-/// from another input, interesting 32- and 64-bit values (lengths, offsets), truncation.
-fn mutate(rng: &mut StdRng, input: &[u8], other: &[u8]) -> Vec<u8> {
-    let mut v = input.to_vec();
-    for _ in 0..1 + rng.random_range(0..6) {
-        match rng.random_range(0..8) {
-            0 if !v.is_empty() => {
-                let i = rng.random_range(0..v.len());
-                v[i] ^= 1 << rng.random_range(0..8);
-            }
-            1 if !v.is_empty() => {
-                let i = rng.random_range(0..v.len());
-                v[i] = rng.random::<u8>();
-            }
-            2 => {
-                let i = rng.random_range(0..v.len() + 1);
-                let bytes: Vec<u8> = (0..rng.random_range(0..32))
-                    .map(|_| rng.random::<u8>())
-                    .collect();
-                v.splice(i..i, bytes);
-            }
-            3 if !v.is_empty() => {
-                let i = rng.random_range(0..v.len());
-                let n = rng.random_range(0..v.len() - i + 1);
-                v.drain(i..i + n);
-            }
-            4 if v.len() >= 4 => {
-                let i = rng.random_range(0..v.len() - 3);
-                let x: u32 = [0, 1, 512, 4096, 1 << 20, 1 << 25, 0x7fff_ffff, u32::MAX]
-                    [rng.random_range(0..8)];
-                v[i..i + 4].copy_from_slice(&x.to_be_bytes());
-            }
-            5 if v.len() >= 8 => {
-                let i = rng.random_range(0..v.len() - 7);
-                let x: u64 = [0, 4 << 20, (4 << 20) - 1, 1 << 63, u64::MAX][rng.random_range(0..5)];
-                v[i..i + 8].copy_from_slice(&x.to_be_bytes());
-            }
-            6 if !other.is_empty() => {
-                // The head of this input, the tail of another.
-                let i = rng.random_range(0..v.len() + 1);
-                let j = rng.random_range(0..other.len());
-                v.truncate(i);
-                v.extend_from_slice(&other[j..]);
-            }
-            _ => {
-                let n = rng.random_range(0..v.len() + 1);
-                v.truncate(n);
-            }
-        }
-    }
-    v
 }
 
 #[test]
@@ -141,7 +87,7 @@ fn corpus_replays_and_mutations_through_every_target() {
         while mutated < 50 || t0.elapsed() < Duration::from_secs(secs) {
             let (path, a) = &own[rng.random_range(0..own.len())];
             let (_, b) = &own[rng.random_range(0..own.len())];
-            let input = mutate(&mut rng, a, b);
+            let input = common::mutate(&mut rng, a, b);
             eprintln_on_panic(path, target, || run(target, &input, &exports));
             mutated += 1;
         }
