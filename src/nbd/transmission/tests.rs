@@ -65,22 +65,7 @@ fn spawn_run(
 }
 
 fn request(ext: bool, cmd: u16, flags: u16, cookie: u64, offset: u64, len: u64) -> Vec<u8> {
-    let mut b = Vec::with_capacity(32);
-    if ext {
-        b.extend_from_slice(&proto::EXTENDED_REQUEST_MAGIC.to_be_bytes());
-    } else {
-        b.extend_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
-    }
-    b.extend_from_slice(&flags.to_be_bytes());
-    b.extend_from_slice(&cmd.to_be_bytes());
-    b.extend_from_slice(&cookie.to_be_bytes());
-    b.extend_from_slice(&offset.to_be_bytes());
-    if ext {
-        b.extend_from_slice(&len.to_be_bytes());
-    } else {
-        b.extend_from_slice(&(len as u32).to_be_bytes());
-    }
-    b
+    proto::encode_request(ext, cmd, flags, cookie, offset, len)
 }
 
 async fn simple_reply(c: &mut UnixStream) -> (u32, u64) {
@@ -339,7 +324,7 @@ async fn reads_lent_in_place_and_copied_agree_across_thousands_of_pieces() {
         dev.view(0, len as u64).is_some(),
         "host memory lends itself"
     );
-    let copied: Arc<dyn BlockDevice> = Arc::new(SlowWrites(dev.clone()));
+    let copied: Arc<dyn BlockDevice> = Arc::new(slow_writes(dev.clone()));
     assert!(copied.view(0, len as u64).is_none());
     for device in [dev, copied] {
         let export = || Export {
@@ -476,17 +461,26 @@ async fn garbage_closes_the_connection() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_held_back_not_buffered() {
-    // With a 1 MiB budget the server stops reading after about 1 MiB of read data in
-    // flight instead of queueing every reply.
+    // With a 1 MiB budget the server runs at most 16 reads of 64 KiB ahead of the replies
+    // its client has taken (and those the socket holds), instead of queueing a reply for
+    // every request. Counted on the device, where each read begins: host memory is sent in
+    // place, so no buffer pool shows it.
     let (c, server) = UnixStream::pair().unwrap();
-    let export = export(false);
+    let lag = Arc::new(ReadLag::default());
+    let export = Export {
+        device: Arc::new(Wrapped {
+            inner: export(false).device,
+            slow_writes: false,
+            lag: Some(lag.clone()),
+        }),
+        ..export(false)
+    };
     let neg = Negotiated {
         export: 0,
         framing: Framing::Simple,
         allocation_context: None,
         flags: transmission_flags(&export.device.capabilities(), Framing::Simple),
     };
-    let pool = export.device.buffers().clone();
     let task = spawn_run(server, export, neg, 1 << 20);
     let (mut crd, mut cwr) = c.into_split();
     let sender = tokio::spawn(async move {
@@ -501,32 +495,35 @@ async fn a_client_that_stops_reading_is_held_back_not_buffered() {
         }
         cwr
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // 4096 reads of 64 KiB would be 256 MiB; the pool shows what is held.
-    let free_before = pool.limit();
-    let mut probe = Vec::new();
-    while let Ok(Some(b)) = pool.try_get(1 << 20) {
-        probe.push(b);
+    // The client reads nothing until the server has used its budget.
+    let begun = || lag.begun.load(std::sync::atomic::Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while begun() < 8 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} reads began",
+            begun()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let held = free_before - probe.len() * (1 << 20);
-    assert!(
-        held <= 8 << 20,
-        "{held} bytes of buffers held for a stalled client"
-    );
-    drop(probe);
     // Reading the replies lets everything complete.
-    let mut got = 0;
     let mut hdr = [0u8; 16];
     let mut data = vec![0u8; 64 << 10];
-    while got < 4096 {
+    for _ in 0..4096 {
         crd.read_exact(&mut hdr).await.unwrap();
         crd.read_exact(&mut data).await.unwrap();
-        got += 1;
+        lag.taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
     let cwr = sender.await.unwrap();
     drop(cwr);
     drop(crd);
     let _ = task.await;
+    // 16 in the budget, a few more in the socket's buffers.
+    let worst = lag.worst.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (8..=24).contains(&worst),
+        "the server ran {worst} reads ahead of a client that stopped reading"
+    );
 }
 
 #[tokio::test]
@@ -749,32 +746,80 @@ async fn a_write_cut_anywhere_never_lands_in_part() {
     );
 }
 
-/// A device whose writes wait before they land, as GPU copies do.
-struct SlowWrites(Arc<dyn BlockDevice>);
+/// A device that forwards to another but for what a test changes: with `slow_writes`,
+/// writes wait before they land, as GPU copies do, and no memory is lent in place, as GPU
+/// memory cannot be; with `lag`, reads begun are counted against the replies taken.
+struct Wrapped {
+    inner: Arc<dyn BlockDevice>,
+    slow_writes: bool,
+    lag: Option<Arc<ReadLag>>,
+}
+
+/// A device whose writes wait before they land and that lends no memory, as a GPU's.
+fn slow_writes(inner: Arc<dyn BlockDevice>) -> Wrapped {
+    Wrapped {
+        inner,
+        slow_writes: true,
+        lag: None,
+    }
+}
+
+/// How far a server runs ahead of its client: reads begun (on the device) against replies
+/// the client has taken, and the most the first ever led the second by.
+#[derive(Default)]
+struct ReadLag {
+    begun: std::sync::atomic::AtomicU64,
+    taken: std::sync::atomic::AtomicU64,
+    worst: std::sync::atomic::AtomicU64,
+}
+
+impl ReadLag {
+    fn begin(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let begun = self.begun.fetch_add(1, SeqCst) + 1;
+        let ahead = begun.saturating_sub(self.taken.load(SeqCst));
+        self.worst.fetch_max(ahead, SeqCst);
+    }
+}
 
 #[async_trait::async_trait]
-impl BlockDevice for SlowWrites {
+impl BlockDevice for Wrapped {
     fn size(&self) -> u64 {
-        self.0.size()
+        self.inner.size()
     }
     fn capabilities(&self) -> Capabilities {
-        self.0.capabilities()
+        self.inner.capabilities()
     }
     fn describe(&self) -> String {
-        self.0.describe()
+        self.inner.describe()
     }
     fn buffers(&self) -> &crate::engine::BufferPool {
-        self.0.buffers()
+        self.inner.buffers()
     }
     fn stats(&self) -> crate::engine::DeviceStats {
-        self.0.stats()
+        self.inner.stats()
     }
     async fn read(&self, offset: u64, buf: &mut [u8]) -> crate::engine::IoResult<()> {
-        self.0.read(offset, buf).await
+        if let Some(lag) = &self.lag {
+            lag.begin();
+        }
+        self.inner.read(offset, buf).await
+    }
+    fn view(&self, offset: u64, len: u64) -> Option<crate::engine::IoResult<crate::engine::View>> {
+        if self.slow_writes {
+            return None;
+        }
+        let view = self.inner.view(offset, len);
+        if let (Some(lag), Some(_)) = (&self.lag, &view) {
+            lag.begin();
+        }
+        view
     }
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> crate::engine::IoResult<()> {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        self.0.write(offset, data, fua).await
+        if self.slow_writes {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        self.inner.write(offset, data, fua).await
     }
     async fn write_zeroes(
         &self,
@@ -782,19 +827,19 @@ impl BlockDevice for SlowWrites {
         len: u64,
         flags: ZeroFlags,
     ) -> crate::engine::IoResult<()> {
-        self.0.write_zeroes(offset, len, flags).await
+        self.inner.write_zeroes(offset, len, flags).await
     }
     async fn trim(&self, offset: u64, len: u64) -> crate::engine::IoResult<()> {
-        self.0.trim(offset, len).await
+        self.inner.trim(offset, len).await
     }
     async fn flush(&self) -> crate::engine::IoResult<()> {
-        self.0.flush().await
+        self.inner.flush().await
     }
     async fn cache(&self, offset: u64, len: u64) -> crate::engine::IoResult<()> {
-        self.0.cache(offset, len).await
+        self.inner.cache(offset, len).await
     }
     fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> crate::engine::IoResult<()> {
-        self.0.extents(offset, len, out)
+        self.inner.extents(offset, len, out)
     }
 }
 
@@ -808,7 +853,7 @@ async fn a_dropped_connection_ends_after_its_writes_land() {
     let export = Export {
         name: String::new(),
         description: String::new(),
-        device: Arc::new(SlowWrites(inner.clone())),
+        device: Arc::new(slow_writes(inner.clone())),
         metrics: None,
     };
     for garbage in [true, false] {
