@@ -19,3 +19,5 @@ pub mod cli;
 pub mod engine;
 pub mod nbd;
 pub mod ops;
+#[cfg(test)]
+mod test_support;

@@ -5,6 +5,8 @@
 //! each test prints a SKIPPED line and passes, unless VRAMDISK_REQUIRE_ATTACH=1.
 //! Tests take a global lock: they share the machine's loop devices and swap table.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
@@ -83,15 +85,8 @@ fn capable(test: &str) -> bool {
     if std::env::var_os("VRAMDISK_REQUIRE_ATTACH").is_some() {
         panic!("{test}: cannot run ({why}) but VRAMDISK_REQUIRE_ATTACH is set");
     }
-    skipped(&format!("{test}: {why}"));
+    common::skip_loudly(&format!("{test}: {why}"));
     false
-}
-
-/// Prints a SKIPPED line that shows even when the test passes: straight to the process's
-/// stderr, past the test harness's capture of `eprintln!`.
-fn skipped(what: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "SKIPPED {what}");
 }
 
 fn nix_is_root() -> bool {
@@ -792,7 +787,7 @@ fn swap_holds_pages_under_memory_pressure() {
         return;
     }
     if Command::new("python3").arg("-c").arg("1").output().is_err() {
-        skipped("swap_holds_pages_under_memory_pressure: no python3");
+        common::skip_loudly("swap_holds_pages_under_memory_pressure: no python3");
         return;
     }
     // A process limited to 48 MiB of RAM writes 128 MiB and reads it back: most of it must go
@@ -800,7 +795,7 @@ fn swap_holds_pages_under_memory_pressure() {
     // is written or checked (MADV_PAGEOUT), the way proactive reclaim does, so the limit is hit
     // tens of thousands of times, but seldom with nothing left to reclaim.
     let Some((probe, _)) = swap_cgroup(LIMIT, "probe") else {
-        skipped("swap_holds_pages_under_memory_pressure: no writable memory cgroup");
+        common::skip_loudly("swap_holds_pages_under_memory_pressure: no writable memory cgroup");
         return;
     };
     let _ = std::fs::remove_dir(probe);
@@ -1100,7 +1095,7 @@ fn unavailable_methods_say_why() {
             );
         }
     } else {
-        skipped("nbd part of unavailable_methods_say_why: this kernel has nbd");
+        common::skip_loudly("nbd part of unavailable_methods_say_why: this kernel has nbd");
     }
     if let Some(why) = vramdisk::attach::ublk::unavailable() {
         let out = try_via("ublk");
@@ -1112,7 +1107,9 @@ fn unavailable_methods_say_why() {
             assert!(err.contains("--features ublk"), "{err}");
         }
     } else {
-        skipped("ublk part of unavailable_methods_say_why: this kernel and build have ublk");
+        common::skip_loudly(
+            "ublk part of unavailable_methods_say_why: this kernel and build have ublk",
+        );
     }
 
     let out = Command::new(bin())
@@ -1205,7 +1202,7 @@ fn kernel_method_capable(test: &str, via: &str, require: &str) -> bool {
     if std::env::var_os(require).is_some() {
         panic!("{test}: cannot run ({why}) but {require} is set");
     }
-    skipped(&format!("{test}: {why}"));
+    common::skip_loudly(&format!("{test}: {why}"));
     false
 }
 

@@ -2,6 +2,8 @@
 //! machine's `.gpu/run-tests` sets it); elsewhere each prints a SKIPPED line. The one test
 //! that needs no GPU checks the message given when there is no NVIDIA driver.
 
+mod common;
+
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use std::process::Command;
@@ -21,7 +23,9 @@ fn gpu_enabled(test: &str) -> bool {
     if std::env::var("VRAMDISK_TEST_GPU").as_deref() == Ok("1") {
         return true;
     }
-    eprintln!("SKIPPED {test} (set VRAMDISK_TEST_GPU=1 on a machine with an NVIDIA GPU)");
+    common::skip_loudly(&format!(
+        "{test} (set VRAMDISK_TEST_GPU=1 on a machine with an NVIDIA GPU)"
+    ));
     false
 }
 
@@ -471,7 +475,7 @@ fn two_gpus_share_one_device() {
     }
     let gpus = cuda::probe().unwrap();
     if gpus.len() < 2 {
-        eprintln!("SKIPPED two_gpus_share_one_device (this machine has one GPU)");
+        common::skip_loudly("two_gpus_share_one_device (this machine has one GPU)");
         return;
     }
     let _g = serial();
@@ -570,9 +574,8 @@ fn bench_runs_on_the_gpu() {
 #[test]
 fn without_a_driver_cuda_fails_with_one_sentence() {
     if cuda::driver_present() {
-        eprintln!(
-            "SKIPPED without_a_driver_cuda_fails_with_one_sentence (this machine has an NVIDIA \
-             driver)"
+        common::skip_loudly(
+            "without_a_driver_cuda_fails_with_one_sentence (this machine has an NVIDIA driver)",
         );
         return;
     }

@@ -789,7 +789,7 @@ mod tests {
     #[test]
     fn says_why_unavailable_here() {
         if Path::new("/dev/nbd0").exists() || Path::new("/sys/module/nbd").exists() {
-            eprintln!("SKIPPED says_why_unavailable_here: this kernel has nbd");
+            crate::test_support::skip_loudly("this kernel has nbd");
             return;
         }
         let why = unavailable().unwrap();
@@ -800,7 +800,7 @@ mod tests {
     #[test]
     fn netlink_family_resolves_where_nbd_exists() {
         if !Path::new("/sys/module/nbd").exists() {
-            eprintln!("SKIPPED netlink_family_resolves_where_nbd_exists: no nbd module");
+            crate::test_support::skip_loudly("no nbd module");
             return;
         }
         let mut s = GenlSocket::open().unwrap();

@@ -581,7 +581,7 @@ mod tests {
 
     #[test]
     fn shipped_example_config_is_valid() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/vramdisk.toml");
+        let path = crate::test_support::source_dir().join("contrib/vramdisk.toml");
         let (argv, ov) = merged_argv(&serve_cmd(), &parse(&[]), &path).unwrap();
         assert!(
             argv.contains(&"--export=scratch=32G".to_string()),

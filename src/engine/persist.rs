@@ -1512,7 +1512,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let direct_ok = direct_works(dir.path());
         if !direct_ok {
-            eprintln!("SKIPPED (in part): no O_DIRECT on the temporary directory's filesystem");
+            crate::test_support::skip_loudly(
+                "in part: no O_DIRECT on the temporary directory's filesystem",
+            );
         }
         let path = dir.path().join("dev.img");
         // 4 KiB and 64 KiB blocks: every record straddles blocks (the header shifts the
@@ -1710,7 +1712,7 @@ mod tests {
     fn refused_direct_calls_are_redone_through_the_page_cache() {
         let dir = tempfile::tempdir().unwrap();
         if !direct_works(dir.path()) {
-            eprintln!("SKIPPED: no O_DIRECT on the temporary directory's filesystem");
+            crate::test_support::skip_loudly("no O_DIRECT on the temporary directory's filesystem");
             return;
         }
         let path = dir.path().join("f");

@@ -8,6 +8,7 @@ use crate::engine::{SparseDevice, SparseOptions};
 use crate::nbd::export::transmission_flags;
 use crate::nbd::handshake::ALLOCATION_CONTEXT_ID;
 use crate::nbd::proto::{Framing, NbdError};
+use rand::RngExt;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
@@ -75,22 +76,7 @@ fn simple_terms(export: &Export) -> Negotiated {
 }
 
 fn request(ext: bool, cmd: u16, flags: u16, cookie: u64, offset: u64, len: u64) -> Vec<u8> {
-    let mut b = Vec::with_capacity(32);
-    if ext {
-        b.extend_from_slice(&proto::EXTENDED_REQUEST_MAGIC.to_be_bytes());
-    } else {
-        b.extend_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
-    }
-    b.extend_from_slice(&flags.to_be_bytes());
-    b.extend_from_slice(&cmd.to_be_bytes());
-    b.extend_from_slice(&cookie.to_be_bytes());
-    b.extend_from_slice(&offset.to_be_bytes());
-    if ext {
-        b.extend_from_slice(&len.to_be_bytes());
-    } else {
-        b.extend_from_slice(&(len as u32).to_be_bytes());
-    }
-    b
+    proto::encode_request(ext, cmd, flags, cookie, offset, len)
 }
 
 async fn simple_reply(c: &mut UnixStream) -> (u32, u64) {
@@ -349,10 +335,7 @@ async fn reads_lent_in_place_and_copied_agree_across_thousands_of_pieces() {
         dev.view(0, len as u64).is_some(),
         "host memory lends itself"
     );
-    let copied: Arc<dyn BlockDevice> = Arc::new(Delayed {
-        inner: dev.clone(),
-        how: Delay::SlowWrites,
-    });
+    let copied: Arc<dyn BlockDevice> = Arc::new(slow_writes(dev.clone()));
     assert!(copied.view(0, len as u64).is_none());
     for device in [dev, copied] {
         let export = || Export {
@@ -489,12 +472,22 @@ async fn garbage_closes_the_connection() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_held_back_not_buffered() {
-    // With a 1 MiB budget the server stops reading after about 1 MiB of read data in
-    // flight instead of queueing every reply.
+    // With a 1 MiB budget the server runs at most 16 reads of 64 KiB ahead of the replies
+    // its client has taken (and those the socket holds), instead of queueing a reply for
+    // every request. Counted on the device, where each read begins: host memory is sent in
+    // place, so no buffer pool shows it.
     let (c, server) = UnixStream::pair().unwrap();
-    let export = export(false);
+    let lag = Arc::new(ReadLag::default());
+    let export = Export {
+        device: Arc::new(Wrapped {
+            inner: export(false).device,
+            slow_writes: false,
+            lag: Some(lag.clone()),
+            elsewhere: false,
+        }),
+        ..export(false)
+    };
     let neg = simple_terms(&export);
-    let pool = export.device.buffers().clone();
     let task = spawn_run(server, export, neg, 1 << 20);
     let (mut crd, mut cwr) = c.into_split();
     let sender = tokio::spawn(async move {
@@ -509,32 +502,35 @@ async fn a_client_that_stops_reading_is_held_back_not_buffered() {
         }
         cwr
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // 4096 reads of 64 KiB would be 256 MiB; the pool shows what is held.
-    let free_before = pool.limit();
-    let mut probe = Vec::new();
-    while let Ok(Some(b)) = pool.try_get(1 << 20) {
-        probe.push(b);
+    // The client reads nothing until the server has used its budget.
+    let begun = || lag.begun.load(std::sync::atomic::Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while begun() < 8 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} reads began",
+            begun()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let held = free_before - probe.len() * (1 << 20);
-    assert!(
-        held <= 8 << 20,
-        "{held} bytes of buffers held for a stalled client"
-    );
-    drop(probe);
     // Reading the replies lets everything complete.
-    let mut got = 0;
     let mut hdr = [0u8; 16];
     let mut data = vec![0u8; 64 << 10];
-    while got < 4096 {
+    for _ in 0..4096 {
         crd.read_exact(&mut hdr).await.unwrap();
         crd.read_exact(&mut data).await.unwrap();
-        got += 1;
+        lag.taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
     let cwr = sender.await.unwrap();
     drop(cwr);
     drop(crd);
     let _ = task.await;
+    // 16 in the budget, a few more in the socket's buffers.
+    let worst = lag.worst.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (8..=24).contains(&worst),
+        "the server ran {worst} reads ahead of a client that stopped reading"
+    );
 }
 
 #[tokio::test]
@@ -627,6 +623,7 @@ async fn pipelined_writes_of_mixed_sizes_land_intact() {
 /// Bytes that differ from `pattern(seed ^ 1, ..)` everywhere, made 8 at a time.
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut v = Vec::with_capacity(len + 8);
+    // xorshift, not the seeded generator: this fills megabytes a round, and fast.
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     while v.len() < len {
         x ^= x << 13;
@@ -659,14 +656,8 @@ async fn a_write_cut_anywhere_never_lands_in_part() {
         200_000,
         1 << 20,
     ];
-    let mut rng = 0x5eed_u64;
-    let mut next = move |n: usize| {
-        rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) % n.max(1) as u64) as usize
-    };
+    let mut rng = crate::test_support::seeded_rng(0x5eed);
+    let mut next = move |n: usize| rng.random_range(0..n);
     let (mut whole, mut landed, mut cut_short) = (0, 0, 0);
     for round in 0..240u64 {
         let ext = round % 2 == 1;
@@ -762,32 +753,48 @@ async fn a_write_cut_anywhere_never_lands_in_part() {
     );
 }
 
-/// A device whose operations wait before they run, as GPU copies do.
-struct Delayed {
+/// A device that forwards to another but for what a test changes: with `slow_writes`,
+/// writes wait before they land, as GPU copies do, and no memory is lent in place, as GPU
+/// memory cannot be; with `lag`, reads begun are counted against the replies taken.
+struct Wrapped {
     inner: Arc<dyn BlockDevice>,
-    how: Delay,
+    slow_writes: bool,
+    lag: Option<Arc<ReadLag>>,
+    /// Reads, writes and flushes complete on another thread some µs later, as the GPU's
+    /// completion thread wakes them.
+    elsewhere: bool,
 }
 
-enum Delay {
-    /// Writes wait 300 ms on the runtime's timer.
-    SlowWrites,
-    /// Reads, writes and flushes complete on another thread some µs later (the GPU's
-    /// completion thread wakes them).
-    Elsewhere,
+/// A device whose writes wait before they land and that lends no memory, as a GPU's.
+fn slow_writes(inner: Arc<dyn BlockDevice>) -> Wrapped {
+    Wrapped {
+        inner,
+        slow_writes: true,
+        lag: None,
+        elsewhere: false,
+    }
 }
 
-impl Delayed {
-    async fn wait(&self, write: bool) {
-        match self.how {
-            Delay::SlowWrites if write => tokio::time::sleep(Duration::from_millis(300)).await,
-            Delay::SlowWrites => {}
-            Delay::Elsewhere => completed_elsewhere(20).await,
-        }
+/// How far a server runs ahead of its client: reads begun (on the device) against replies
+/// the client has taken, and the most the first ever led the second by.
+#[derive(Default)]
+struct ReadLag {
+    begun: std::sync::atomic::AtomicU64,
+    taken: std::sync::atomic::AtomicU64,
+    worst: std::sync::atomic::AtomicU64,
+}
+
+impl ReadLag {
+    fn begin(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let begun = self.begun.fetch_add(1, SeqCst) + 1;
+        let ahead = begun.saturating_sub(self.taken.load(SeqCst));
+        self.worst.fetch_max(ahead, SeqCst);
     }
 }
 
 #[async_trait::async_trait]
-impl BlockDevice for Delayed {
+impl BlockDevice for Wrapped {
     fn size(&self) -> u64 {
         self.inner.size()
     }
@@ -804,11 +811,31 @@ impl BlockDevice for Delayed {
         self.inner.stats()
     }
     async fn read(&self, offset: u64, buf: &mut [u8]) -> crate::engine::IoResult<()> {
-        self.wait(false).await;
+        if let Some(lag) = &self.lag {
+            lag.begin();
+        }
+        if self.elsewhere {
+            completed_elsewhere(20).await;
+        }
         self.inner.read(offset, buf).await
     }
+    fn view(&self, offset: u64, len: u64) -> Option<crate::engine::IoResult<crate::engine::View>> {
+        if self.slow_writes || self.elsewhere {
+            return None;
+        }
+        let view = self.inner.view(offset, len);
+        if let (Some(lag), Some(_)) = (&self.lag, &view) {
+            lag.begin();
+        }
+        view
+    }
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> crate::engine::IoResult<()> {
-        self.wait(true).await;
+        if self.slow_writes {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        if self.elsewhere {
+            completed_elsewhere(20).await;
+        }
         self.inner.write(offset, data, fua).await
     }
     async fn write_zeroes(
@@ -823,7 +850,9 @@ impl BlockDevice for Delayed {
         self.inner.trim(offset, len).await
     }
     async fn flush(&self) -> crate::engine::IoResult<()> {
-        self.wait(false).await;
+        if self.elsewhere {
+            completed_elsewhere(20).await;
+        }
         self.inner.flush().await
     }
     async fn cache(&self, offset: u64, len: u64) -> crate::engine::IoResult<()> {
@@ -844,10 +873,7 @@ async fn a_dropped_connection_ends_after_its_writes_land() {
     let export = Export {
         name: String::new(),
         description: String::new(),
-        device: Arc::new(Delayed {
-            inner: inner.clone(),
-            how: Delay::SlowWrites,
-        }),
+        device: Arc::new(slow_writes(inner.clone())),
         metrics: None,
     };
     for garbage in [true, false] {
@@ -959,9 +985,11 @@ async fn operations_completed_elsewhere_answer_every_request() {
         let export = Export {
             name: String::new(),
             description: String::new(),
-            device: Arc::new(Delayed {
+            device: Arc::new(Wrapped {
                 inner: export(false).device,
-                how: Delay::Elsewhere,
+                slow_writes: false,
+                lag: None,
+                elsewhere: true,
             }),
             metrics: None,
         };
