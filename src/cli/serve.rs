@@ -173,8 +173,8 @@ fn parse_listen(addr: &str) -> Result<SocketAddr> {
 /// subcommand's, needed to tell flags given on the command line from defaults when a
 /// `--config` file is merged in.
 pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
-    let (args, overrides) = match &args.config {
-        None => (args, Vec::new()),
+    let (args, overrides, argv) = match &args.config {
+        None => (args, Vec::new(), Vec::new()),
         Some(path) => {
             let cmd = super::config::serve_command();
             let (argv, overrides) = super::config::merged_argv(&cmd, matches, path)?;
@@ -182,7 +182,7 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
                 .no_binary_name(true)
                 .try_get_matches_from(super::config::to_os(&argv))
                 .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.render()))?;
-            (ServeArgs::from_arg_matches(&m)?, overrides)
+            (ServeArgs::from_arg_matches(&m)?, overrides, argv)
         }
     };
     let activated = crate::ops::notify::classify(crate::ops::notify::listen_fds())?;
@@ -232,7 +232,7 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
             format_size(client_inflight)
         );
     }
-    let devices = super::config::build_devices(&args.device, &args.ops, &overrides)?;
+    let devices = super::config::build_devices(&args.device, &args.ops, &overrides, &argv)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
