@@ -59,10 +59,6 @@ const LOOP_MAX_REQUEST: u32 = 1280 << 10;
 const FALLBACK_MAX_PAGES: u32 = 256;
 const PAGE: u32 = 4096;
 
-const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
-const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
-const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
-
 /// Attributes never change behind the kernel's back (the size is fixed), so cache them long.
 const ATTR_TTL: Duration = Duration::from_secs(3600);
 
@@ -471,15 +467,15 @@ impl Filesystem for DiskFs {
         let len = length.min(self.size.saturating_sub(offset));
         let device = &self.device;
         let start = Instant::now();
-        let result = if mode & FALLOC_FL_PUNCH_HOLE != 0 {
-            if mode & FALLOC_FL_KEEP_SIZE == 0 {
+        let result = if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+            if mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
                 return reply.error(Errno::EINVAL);
             }
             if len == 0 {
                 return reply.ok();
             }
             self.complete(device.trim(offset, len))
-        } else if mode & FALLOC_FL_ZERO_RANGE != 0 {
+        } else if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
             if len == 0 {
                 return reply.ok();
             }
