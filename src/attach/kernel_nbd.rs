@@ -471,7 +471,11 @@ impl KernelNbd {
             );
         }
         let flags = transmission_flags(&caps);
-        prewarm_buffers(&*device, connections.max(1) * PREWARM_PER_CONNECTION)?;
+        super::io_path::prewarm_buffers(
+            device.buffers(),
+            connections.max(1) * PREWARM_PER_CONNECTION,
+            PREWARM_MAX,
+        )?;
         let export = Arc::new(Export {
             name: String::new(),
             description: String::new(),
@@ -570,29 +574,6 @@ const PREWARM_PER_CONNECTION: usize = 2;
 /// `max_sectors_kb` is at most 1280 KiB); larger requests, which need a raised
 /// `max_sectors_kb`, get their buffers on first use.
 const PREWARM_MAX: usize = 2 << 20;
-
-/// Fills the device's buffer pool with `count` buffers of every size class up to
-/// [`PREWARM_MAX`], so that serving requests (swap included) does not allocate once the
-/// kernel sees the device.
-fn prewarm_buffers(device: &dyn BlockDevice, count: usize) -> Result<()> {
-    let pool = device.buffers();
-    let mut size = 4096;
-    while size <= PREWARM_MAX {
-        let mut held = Vec::with_capacity(count);
-        for _ in 0..count {
-            match pool
-                .try_get(size)
-                .with_context(|| format!("preparing {size}-byte I/O buffers"))?
-            {
-                Some(b) => held.push(b),
-                None => break,
-            }
-        }
-        drop(held);
-        size *= 2;
-    }
-    Ok(())
-}
 
 /// What `/sys/block/nbdN/backend` says for a device attached by the daemon with `pid`.
 pub fn backend_identifier(pid: u32) -> String {

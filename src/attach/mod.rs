@@ -14,6 +14,7 @@
 //! swap), [`loop_dev`] (loop ioctls).
 
 pub mod fuse_loop;
+mod io_path;
 pub mod kernel_nbd;
 pub mod loop_dev;
 mod pacing;

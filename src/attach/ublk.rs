@@ -191,19 +191,6 @@ pub fn plan(caps: &Capabilities, size: u64, threads: usize) -> Result<Plan> {
     })
 }
 
-/// Runs a device call to completion on this (queue) thread: polled once in the runtime's
-/// context (host memory completes there), parked in the runtime's `block_on` only if it
-/// has to wait (a GPU copy).
-pub fn complete<F: std::future::Future>(runtime: &tokio::runtime::Handle, fut: F) -> F::Output {
-    let _context = runtime.enter();
-    let mut fut = std::pin::pin!(fut);
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
-        return out;
-    }
-    runtime.block_on(fut)
-}
-
 fn failed(e: &IoError) -> i32 {
     -e.errno()
 }
@@ -226,7 +213,7 @@ pub fn serve_request(
     // A flush covers no range: the kernel sends it with whatever sector the request had
     // (u64::MAX on 6.12), so it is not bounds-checked.
     if op == UBLK_IO_OP_FLUSH {
-        return match complete(runtime, device.flush()) {
+        return match super::io_path::complete(runtime, device.flush()) {
             Ok(()) => 0,
             Err(e) => failed(&e),
         };
@@ -246,19 +233,21 @@ pub fn serve_request(
                 return -libc::EINVAL;
             }
             let r = if op == UBLK_IO_OP_READ {
-                complete(runtime, device.read(offset, &mut buf[..len]))
+                super::io_path::complete(runtime, device.read(offset, &mut buf[..len]))
             } else {
-                complete(runtime, device.write(offset, &buf[..len], fua))
+                super::io_path::complete(runtime, device.write(offset, &buf[..len], fua))
             };
             match r {
                 Ok(()) => len as i32,
                 Err(e) => failed(&e),
             }
         }
-        UBLK_IO_OP_DISCARD if len > 0 => match complete(runtime, device.trim(offset, len)) {
-            Ok(()) => 0,
-            Err(e) => failed(&e),
-        },
+        UBLK_IO_OP_DISCARD if len > 0 => {
+            match super::io_path::complete(runtime, device.trim(offset, len)) {
+                Ok(()) => 0,
+                Err(e) => failed(&e),
+            }
+        }
         UBLK_IO_OP_WRITE_ZEROES if len > 0 => {
             // NOUNMAP: the caller wants the range to stay allocated (no trim).
             let flags = ZeroFlags {
@@ -266,7 +255,7 @@ pub fn serve_request(
                 fast: false,
                 fua,
             };
-            match complete(runtime, device.write_zeroes(offset, len, flags)) {
+            match super::io_path::complete(runtime, device.write_zeroes(offset, len, flags)) {
                 Ok(()) => 0,
                 Err(e) => failed(&e),
             }
