@@ -455,7 +455,7 @@ pub fn serve_command() -> clap::Command {
 /// (`argv` is the effective `serve` command line those options amend).
 pub fn build_devices(
     device: &DeviceArgs,
-    ops: &crate::ops::OpsArgs,
+    ops: &super::serve::OpsArgs,
     overrides: &[ExportOverride],
     argv: &[String],
 ) -> Result<Vec<crate::ops::ManagedDevice>> {
