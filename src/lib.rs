@@ -18,3 +18,4 @@ pub mod cli;
 pub mod engine;
 pub mod nbd;
 pub mod ops;
+mod tunables;

@@ -59,8 +59,7 @@ const LOOP_MAX_REQUEST: u32 = 1280 << 10;
 const FALLBACK_MAX_PAGES: u32 = 256;
 const PAGE: u32 = 4096;
 
-/// Attributes never change behind the kernel's back (the size is fixed), so cache them long.
-const ATTR_TTL: Duration = Duration::from_secs(3600);
+use crate::tunables::ATTR_TTL;
 
 /// Options of the FUSE + loop method.
 #[derive(Clone, Debug)]

@@ -67,9 +67,7 @@ const NLA_TYPE_MASK: u16 = !(1 << 15 | 1 << 14);
 const NLMSG_HDRLEN: usize = 16;
 const GENL_HDRLEN: usize = 4;
 
-/// Most payload bytes in flight on one kernel connection before the server stops reading
-/// its requests: the kernel's largest request (32 MiB) twice over.
-const INFLIGHT_PER_CONNECTION: usize = 64 << 20;
+use crate::tunables::{INFLIGHT_PER_CONNECTION, PREWARM_MAX, PREWARM_PER_CONNECTION};
 
 /// The largest request the kernel's nbd driver sends (its `max_hw_sectors`, 65536 sectors).
 const KERNEL_MAX_REQUEST: u32 = 32 << 20;
@@ -566,14 +564,6 @@ impl KernelNbd {
         r
     }
 }
-
-/// Buffers of each size the pool keeps ready per connection (requests in flight at once on
-/// it, before more are allocated).
-const PREWARM_PER_CONNECTION: usize = 2;
-/// Buffer sizes made ready: 4 KiB up to what the block layer sends by default (its
-/// `max_sectors_kb` is at most 1280 KiB); larger requests, which need a raised
-/// `max_sectors_kb`, get their buffers on first use.
-const PREWARM_MAX: usize = 2 << 20;
 
 /// What `/sys/block/nbdN/backend` says for a device attached by the daemon with `pid`.
 pub fn backend_identifier(pid: u32) -> String {

@@ -30,14 +30,10 @@ const UBLK_ATTR_READ_ONLY: u32 = 1 << 0;
 const UBLK_ATTR_VOLATILE_CACHE: u32 = 1 << 2;
 const UBLK_ATTR_FUA: u32 = 1 << 3;
 
-/// Requests in flight per queue. Each holds an I/O buffer of [`IO_BUF_BYTES`], locked in
-/// RAM: 32 × 512 KiB = 16 MiB per queue, what one FUSE thread holds on the FUSE path.
-pub const QUEUE_DEPTH: u16 = 32;
-/// Largest request, and the size of each request's buffer. 512 KiB is what every ublk
-/// driver version accepts and libublk's default.
-pub const IO_BUF_BYTES: u32 = 512 << 10;
-/// Most bytes one discard or write-zeroes request covers (they carry no data).
-const MAX_DISCARD_BYTES: u32 = 1 << 30;
+use crate::tunables::{
+    UBLK_IO_BUF_BYTES as IO_BUF_BYTES, UBLK_MAX_DISCARD_BYTES as MAX_DISCARD_BYTES,
+    UBLK_QUEUE_DEPTH as QUEUE_DEPTH,
+};
 
 /// Why ublk cannot be used here, one sentence; `None` where it can.
 pub fn unavailable() -> Option<String> {

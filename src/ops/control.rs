@@ -186,8 +186,7 @@ async fn handle(stream: UnixStream, daemon: Arc<Daemon>) {
 
 use tokio::io::AsyncReadExt as _;
 
-/// How often a save in progress reports to a client that asked for progress.
-const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+use crate::tunables::SAVE_PROGRESS_EVERY as PROGRESS_EVERY;
 
 async fn answer(line: &str, daemon: &Daemon, wr: &mut tokio::net::unix::OwnedWriteHalf) -> Value {
     let req: Request = match serde_json::from_str(line) {

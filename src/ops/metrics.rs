@@ -13,6 +13,7 @@ use super::Daemon;
 use crate::engine::metered::LATENCY_BUCKETS_NS;
 use crate::engine::metered::OpSnapshot;
 use crate::engine::tier::{MemoryStatus, TierStats};
+use crate::tunables::METRICS_RESPONSE_TIMEOUT;
 use anyhow::{Context, Result};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet, prometheus_text};
@@ -46,7 +47,7 @@ pub async fn start(addr: &str, daemon: Arc<Daemon>) -> Result<std::net::SocketAd
                 Ok((stream, _)) => {
                     let d = daemon.clone();
                     tokio::spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(10), respond(stream, &d))
+                        let _ = tokio::time::timeout(METRICS_RESPONSE_TIMEOUT, respond(stream, &d))
                             .await;
                     });
                 }
