@@ -21,3 +21,4 @@ pub mod nbd;
 pub mod ops;
 #[cfg(test)]
 mod test_support;
+mod tunables;

@@ -133,7 +133,6 @@ impl Attached {
             .args(["--backend", backend()])
             .args(via_args)
             .args(extra)
-            .env("VRAMDISK_RUN_DIR", run_dir.path())
             .env("VRAMDISK_RUNTIME_DIR", run_dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -170,7 +169,6 @@ impl Attached {
     fn vramdisk(&self, args: &[&str]) -> Output {
         Command::new(bin())
             .args(args)
-            .env("VRAMDISK_RUN_DIR", self.run_dir.path())
             .env("VRAMDISK_RUNTIME_DIR", self.run_dir.path())
             .stdin(Stdio::null())
             .output()
@@ -905,7 +903,6 @@ fn daemon_mode_with_pid_file() {
             "--pid-file",
         ])
         .arg(&pid_file)
-        .env("VRAMDISK_RUN_DIR", run_dir.path())
         .env("VRAMDISK_RUNTIME_DIR", run_dir.path())
         .stdin(Stdio::null())
         .output()
@@ -945,7 +942,6 @@ fn daemon_mode_with_pid_file() {
     );
     let out = Command::new(bin())
         .args(["detach", dev])
-        .env("VRAMDISK_RUN_DIR", run_dir.path())
         .env("VRAMDISK_RUNTIME_DIR", run_dir.path())
         .output()
         .unwrap();
@@ -1075,7 +1071,7 @@ fn unavailable_methods_say_why() {
                 "--via",
                 via,
             ])
-            .env("VRAMDISK_RUN_DIR", run_dir.path())
+            .env("VRAMDISK_RUNTIME_DIR", run_dir.path())
             .stdin(Stdio::null())
             .output()
             .unwrap()
@@ -1114,7 +1110,7 @@ fn unavailable_methods_say_why() {
 
     let out = Command::new(bin())
         .args(["detach", "/dev/loop250"])
-        .env("VRAMDISK_RUN_DIR", run_dir.path())
+        .env("VRAMDISK_RUNTIME_DIR", run_dir.path())
         .output()
         .unwrap();
     assert!(!out.status.success());

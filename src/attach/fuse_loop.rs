@@ -59,12 +59,7 @@ const LOOP_MAX_REQUEST: u32 = 1280 << 10;
 const FALLBACK_MAX_PAGES: u32 = 256;
 const PAGE: u32 = 4096;
 
-const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
-const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
-const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
-
-/// Attributes never change behind the kernel's back (the size is fixed), so cache them long.
-const ATTR_TTL: Duration = Duration::from_secs(3600);
+use crate::tunables::ATTR_TTL;
 
 /// Options of the FUSE + loop method.
 #[derive(Clone, Debug)]
@@ -162,22 +157,6 @@ fn errno_of(e: &IoError) -> Errno {
 }
 
 impl DiskFs {
-    /// Runs a device call to completion on this (FUSE) thread.
-    ///
-    /// Most calls never wait (host memory: a memcpy), so the future is first polled once,
-    /// inside the runtime's context, with a waker that does nothing; only if it is not ready
-    /// does the thread park in the runtime's `block_on` until it is. That skips the park
-    /// machinery on the common path.
-    fn complete<F: std::future::Future>(&self, fut: F) -> F::Output {
-        let _context = self.runtime.enter();
-        let mut fut = std::pin::pin!(fut);
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
-            return out;
-        }
-        self.runtime.block_on(fut)
-    }
-
     fn attr(&self, ino: u64) -> Option<FileAttr> {
         let (kind, size, perm, nlink) = match ino {
             ROOT_INO => (FileType::Directory, 0, 0o500, 2),
@@ -235,7 +214,7 @@ impl DiskFs {
             return reply.ok();
         }
         let start = Instant::now();
-        let result = self.complete(self.device.flush());
+        let result = super::io_path::complete(&self.runtime, self.device.flush());
         let work = start.elapsed();
         match result {
             Ok(()) => reply.ok(),
@@ -364,7 +343,7 @@ impl Filesystem for DiskFs {
         }
         let device = &self.device;
         let start = Instant::now();
-        let result = self.complete(async {
+        let result = super::io_path::complete(&self.runtime, async {
             let mut buf = device.buffers().get(len).await?;
             device.read(offset, &mut buf[..len]).await?;
             Ok::<_, IoError>(buf)
@@ -402,7 +381,7 @@ impl Filesystem for DiskFs {
         // FUSE passes the kiocb's O_DSYNC/O_SYNC in the flags: the loop's FUA writes.
         let fua = flags.0 & (libc::O_DSYNC | libc::O_SYNC) != 0;
         let start = Instant::now();
-        let result = self.complete(self.device.write(offset, data, fua));
+        let result = super::io_path::complete(&self.runtime, self.device.write(offset, data, fua));
         let work = start.elapsed();
         match result {
             Ok(()) => reply.written(data.len() as u32),
@@ -471,15 +450,15 @@ impl Filesystem for DiskFs {
         let len = length.min(self.size.saturating_sub(offset));
         let device = &self.device;
         let start = Instant::now();
-        let result = if mode & FALLOC_FL_PUNCH_HOLE != 0 {
-            if mode & FALLOC_FL_KEEP_SIZE == 0 {
+        let result = if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+            if mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
                 return reply.error(Errno::EINVAL);
             }
             if len == 0 {
                 return reply.ok();
             }
-            self.complete(device.trim(offset, len))
-        } else if mode & FALLOC_FL_ZERO_RANGE != 0 {
+            super::io_path::complete(&self.runtime, device.trim(offset, len))
+        } else if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
             if len == 0 {
                 return reply.ok();
             }
@@ -490,7 +469,7 @@ impl Filesystem for DiskFs {
                 fast: false,
                 fua: false,
             };
-            self.complete(device.write_zeroes(offset, len, flags))
+            super::io_path::complete(&self.runtime, device.write_zeroes(offset, len, flags))
         } else {
             // Plain preallocation would promise that later writes cannot fail for lack of
             // memory, which a sparse device cannot promise without zeroing live data.
@@ -589,7 +568,8 @@ impl FuseLoop {
         let caps = device.capabilities();
         let max_request = max_request_bytes().min(caps.max_block.max(PAGE));
         let threads = opts.threads.max(1);
-        prewarm_buffers(&device, &runtime, threads, max_request)?;
+        // Every size the FUSE path asks for, once per thread.
+        super::io_path::prewarm_buffers(device.buffers(), threads, max_request as usize)?;
 
         std::fs::create_dir_all(&opts.mountpoint)
             .with_context(|| format!("creating mountpoint {}", opts.mountpoint.display()))?;
@@ -772,35 +752,4 @@ impl Drop for FuseLoop {
             let _ = self.detach(true, Duration::from_secs(2));
         }
     }
-}
-
-/// Puts enough buffers of every size the FUSE path will ask for into the device's pool, so
-/// that serving a request never allocates.
-fn prewarm_buffers(
-    device: &Arc<dyn BlockDevice>,
-    runtime: &tokio::runtime::Handle,
-    threads: usize,
-    max_request: u32,
-) -> Result<()> {
-    let pool = device.buffers().clone();
-    runtime
-        .block_on(async {
-            let mut size = PAGE as usize;
-            loop {
-                let mut held = Vec::with_capacity(threads);
-                for _ in 0..threads {
-                    match pool.try_get(size)? {
-                        Some(buf) => held.push(buf),
-                        None => break,
-                    }
-                }
-                drop(held);
-                if size >= max_request as usize {
-                    break;
-                }
-                size *= 2;
-            }
-            Ok::<_, IoError>(())
-        })
-        .context("preparing I/O buffers")
 }

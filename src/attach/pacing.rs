@@ -25,12 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// Device time per request above which more threads help: a request this long leaves
-/// time for another thread to be woken and serve the next one meanwhile.
-const SLOW_WORK: Duration = Duration::from_micros(5);
-/// How often a parked thread looks whether the FUSE connection is gone (unmount), so that
-/// it never keeps the session from ending.
-const PARK_CHECK: Duration = Duration::from_millis(20);
+use crate::tunables::{CPUS_PER_FAST_READER, PARK_CHECK, SLOW_WORK};
 
 /// What polling the FUSE device said.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,10 +73,7 @@ impl Pacer {
     pub(crate) fn new(busy_poll: Duration, threads: usize, cpus: usize) -> Pacer {
         Pacer {
             busy_poll,
-            // A request through the loop device costs the submitting program, the loop
-            // worker and the completion softirq about as much CPU as it costs us, so
-            // beyond a reader per four CPUs, fast requests only fight over the CPUs.
-            fast_readers: (cpus / 4).clamp(1, threads.max(1)),
+            fast_readers: (cpus / CPUS_PER_FAST_READER).clamp(1, threads.max(1)),
             fd: OnceLock::new(),
             polling: AtomicBool::new(false),
             misses: Mutex::new(Misses::default()),

@@ -28,6 +28,21 @@ fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s)
 }
 
+/// A chunk size: a power of two from 4K to 1G (a chunk is the unit of allocation and of
+/// the map, and must hold whole pages).
+fn chunk_size_arg(s: &str) -> Result<u64, String> {
+    let size = parse_size(s)?;
+    if !size.is_power_of_two() || size < 4096 {
+        return Err(format!(
+            "'{s}' is not a power of two of at least 4K: use for example 2M"
+        ));
+    }
+    if size > 1 << 30 {
+        return Err(format!("'{s}' is more than 1G, the largest chunk"));
+    }
+    Ok(size)
+}
+
 /// One named export given on the command line as `NAME=SIZE`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExportSpec {
@@ -70,7 +85,7 @@ pub struct DeviceArgs {
     pub max_memory: Option<u64>,
 
     /// Allocation unit: memory is taken and given back in chunks of this size (a power of two).
-    #[arg(long, value_name = "SIZE", value_parser = size_arg, default_value = "2M")]
+    #[arg(long, value_name = "SIZE", value_parser = chunk_size_arg, default_value = "2M")]
     pub chunk_size: u64,
 
     /// Take all the memory at start (no allocation on the I/O path; needed for swap).
@@ -157,15 +172,6 @@ impl DeviceArgs {
     }
 
     fn options(&self, size: u64) -> Result<SparseOptions> {
-        if !self.chunk_size.is_power_of_two() || self.chunk_size < 4096 {
-            bail!(
-                "--chunk-size {} is not a power of two of at least 4K: use for example 2M",
-                self.chunk_size
-            );
-        }
-        if self.chunk_size > 1 << 30 {
-            bail!("--chunk-size may be at most 1G");
-        }
         let mut opts = SparseOptions::new(size);
         opts.chunk_size = self.chunk_size as usize;
         opts.max_memory = self.max_memory;

@@ -11,6 +11,25 @@ pub mod size;
 
 pub use device::{BackendKind, DeviceArgs};
 
+/// `--via`, for `attach::Via`: the attach library knows nothing of the command line.
+impl clap::ValueEnum for crate::attach::Via {
+    fn value_variants<'a>() -> &'a [Self] {
+        use crate::attach::Via;
+        &[Via::Auto, Via::Fuse, Via::Nbd, Via::Ublk]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        use crate::attach::Via;
+        let (name, help) = match self {
+            Via::Auto => ("auto", "The best method this kernel and build offer"),
+            Via::Fuse => ("fuse", "FUSE file + loop device"),
+            Via::Nbd => ("nbd", "The kernel's nbd driver over netlink"),
+            Via::Ublk => ("ublk", "ublk"),
+        };
+        Some(clap::builder::PossibleValue::new(name).help(help))
+    }
+}
+
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 

@@ -89,11 +89,49 @@ pub struct ServeArgs {
     socket_group: Option<String>,
 
     #[command(flatten)]
-    ops: crate::ops::OpsArgs,
+    ops: OpsArgs,
 
     /// Read settings from a TOML file (see docs/service.md); flags given here override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+}
+
+/// Options of `serve` that concern running the daemon rather than serving NBD.
+#[derive(clap::Args, Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpsArgs {
+    /// Save the default export's data to FILE when the daemon stops cleanly.
+    #[arg(long, value_name = "FILE")]
+    pub save: Option<PathBuf>,
+
+    /// Restore the default export's data from FILE (made by --save or `vramdisk save`) before
+    /// serving; the daemon refuses to start if the file is damaged or of another size.
+    #[arg(long, value_name = "FILE")]
+    pub load: Option<PathBuf>,
+
+    /// Keep the default export in FILE across restarts: load it at start if it exists, save
+    /// it at a clean stop.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["save", "load"])]
+    pub persist: Option<PathBuf>,
+
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
+
+    /// Control socket for `vramdisk status` and `vramdisk save`; by default
+    /// PID.sock in /run/vramdisk (as root) or $XDG_RUNTIME_DIR/vramdisk.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+}
+
+impl OpsArgs {
+    /// The persistence plan these flags give the default export.
+    pub fn default_plan(&self) -> crate::ops::PersistPlan {
+        crate::ops::PersistPlan {
+            load: self.load.clone(),
+            load_if_exists: self.persist.clone(),
+            save: self.save.clone().or_else(|| self.persist.clone()),
+        }
+    }
 }
 
 /// `--tls`.
@@ -173,8 +211,8 @@ fn parse_listen(addr: &str) -> Result<SocketAddr> {
 /// subcommand's, needed to tell flags given on the command line from defaults when a
 /// `--config` file is merged in.
 pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
-    let (args, overrides) = match &args.config {
-        None => (args, Vec::new()),
+    let (args, overrides, argv) = match &args.config {
+        None => (args, Vec::new(), Vec::new()),
         Some(path) => {
             let cmd = super::config::serve_command();
             let (argv, overrides) = super::config::merged_argv(&cmd, matches, path)?;
@@ -182,7 +220,7 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
                 .no_binary_name(true)
                 .try_get_matches_from(super::config::to_os(&argv))
                 .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.render()))?;
-            (ServeArgs::from_arg_matches(&m)?, overrides)
+            (ServeArgs::from_arg_matches(&m)?, overrides, argv)
         }
     };
     let activated = crate::ops::notify::classify(crate::ops::notify::listen_fds())?;
@@ -232,7 +270,7 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
             format_size(client_inflight)
         );
     }
-    let devices = super::config::build_devices(&args.device, &args.ops, &overrides)?;
+    let devices = super::config::build_devices(&args.device, &args.ops, &overrides, &argv)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -18,9 +18,7 @@ const MIN_CLASS_SHIFT: u32 = 12;
 const MAX_CLASS_SHIFT: u32 = 30;
 const CLASSES: usize = (MAX_CLASS_SHIFT - MIN_CLASS_SHIFT + 1) as usize;
 
-/// Idle buffers kept per class beyond which freed buffers go back to the allocator; keeps a
-/// burst of large requests from pinning memory forever.
-const MAX_IDLE_BYTES_PER_CLASS: usize = 64 << 20;
+use crate::tunables::MAX_IDLE_BYTES_PER_CLASS;
 
 struct FreeBuf(NonNull<u8>);
 // SAFETY: an idle buffer is plain memory owned by the pool; nothing else points into it.

@@ -72,11 +72,8 @@ impl HostChunk {
     }
 }
 
-/// Writes at least this long bypass the CPU caches (see `copy_into_chunk`). Not lowered: with
-/// the threshold at 4 KiB, 4 KiB random writes over NBD moved by 2-3% at QD64 (within noise)
-/// and not at all at QD1, while small blocks are the ones most likely to be read back soon.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-const STREAM_MIN: usize = 64 << 10;
+// Writes at least this long bypass the CPU caches (see `copy_into_chunk`).
+use crate::tunables::STREAM_MIN;
 
 /// Copies `src` to `dst`. Large copies use non-temporal stores: a device's chunks are far
 /// larger than the caches and written data is seldom read back at once, so an ordinary copy

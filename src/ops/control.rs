@@ -22,11 +22,20 @@ use tokio::net::{UnixListener, UnixStream};
 /// Longest request line accepted; requests are tiny, so anything longer is not a client.
 const MAX_LINE: usize = 64 * 1024;
 
+/// The environment variable that moves the runtime directory (control sockets, and the
+/// state of attached devices) away from its default, for tests and unusual systems.
+pub const RUNTIME_DIR_ENV: &str = "VRAMDISK_RUNTIME_DIR";
+
+/// `$VRAMDISK_RUNTIME_DIR`, if set.
+pub fn runtime_dir_override() -> Option<PathBuf> {
+    std::env::var_os(RUNTIME_DIR_ENV).map(PathBuf::from)
+}
+
 /// Where daemons put their control sockets: `$VRAMDISK_RUNTIME_DIR` if set, `/run/vramdisk`
 /// as root, `$XDG_RUNTIME_DIR/vramdisk` otherwise, `/tmp/vramdisk-UID` as a last resort.
 pub fn runtime_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("VRAMDISK_RUNTIME_DIR") {
-        return PathBuf::from(d);
+    if let Some(d) = runtime_dir_override() {
+        return d;
     }
     let uid = nix::unistd::getuid();
     if uid.is_root() {
@@ -177,8 +186,7 @@ async fn handle(stream: UnixStream, daemon: Arc<Daemon>) {
 
 use tokio::io::AsyncReadExt as _;
 
-/// How often a save in progress reports to a client that asked for progress.
-const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+use crate::tunables::SAVE_PROGRESS_EVERY as PROGRESS_EVERY;
 
 async fn answer(line: &str, daemon: &Daemon, wr: &mut tokio::net::unix::OwnedWriteHalf) -> Value {
     let req: Request = match serde_json::from_str(line) {

@@ -16,40 +16,12 @@ use crate::engine::metered::{DeviceMetrics, MeteredDevice, Op};
 use crate::engine::persist::{self, ConsoleProgress};
 use crate::engine::tier::{TierControl, TierStats};
 use anyhow::{Context, Result};
-use clap::Args;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
-
-/// Options of `serve` that concern running the daemon rather than serving NBD.
-#[derive(Args, Debug, Clone, Default, PartialEq, Eq)]
-pub struct OpsArgs {
-    /// Save the default export's data to FILE when the daemon stops cleanly.
-    #[arg(long, value_name = "FILE")]
-    pub save: Option<PathBuf>,
-
-    /// Restore the default export's data from FILE (made by --save or `vramdisk save`) before
-    /// serving; the daemon refuses to start if the file is damaged or of another size.
-    #[arg(long, value_name = "FILE")]
-    pub load: Option<PathBuf>,
-
-    /// Keep the default export in FILE across restarts: load it at start if it exists, save
-    /// it at a clean stop.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["save", "load"])]
-    pub persist: Option<PathBuf>,
-
-    /// Serve Prometheus metrics on http://ADDR:PORT/metrics.
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub metrics: Option<String>,
-
-    /// Control socket for `vramdisk status` and `vramdisk save`; by default
-    /// PID.sock in /run/vramdisk (as root) or $XDG_RUNTIME_DIR/vramdisk.
-    #[arg(long, value_name = "PATH")]
-    pub control_socket: Option<PathBuf>,
-}
 
 /// Where one export's data is restored from and saved to.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -60,17 +32,6 @@ pub struct PersistPlan {
     pub load_if_exists: Option<PathBuf>,
     /// Save to this file at a clean stop.
     pub save: Option<PathBuf>,
-}
-
-impl OpsArgs {
-    /// The persistence plan these flags give the default export.
-    pub fn default_plan(&self) -> PersistPlan {
-        PersistPlan {
-            load: self.load.clone(),
-            load_if_exists: self.persist.clone(),
-            save: self.save.clone().or_else(|| self.persist.clone()),
-        }
-    }
 }
 
 /// One export as the daemon tracks it.

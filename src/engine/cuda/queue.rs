@@ -882,7 +882,7 @@ impl Shared {
 /// Completion thread `r`: reaps its lanes while anything is in flight on them (spinning),
 /// parks after a short idle spell.
 fn poll_loop(shared: &Shared, r: usize) {
-    const IDLE_SPIN: Duration = Duration::from_micros(100);
+    use crate::tunables::CUDA_REAPER_IDLE_SPIN as IDLE_SPIN;
     let me = &shared.reapers[r];
     let mut idle_since: Option<Instant> = None;
     loop {
