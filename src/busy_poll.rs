@@ -18,25 +18,13 @@
 //! no defence at all against a starved machine. In the test VM (2 vCPUs under TCG, host
 //! oversubscribed), a 4 KiB queue-depth-1 client fell from 1.5k to 0.1k IOPS with polling on.
 
+pub(crate) use crate::tunables::{
+    POLL_MISS_LIMIT as MISS_LIMIT, POLL_REST_MAX as REST_MAX, POLL_REST_MIN as REST_MIN,
+    POLL_SAMPLE_EVERY as SAMPLE_EVERY, POLL_SPARE_CPUS as SPARE_CPUS,
+};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
-
-/// Polls in a row that found nothing before polling rests. Three: one empty poll happens to
-/// any client between bursts, three in a row mean the client is slower than the budget.
-pub(crate) const MISS_LIMIT: u32 = 3;
-/// Waits polling first rests for; doubles with each failed try. Not measured: short enough
-/// that a client whose pace changes is caught again within a few hundred µs of requests.
-pub(crate) const REST_MIN: u32 = 16;
-/// Longest rest, in waits: a client that never comes back within a poll costs one budget
-/// per this many requests, under 0.1 % of its waits.
-pub(crate) const REST_MAX: u32 = 1024;
-/// Fewer idle CPUs than this (averaged over a sample) and polls do not spin: half a CPU is
-/// the least that one spinning poller can take without pushing someone else off a CPU.
-pub(crate) const SPARE_CPUS: f64 = 0.5;
-/// How often `/proc/stat` is read: a read costs about 10 µs, so at this period it is far
-/// below the noise of any request; long enough to average over many requests.
-pub(crate) const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
 /// The record of one poller's empty polls (see the module docs). Each poller owns one.
 #[derive(Clone, Debug, Default)]

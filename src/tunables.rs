@@ -5,7 +5,8 @@
 //!
 //! Not here: facts of the kernel or a protocol (request size limits of the nbd, loop and
 //! ublk drivers, netlink numbers), which are not ours to tune, and the NBD server's and the
-//! persistence file's own (in `nbd/` and `engine/persist*`).
+//! persistence file's own (in `nbd/` and `engine/persist*`), but for busy polling, which NBD
+//! connections and FUSE threads share.
 
 use std::time::Duration;
 
@@ -133,3 +134,34 @@ pub const SAVE_PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// Longest a metrics scrape may take before its connection is dropped. Not measured:
 /// chosen as 10 s, which is also Prometheus's default scrape timeout.
 pub const METRICS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+// --- busy polling: NBD connections and FUSE threads (see `busy_poll`, `nbd::transmission::poll`) ---
+
+/// Polls in a row that found nothing before polling rests. Three: one empty poll happens to
+/// any client between bursts, three in a row mean the client is slower than the budget.
+pub const POLL_MISS_LIMIT: u32 = 3;
+
+/// Waits polling first rests for; doubles with each failed try. Not measured: short enough
+/// that a client whose pace changes is caught again within a few hundred µs of requests.
+pub const POLL_REST_MIN: u32 = 16;
+
+/// Longest rest, in waits: a client that never comes back within a poll costs one budget
+/// per this many requests, under 0.1 % of its waits.
+pub const POLL_REST_MAX: u32 = 1024;
+
+/// Fewer idle CPUs than this (averaged over a sample) and polls do not spin: half a CPU is
+/// the least that one spinning poller can take without pushing someone else off a CPU.
+pub const POLL_SPARE_CPUS: f64 = 0.5;
+
+/// How often `/proc/stat` is read: a read costs about 10 µs, so at this period it is far
+/// below the noise of any request; long enough to average over many requests.
+pub const POLL_SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+/// Waits through the reactor after a poll found the client's next request already there.
+/// Not measured on its own: long enough that the reactor's batching shows (32 requests is
+/// a queue depth's worth for most clients), short enough to notice a client that slows down.
+pub const AHEAD_WAITS: u32 = 32;
+
+/// A wait up to this many budgets long keeps the poller warm: a client slower than that is
+/// not in a tight loop (an idle client costs one budget at the end of its burst, then none).
+pub const WARM_BUDGETS: u32 = 2;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::local_ops::Watch;
 use crate::busy_poll::{Misses, cpu_to_spare, spun};
+use crate::tunables::{AHEAD_WAITS, WARM_BUDGETS};
 
 /// Busy polling: the reader waits for a client's next request by polling the socket for
 /// up to `budget` before it sleeps in the reactor.
@@ -82,15 +83,6 @@ pub(crate) struct PollStats {
     /// above: they watch the GPU as much as the client).
     pub with_ops: u64,
 }
-
-/// Waits through the reactor after a poll found the client's next request already there.
-/// Not measured on its own: long enough that the reactor's batching shows (32 requests is
-/// a queue depth's worth for most clients), short enough to notice a client that slows down.
-const AHEAD_WAITS: u32 = 32;
-
-/// A wait up to this many budgets long keeps the poller warm: a client slower than that is
-/// not in a tight loop (an idle client costs one budget at the end of its burst, then none).
-const WARM_BUDGETS: u32 = 2;
 
 impl Poller {
     pub(super) fn new(budget: Duration, steps_aside: bool) -> Self {
