@@ -206,6 +206,36 @@ impl DeviceArgs {
         Ok(SpillStore { ram, file })
     }
 
+    /// Under `auto`, the GPU-only flags say the user wants the GPU: when auto fell back to
+    /// host RAM, that is the real problem, not the flags.
+    fn refuse_gpu_flags_without_gpu(&self) -> Result<()> {
+        let mut given = Vec::new();
+        if !self.gpu.is_empty() {
+            given.push("--gpu");
+        }
+        if self.keep_free.is_some() {
+            given.push("--keep-free");
+        }
+        if self.spill_memory.is_some_and(|m| m > 0) {
+            given.push("--spill-memory");
+        }
+        if self.spill_file.is_some() {
+            given.push("--spill-file");
+        }
+        if given.is_empty() {
+            return Ok(());
+        }
+        let cause = match crate::engine::cuda::probe() {
+            Ok(_) => "the NVIDIA driver sees no GPU".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        let flags = given.join(" and ");
+        bail!(
+            "{flags} ask for GPU memory, but {cause}: make the GPU usable (NVIDIA driver, \
+             `vramdisk devices` to check), or drop {flags} to use host RAM"
+        )
+    }
+
     /// Which backend to use, resolving `auto`; the reason is logged by the caller.
     pub fn resolve_backend(&self) -> (BackendKind, String) {
         match self.backend {
@@ -243,6 +273,9 @@ impl DeviceArgs {
         budget: Option<crate::engine::BufferBudget>,
     ) -> Result<Vec<NamedDevice>> {
         let specs = self.export_specs()?;
+        if self.backend == BackendKind::Auto && backend == BackendKind::Host {
+            self.refuse_gpu_flags_without_gpu()?;
+        }
         if backend == BackendKind::Host
             && (!self.gpu.is_empty()
                 || self.keep_free.is_some()
@@ -256,7 +289,7 @@ impl DeviceArgs {
         }
         if backend == BackendKind::Cuda {
             // Driver and GPU problems are one sentence, not one per export.
-            crate::engine::cuda::gpus(&self.gpu)?;
+            crate::engine::cuda::gpus(&self.gpu).map_err(with_backend_advice)?;
         }
         let mut devices = Vec::new();
         // One budget for every export's buffers: --buffer-memory bounds the daemon.
@@ -323,6 +356,18 @@ impl DeviceArgs {
             }
         }
         Ok(devices)
+    }
+}
+
+/// Adds what to do to the engine's "the driver cannot be used" error, for the commands that
+/// take --backend; other errors pass unchanged.
+pub fn with_backend_advice(e: anyhow::Error) -> anyhow::Error {
+    if e.downcast_ref::<crate::engine::cuda::Unavailable>()
+        .is_some()
+    {
+        anyhow::anyhow!("{e:#}: use --backend host to keep the data in host RAM instead")
+    } else {
+        e
     }
 }
 
