@@ -6,8 +6,11 @@
 mod common;
 
 use common::{run_with_timeout, vramdisk_bin};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
+
+/// A small device in host RAM.
+const SERVE_HOST: &[&str] = &["serve", "--backend", "host", "--size", "64M"];
 
 /// `vramdisk ARGS` with logs at their default level, run to completion.
 fn vramdisk(args: &[&str]) -> common::Captured {
@@ -60,4 +63,142 @@ fn gpu_flags_under_auto_without_a_gpu_name_the_real_cause() {
         );
         assert!(!dir.path().join("s").exists(), "the socket is left behind");
     }
+}
+
+/// `vramdisk serve ARGS` in the background, in its own runtime directory; waits for its
+/// READY=1 (every socket listens). Killed on drop.
+struct Serving {
+    child: std::process::Child,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+impl Serving {
+    fn start(args: &[&str]) -> Serving {
+        let notify_dir = tempfile::tempdir().unwrap();
+        let runtime = tempfile::tempdir().unwrap();
+        let notify = notify_dir.path().join("notify");
+        let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+        sock.set_read_timeout(Some(common::client_timeout()))
+            .unwrap();
+        let mut child = Command::new(vramdisk_bin())
+            .arg("serve")
+            .args(args)
+            .env("VRAMDISK_RUNTIME_DIR", runtime.path())
+            .env("NOTIFY_SOCKET", &notify)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let ready = sock
+            .recv(&mut buf)
+            .map(|n| String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+        if ready.as_ref().ok() != Some(&true) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "serve {args:?} did not get ready ({ready:?}):\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Serving {
+            child,
+            _dirs: (notify_dir, runtime),
+        }
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A taken address fails at once, before the devices are built or loaded (here a --load
+/// that would fail if it ran first).
+#[test]
+fn sockets_are_bound_before_devices_are_built_and_loaded() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.img");
+    let mut args = SERVE_HOST.to_vec();
+    args.extend(["--listen", &addr, "--load", missing.to_str().unwrap()]);
+    let line = error_line(&args);
+    assert!(line.contains(&format!("cannot listen on {addr}")), "{line}");
+}
+
+/// A bad --metrics is refused before any socket is bound: no socket file is left behind.
+#[test]
+fn a_bad_metrics_address_leaves_no_socket_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let runtime = dir.path().join("run");
+    std::fs::create_dir(&runtime).unwrap();
+    let mut cmd = Command::new(vramdisk_bin());
+    cmd.env("VRAMDISK_RUNTIME_DIR", &runtime)
+        .args(SERVE_HOST)
+        .args(["--socket", sock.to_str().unwrap()])
+        .args(["--metrics", "127.0.0.1:ninety"]);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(30));
+    assert!(!out.status.success(), "{}", out.all());
+    let errors = out.error_lines();
+    assert!(
+        errors.len() == 1 && errors[0].contains("--metrics 127.0.0.1:ninety is not an address"),
+        "{}",
+        out.stderr
+    );
+    assert!(!sock.exists(), "{} is left behind", sock.display());
+    let left: Vec<_> = std::fs::read_dir(&runtime).unwrap().collect();
+    assert!(left.is_empty(), "the runtime directory holds {left:?}");
+}
+
+/// Host names work in --listen, and --metrics without a port gets the one --help names.
+#[test]
+fn host_names_and_default_ports_are_accepted() {
+    require_clients!("nbdinfo");
+    let port = common::free_port().to_string();
+    let listen = format!("localhost:{port}");
+    let metrics_free = std::net::TcpListener::bind("127.0.0.1:9100").is_ok();
+    let mut args = SERVE_HOST[1..].to_vec();
+    args.extend(["--listen", &listen]);
+    if metrics_free {
+        args.extend(["--metrics", "127.0.0.1"]);
+    } else {
+        common::loud("127.0.0.1:9100 is taken here: --metrics's default port is not tried");
+    }
+    let mut srv = Serving::start(&args);
+    let out = vramdisk_client_nbdinfo(&format!("nbd://localhost:{port}"));
+    assert!(
+        out.contains(&(64u64 << 20).to_string()),
+        "nbdinfo said:\n{out}"
+    );
+    if metrics_free {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9100").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        assert!(
+            body.contains("vramdisk_"),
+            "not our metrics on 9100:\n{body}"
+        );
+    }
+    let help = vramdisk(&["serve", "--help"]).stdout;
+    assert!(
+        help.contains("port 9100"),
+        "--help does not say the port:\n{help}"
+    );
+    assert!(srv.child.try_wait().unwrap().is_none(), "the server died");
+}
+
+fn vramdisk_client_nbdinfo(uri: &str) -> String {
+    let out = run_with_timeout(
+        Command::new("nbdinfo").args(["--size", uri]),
+        common::client_timeout(),
+    );
+    out.assert_success();
+    out.stdout
 }

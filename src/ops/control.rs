@@ -83,6 +83,20 @@ pub fn sockets_in(dir: &Path) -> Vec<(u32, PathBuf)> {
     v
 }
 
+/// Binds the control socket at `path`, or at PID.sock in the runtime directory when none is
+/// given (preparing that directory); returns it with the path it is bound at.
+pub fn bind_default(path: Option<PathBuf>) -> Result<(UnixListener, PathBuf)> {
+    let path = match path {
+        Some(p) => p,
+        None => {
+            let dir = runtime_dir();
+            prepare_runtime_dir(&dir)?;
+            dir.join(format!("{}.sock", std::process::id()))
+        }
+    };
+    Ok((bind(&path)?, path))
+}
+
 /// Binds the control socket at `path` (mode 0600), replacing a stale file.
 pub fn bind(path: &Path) -> Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
