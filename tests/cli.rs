@@ -202,3 +202,54 @@ fn vramdisk_client_nbdinfo(uri: &str) -> String {
     out.assert_success();
     out.stdout
 }
+
+/// `--size` makes the unnamed export: `--export =SIZE` beside it says so, rather than that
+/// the user gave a name twice.
+#[test]
+fn size_and_an_unnamed_export_say_what_size_made() {
+    let line = error_line(&[
+        "serve",
+        "--backend",
+        "host",
+        "--size",
+        "1G",
+        "--export",
+        "=1G",
+    ]);
+    assert!(line.contains("--size already makes"), "{line}");
+    assert!(!line.contains("given twice"), "{line}");
+}
+
+/// `serve --help` does not repeat the top-level examples, says how sizes are read, and no
+/// help text carries benchmark claims (they live in docs/tuning.md).
+#[test]
+fn help_is_about_the_command() {
+    let top = vramdisk(&["--help"]).stdout;
+    let serve = vramdisk(&["serve", "--help"]).stdout;
+    let example = "Serve two named exports from one daemon";
+    assert!(
+        top.contains(example),
+        "the examples left the top-level help:\n{top}"
+    );
+    assert!(
+        !serve.contains(example),
+        "serve --help repeats the examples:\n{serve}"
+    );
+    for help in [&top, &serve] {
+        assert!(
+            help.contains("1G, 1GB and 1GiB"),
+            "sizes are not explained:\n{help}"
+        );
+    }
+    for cmd in [
+        "serve", "attach", "bench", "status", "yield", "devices", "save",
+    ] {
+        let help = vramdisk(&[cmd, "--help"]).stdout;
+        for claim in ["x faster", "times faster", "GB/s"] {
+            assert!(
+                !help.contains(claim),
+                "`{cmd} --help` carries a benchmark claim ({claim:?}):\n{help}"
+            );
+        }
+    }
+}

@@ -43,9 +43,9 @@ pub struct AttachArgs {
     threads: Option<usize>,
 
     /// Microseconds a thread that has just served a request polls for the next one before
-    /// it sleeps; 0 never polls. Saves a wakeup per request at queue depth 1 (several times
-    /// faster 4 KiB I/O on a VM whose idle CPUs halt), at the cost of up to this much CPU
-    /// when I/O pauses. At most one FUSE thread polls at a time.
+    /// it sleeps; 0 never polls. Saves a wakeup per request at queue depth 1, at the cost
+    /// of up to this much CPU when I/O pauses (docs/tuning.md has measurements). At most
+    /// one FUSE thread polls at a time.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = server::DEFAULT_BUSY_POLL_US)]
     busy_poll: u64,
 

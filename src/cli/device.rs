@@ -144,6 +144,13 @@ impl DeviceArgs {
         }
         for (i, s) in specs.iter().enumerate() {
             if specs[..i].iter().any(|o| o.name == s.name) {
+                if s.name.is_empty() && self.size.is_some() {
+                    bail!(
+                        "--export ={} names the unnamed export, which --size already makes: \
+                         drop --size, or give the --export a name (NAME=SIZE)",
+                        format_size(s.size)
+                    );
+                }
                 bail!(
                     "export name '{}' is given twice: give each export its own name",
                     s.name

@@ -53,9 +53,9 @@ pub struct ServeArgs {
     max_connections_per_client: usize,
 
     /// Microseconds a connection polls its socket for the client's next request before it
-    /// sleeps; 0 never polls. Saves a wakeup per request at queue depth 1 (4 KiB requests
-    /// 2-3x faster on a VM whose idle CPUs halt), at the cost of up to this much CPU when
-    /// a client pauses. Only a connection alone on its thread polls.
+    /// sleeps; 0 never polls. Saves a wakeup per request at queue depth 1, at the cost of
+    /// up to this much CPU when a client pauses (docs/tuning.md has measurements). Only a
+    /// connection alone on its thread polls.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = server::DEFAULT_BUSY_POLL_US)]
     busy_poll: u64,
 
