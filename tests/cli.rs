@@ -253,3 +253,43 @@ fn help_is_about_the_command() {
         }
     }
 }
+
+/// On a terminal (a pty from `script`), log lines are the level and the message: no
+/// timestamps or module paths before the error that matters.
+#[test]
+fn a_terminal_gets_plain_log_lines() {
+    if !common::clients_available(&["script"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.img");
+    let line = format!(
+        "'{}' serve --backend host --size 64M --socket '{}' --load '{}'",
+        vramdisk_bin().display(),
+        dir.path().join("s").display(),
+        missing.display()
+    );
+    let mut cmd = Command::new("script");
+    cmd.env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .args(["-qec", &line, "/dev/null"]);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(30));
+    let text = out.all();
+    assert!(
+        text.contains("vramdisk: export ''"),
+        "no error line:\n{text}"
+    );
+    let logs: Vec<&str> = text.lines().filter(|l| l.contains("INFO")).collect();
+    assert!(!logs.is_empty(), "no log line to look at:\n{text}");
+    for l in logs {
+        let first = l.trim_start_matches(|c: char| !c.is_alphanumeric());
+        assert!(
+            !first.starts_with(|c: char| c.is_ascii_digit()),
+            "timestamp on a terminal: {l:?}"
+        );
+        assert!(
+            !l.contains("vramdisk::"),
+            "module path on a terminal: {l:?}"
+        );
+    }
+}

@@ -126,11 +126,19 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Logs to stderr. A person at a terminal gets the level and the message alone; logs bound
+/// for a file or journal keep timestamps and module paths, which is what reading them later
+/// needs.
 fn init_logging() {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if std::io::stderr().is_terminal() {
+        fmt.without_time().with_target(false).try_init()
+    } else {
+        fmt.try_init()
+    };
 }
