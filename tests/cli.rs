@@ -22,17 +22,23 @@ fn vramdisk(args: &[&str]) -> common::Captured {
 /// The error line of a failed run (`vramdisk: ...`); fails the test if it succeeded or
 /// printed other than one.
 fn error_line(args: &[&str]) -> String {
-    let out = vramdisk(args);
+    the_error(&vramdisk(args))
+}
+
+/// The one error line of a run that must have failed.
+fn the_error(out: &common::Captured) -> String {
     assert!(
         !out.status.success(),
-        "vramdisk {args:?} succeeded:\n{}",
+        "`{}` succeeded:\n{}",
+        out.command,
         out.all()
     );
     let errors = out.error_lines();
     assert_eq!(
         errors.len(),
         1,
-        "vramdisk {args:?}: not one error line:\n{}",
+        "`{}`: not one error line:\n{}",
+        out.command,
         out.stderr
     );
     errors[0].to_string()
@@ -142,13 +148,10 @@ fn a_bad_metrics_address_leaves_no_socket_behind() {
         .args(SERVE_HOST)
         .args(["--socket", sock.to_str().unwrap()])
         .args(["--metrics", "127.0.0.1:ninety"]);
-    let out = run_with_timeout(&mut cmd, Duration::from_secs(30));
-    assert!(!out.status.success(), "{}", out.all());
-    let errors = out.error_lines();
+    let line = the_error(&run_with_timeout(&mut cmd, Duration::from_secs(30)));
     assert!(
-        errors.len() == 1 && errors[0].contains("--metrics 127.0.0.1:ninety is not an address"),
-        "{}",
-        out.stderr
+        line.contains("--metrics 127.0.0.1:ninety is not an address"),
+        "{line}"
     );
     assert!(!sock.exists(), "{} is left behind", sock.display());
     let left: Vec<_> = std::fs::read_dir(&runtime).unwrap().collect();
@@ -291,5 +294,109 @@ fn a_terminal_gets_plain_log_lines() {
             !l.contains("vramdisk::"),
             "module path on a terminal: {l:?}"
         );
+    }
+}
+
+/// An unprivileged uid of this test run alone, for commands run through `setpriv`, and
+/// its /tmp fallback runtime directory (removed on drop). None (skip, said loudly) where
+/// the test cannot change uid.
+struct OtherUser {
+    uid: u32,
+    dir: std::path::PathBuf,
+}
+
+impl OtherUser {
+    fn new() -> Option<OtherUser> {
+        if !nix::unistd::geteuid().is_root() {
+            common::loud("SKIPPED: not root, so the test cannot run commands as another uid");
+            return None;
+        }
+        if !common::clients_available(&["setpriv"]) {
+            return None;
+        }
+        let uid = 40000 + std::process::id() % 20000;
+        let dir = std::path::PathBuf::from(format!("/tmp/vramdisk-{uid}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        Some(OtherUser { uid, dir })
+    }
+
+    /// `vramdisk ARGS` as this user, with no runtime directory in its environment (so the
+    /// /tmp fallback is used).
+    fn vramdisk(&self, args: &[&str]) -> common::Captured {
+        let id = self.uid.to_string();
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid", &id, "--regid", &id, "--clear-groups"])
+            .arg(vramdisk_bin())
+            .args(args)
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("VRAMDISK_RUNTIME_DIR")
+            .env("NO_COLOR", "1")
+            .current_dir("/");
+        run_with_timeout(&mut cmd, Duration::from_secs(30))
+    }
+}
+
+impl Drop for OtherUser {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An ordinary user's `status` that finds nothing says where it looked and that root's
+/// daemons live elsewhere.
+#[test]
+fn status_without_daemons_says_where_it_looked() {
+    let Some(user) = OtherUser::new() else { return };
+    let out = user.vramdisk(&["status"]);
+    out.assert_success();
+    let dir = user.dir.display().to_string();
+    assert!(
+        out.stderr.contains(&format!("looked in {dir}")),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("/run/vramdisk") && out.stderr.contains("sudo"),
+        "nothing on root's daemons:\n{}",
+        out.stderr
+    );
+}
+
+/// The /tmp fallback runtime directory is made 0700, and one that someone else made, or
+/// that others may write to, is refused with the reason.
+#[test]
+fn the_tmp_runtime_directory_must_be_private() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Some(user) = OtherUser::new() else { return };
+    // Fails at --chunk-size, after the sockets (the control socket's directory too) are
+    // made.
+    let mut serve = SERVE_HOST.to_vec();
+    serve.extend(["--listen", "127.0.0.1:0"]);
+    let out = user.vramdisk(&[&serve[..], &["--chunk-size", "3M"]].concat());
+    assert!(out.stderr.contains("power of two"), "{}", out.stderr);
+    let meta = std::fs::symlink_metadata(&user.dir).expect("the runtime directory was not made");
+    assert_eq!(meta.uid(), user.uid);
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o700,
+        "mode of {:?}",
+        user.dir
+    );
+
+    std::fs::set_permissions(&user.dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = user.vramdisk(&["status"]);
+    assert!(
+        !out.status.success(),
+        "status used a world-writable directory:\n{}",
+        out.all()
+    );
+    assert!(out.stderr.contains("chmod 700"), "{}", out.stderr);
+
+    // Made by someone else (root here), as an attacker would, before the user's first run.
+    std::fs::set_permissions(&user.dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    nix::unistd::chown(&user.dir, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+    for args in [&["status"][..], &serve[..]] {
+        let line = the_error(&user.vramdisk(args));
+        assert!(line.contains("belongs to uid 0"), "{args:?}: {line}");
     }
 }
