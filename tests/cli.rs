@@ -400,3 +400,59 @@ fn the_tmp_runtime_directory_must_be_private() {
         assert!(line.contains("belongs to uid 0"), "{args:?}: {line}");
     }
 }
+
+/// The kernel's MemAvailable in bytes.
+fn mem_available() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("MemAvailable in /proc/meminfo");
+    kib * 1024
+}
+
+/// `--preallocate --backend host` beyond the available RAM fails at once with a sentence
+/// (instead of meeting the OOM killer later), and a preallocation that fits reports its
+/// progress.
+#[test]
+fn host_preallocation_checks_memory_and_reports_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let too_much = format!("{}G", (mem_available() >> 30) * 2 + 2);
+    let mut cmd = Command::new(vramdisk_bin());
+    cmd.env("VRAMDISK_RUNTIME_DIR", dir.path()).args([
+        "serve",
+        "--backend",
+        "host",
+        "--preallocate",
+        "--size",
+        &too_much,
+        "--socket",
+        sock.to_str().unwrap(),
+    ]);
+    let started = std::time::Instant::now();
+    let line = the_error(&run_with_timeout(&mut cmd, Duration::from_secs(60)));
+    assert!(
+        line.contains("MemAvailable") && line.contains(&too_much),
+        "{line}"
+    );
+    eprintln!("refused in {:?}: {line}", started.elapsed());
+
+    let mut args = SERVE_HOST[1..].to_vec();
+    args.extend(["--preallocate", "--socket", sock.to_str().unwrap()]);
+    let mut srv = Serving::start(&args);
+    let _ = srv.child.kill();
+    let mut log = String::new();
+    use std::io::Read;
+    srv.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(
+        log.contains("preallocating export '': 64 MiB in"),
+        "no progress of the preallocation:\n{log}"
+    );
+}

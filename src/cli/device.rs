@@ -4,6 +4,7 @@
 use super::size::{format_size, parse_size};
 use crate::engine::fake_gpu::FakeGpuBackend;
 use crate::engine::host::HostBackend;
+use crate::engine::persist::{ConsoleProgress, NoProgress, Progress};
 use crate::engine::tier::{SpillFile, SpillRam, SpillStore, TierControl, control::Tiering};
 use crate::engine::{BlockDevice, SparseDevice, SparseOptions};
 use anyhow::{Context, Result, bail};
@@ -294,6 +295,9 @@ impl DeviceArgs {
                  them or use --backend cuda"
             );
         }
+        if backend == BackendKind::Host && self.preallocate {
+            check_host_memory(specs.iter().map(|s| s.size).sum())?;
+        }
         if backend == BackendKind::Cuda {
             // Driver and GPU problems are one sentence, not one per export.
             crate::engine::cuda::gpus(&self.gpu).map_err(with_backend_advice)?;
@@ -313,10 +317,25 @@ impl DeviceArgs {
             let mut opts = self.options(spec.size)?;
             opts.buffer_budget = Some(budget.clone());
             let ctx = || format!("creating export '{}'", spec.name);
+            let console = self.preallocate.then(|| {
+                ConsoleProgress::new(&format!("preallocating export '{}'", spec.name), spec.size)
+            });
+            let progress: &dyn Progress = match &console {
+                Some(c) => c,
+                None => &NoProgress,
+            };
             let (device, tiers): (Arc<dyn BlockDevice>, Option<Arc<dyn TierControl>>) =
                 match backend {
                     BackendKind::Host => (
-                        Arc::new(SparseDevice::new(HostBackend::new(), opts).with_context(ctx)?),
+                        Arc::new(
+                            SparseDevice::with_progress(
+                                HostBackend::new(),
+                                opts,
+                                SpillStore::default(),
+                                progress,
+                            )
+                            .with_context(ctx)?,
+                        ),
                         None,
                     ),
                     BackendKind::FakeGpu => {
@@ -329,7 +348,7 @@ impl DeviceArgs {
                             self.fake_gpu_others.clone(),
                         );
                         let dev = Arc::new(
-                            SparseDevice::with_spill(fake, opts, spill.clone())
+                            SparseDevice::with_progress(fake, opts, spill.clone(), progress)
                                 .with_context(ctx)?,
                         );
                         (dev.clone(), Some(Tiering::start(dev)))
@@ -364,6 +383,42 @@ impl DeviceArgs {
         }
         Ok(devices)
     }
+}
+
+/// Fails with a sentence when preallocating `bytes` of host RAM would take more than the
+/// kernel says is available: past that, the OOM killer ends the daemon (or another program)
+/// after a long silence instead.
+fn check_host_memory(bytes: u64) -> Result<()> {
+    let Some(available) = mem_available() else {
+        return Ok(());
+    };
+    if bytes > available {
+        bail!(
+            "--preallocate needs {} of host RAM but only {} is available (MemAvailable in \
+             /proc/meminfo): give a smaller --size, free memory, or drop --preallocate (and \
+             --swap, which implies it)",
+            format_size(bytes),
+            gib(available)
+        );
+    }
+    Ok(())
+}
+
+/// `bytes` in GiB with one decimal, for amounts that are not round.
+fn gib(bytes: u64) -> String {
+    format!("{:.1}G", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// RAM that can be taken without swapping, as the kernel estimates it.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim();
+    kib.parse::<u64>().ok().map(|k| k * 1024)
 }
 
 /// Adds what to do to the engine's "the driver cannot be used" error, for the commands that
