@@ -207,20 +207,16 @@ fn vramdisk_client_nbdinfo(uri: &str) -> String {
 }
 
 /// `--size` makes the unnamed export: `--export =SIZE` beside it says so, rather than that
-/// the user gave a name twice.
+/// the user gave a name twice; sizes in errors read as the user wrote them.
 #[test]
-fn size_and_an_unnamed_export_say_what_size_made() {
-    let line = error_line(&[
-        "serve",
-        "--backend",
-        "host",
-        "--size",
-        "1G",
-        "--export",
-        "=1G",
-    ]);
+fn size_mistakes_are_told_in_the_users_terms() {
+    let mistake = |extra: &[&'static str]| error_line(&[SERVE_HOST, extra].concat());
+    let line = mistake(&["--export", "=1G"]);
     assert!(line.contains("--size already makes"), "{line}");
     assert!(!line.contains("given twice"), "{line}");
+    // Sizes are told back as they were written, not in bytes.
+    let line = mistake(&["--chunk-size", "3M"]);
+    assert!(line.contains("--chunk-size 3M is not"), "{line}");
 }
 
 /// `serve --help` does not repeat the top-level examples, says how sizes are read, and no

@@ -168,7 +168,7 @@ impl DeviceArgs {
         if !self.chunk_size.is_power_of_two() || self.chunk_size < 4096 {
             bail!(
                 "--chunk-size {} is not a power of two of at least 4K: use for example 2M",
-                self.chunk_size
+                format_size(self.chunk_size)
             );
         }
         if self.chunk_size > 1 << 30 {
