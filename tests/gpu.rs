@@ -579,28 +579,45 @@ fn without_a_driver_cuda_fails_with_one_sentence() {
         );
         return;
     }
-    let want = format!("vramdisk: {}", cuda::NO_DRIVER);
     let sock = tempfile::tempdir().unwrap();
     let sock = sock.path().join("s");
-    let runs: [Vec<&str>; 3] = [
-        vec![
-            "serve",
-            "--backend",
-            "cuda",
-            "--size",
-            "64M",
-            "--socket",
-            sock.to_str().unwrap(),
-        ],
-        vec!["devices"],
-        vec!["devices", "--json"],
+    // The engine states the fact; each command adds advice it can back: `serve` takes
+    // --backend, `devices` does not.
+    let serve_advice = ": use --backend host to keep the data in host RAM instead";
+    let devices_advice = "`vramdisk serve --backend host`";
+    let runs: [(Vec<&str>, &str); 3] = [
+        (
+            vec![
+                "serve",
+                "--backend",
+                "cuda",
+                "--size",
+                "64M",
+                "--socket",
+                sock.to_str().unwrap(),
+            ],
+            serve_advice,
+        ),
+        (vec!["devices"], devices_advice),
+        (vec!["devices", "--json"], devices_advice),
     ];
-    for args in runs {
+    for (args, advice) in runs {
         let out = Command::new(bin()).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
         let last = err.lines().last().unwrap_or("");
-        assert_eq!(last, want, "{args:?} said:\n{err}");
+        let want = format!("vramdisk: {}: ", cuda::NO_DRIVER);
+        assert!(last.starts_with(&want), "{args:?} said:\n{err}");
+        assert!(
+            last.contains(advice),
+            "{args:?} gave no fitting advice:\n{err}"
+        );
+        if args[0] == "devices" {
+            assert!(
+                !last.contains("use --backend"),
+                "devices has no --backend flag, yet said:\n{err}"
+            );
+        }
         assert!(out.stdout.is_empty(), "{args:?} printed {:?}", out.stdout);
     }
 }

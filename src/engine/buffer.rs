@@ -240,7 +240,8 @@ impl IoBuf {
 impl Deref for IoBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: ptr points at capacity() >= len bytes owned by this buffer.
+        // SAFETY: ptr points at capacity() >= len bytes owned by this buffer, initialised
+        // (HostAllocator::alloc returns zeroed memory; later only bytes are written).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }

@@ -209,8 +209,8 @@ impl<C> ChunkMap<C> {
         {
             self.usage.allocated.fetch_sub(len, Ordering::Relaxed);
             return Err(IoError::NoSpace(format!(
-                "chunk {index} needs {len} bytes but {before} of the {max} bytes allowed by \
-                 --max-memory are in use"
+                "chunk {index} needs {len} bytes but {before} of the device's memory limit of \
+                 {max} bytes are in use"
             )));
         }
         let (mem, tier) = match alloc(index, len as usize) {

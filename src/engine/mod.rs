@@ -16,6 +16,7 @@ mod backend;
 mod buffer;
 mod chunk_map;
 mod error;
+pub mod error_log;
 pub mod fake_gpu;
 pub mod host;
 pub mod metered;

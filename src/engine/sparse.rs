@@ -80,6 +80,17 @@ impl<B: Backend> SparseDevice<B> {
     /// Like [`SparseDevice::new`], with chunks spilling to `spill` when the backend has no
     /// room; the spill RAM is pinned by this backend's allocator if nobody pinned it yet.
     pub fn with_spill(backend: B, opts: SparseOptions, spill: SpillStore) -> IoResult<Self> {
+        Self::with_progress(backend, opts, spill, &super::persist::NoProgress)
+    }
+
+    /// Like [`SparseDevice::with_spill`], reporting the bytes taken so far on `progress`
+    /// while it preallocates (which can take minutes for a large device).
+    pub fn with_progress(
+        backend: B,
+        opts: SparseOptions,
+        spill: SpillStore,
+        progress: &dyn super::persist::Progress,
+    ) -> IoResult<Self> {
         let budget = opts
             .buffer_budget
             .clone()
@@ -102,9 +113,17 @@ impl<B: Backend> SparseDevice<B> {
             moved: tokio::sync::Notify::new(),
         };
         if dev.opts.preallocate {
+            let mut done = 0;
             for index in 0..dev.map.len() {
-                dev.chunk_for_write(index)?;
+                let taken = dev.chunk_for_write(index);
+                if taken.is_err() {
+                    progress.finish();
+                }
+                taken?;
+                done += dev.map.chunk_len(index) as u64;
+                progress.update(done);
             }
+            progress.finish();
         }
         Ok(dev)
     }

@@ -25,18 +25,22 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// Port of `--metrics ADDR` given without one (Prometheus's registered default for node
+/// exporters, 9100, as deployments expect).
+pub const DEFAULT_PORT: u16 = 9100;
+
 /// Largest request head read; a scraper sends a few hundred bytes.
 const MAX_HEAD: usize = 16 * 1024;
 
-/// Binds `addr` and serves metrics until the daemon shuts down; returns the bound address.
-pub async fn start(addr: &str, daemon: Arc<Daemon>) -> Result<std::net::SocketAddr> {
-    let sockaddr: std::net::SocketAddr = addr.parse().with_context(|| {
-        format!("--metrics {addr} is not an address: write IP:PORT, like 127.0.0.1:9100")
-    })?;
-    let listener = TcpListener::bind(sockaddr)
+/// Binds the metrics endpoint at `addr`; [`serve`] answers on it once the daemon runs.
+pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
         .await
-        .with_context(|| format!("cannot serve metrics on {sockaddr}"))?;
-    let bound = listener.local_addr()?;
+        .with_context(|| format!("cannot serve metrics on {addr}"))
+}
+
+/// Serves metrics on `listener` until the daemon shuts down.
+pub fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
     tokio::spawn(async move {
         loop {
             let conn = tokio::select! {
@@ -58,7 +62,6 @@ pub async fn start(addr: &str, daemon: Arc<Daemon>) -> Result<std::net::SocketAd
             }
         }
     });
-    Ok(bound)
 }
 
 async fn respond(mut stream: TcpStream, daemon: &Daemon) -> std::io::Result<()> {

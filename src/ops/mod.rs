@@ -354,27 +354,31 @@ impl Daemon {
     /// Binds the control socket (at `path`, or PID.sock in the runtime directory) and serves
     /// it until shutdown.
     pub fn start_control(self: &Arc<Self>, path: Option<PathBuf>) -> Result<PathBuf> {
-        let path = match path {
-            Some(p) => p,
-            None => {
-                let dir = control::runtime_dir();
-                control::prepare_runtime_dir(&dir)?;
-                dir.join(format!("{}.sock", std::process::id()))
-            }
-        };
-        let listener = control::bind(&path)?;
-        *self.control.lock().unwrap() = Some(path.clone());
-        tokio::spawn(control::serve(listener, self.clone()));
-        info!("control socket {}", path.display());
+        let (listener, path) = control::bind_default(path)?;
+        self.serve_control(listener, path.clone());
         Ok(path)
     }
 
-    /// Starts the Prometheus endpoint on `addr`.
-    pub async fn start_metrics(self: &Arc<Self>, addr: &str) -> Result<std::net::SocketAddr> {
-        let bound = metrics::start(addr, self.clone()).await?;
-        *self.metrics_addr.lock().unwrap() = Some(format!("http://{bound}/metrics"));
-        info!("metrics on http://{bound}/metrics");
-        Ok(bound)
+    /// Serves control clients on `listener` (bound at `path`, removed at stop) until
+    /// shutdown.
+    pub fn serve_control(self: &Arc<Self>, listener: tokio::net::UnixListener, path: PathBuf) {
+        info!("control socket {}", path.display());
+        *self.control.lock().unwrap() = Some(path);
+        tokio::spawn(control::serve(listener, self.clone()));
+    }
+
+    /// Serves Prometheus metrics on `listeners` (from [`metrics::bind`]) until shutdown.
+    pub fn serve_metrics(self: &Arc<Self>, listeners: Vec<tokio::net::TcpListener>) -> Result<()> {
+        for l in listeners {
+            let bound = l.local_addr().context("the metrics socket's address")?;
+            self.metrics_addr
+                .lock()
+                .unwrap()
+                .get_or_insert_with(|| format!("http://{bound}/metrics"));
+            info!("metrics on http://{bound}/metrics");
+            metrics::serve(l, self.clone());
+        }
+        Ok(())
     }
 
     /// Tells systemd the daemon is ready (call once every socket listens).

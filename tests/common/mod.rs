@@ -266,6 +266,15 @@ impl Captured {
     pub fn all(&self) -> String {
         format!("{}\n{}", self.stdout, self.stderr)
     }
+
+    /// The error lines on stderr: vramdisk's own (`vramdisk: ...`) and clap's (`error: ...`),
+    /// leaving out log lines and clap's hints.
+    pub fn error_lines(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| l.starts_with("vramdisk: ") || l.starts_with("error: "))
+            .collect()
+    }
 }
 
 fn describe(cmd: &Command) -> String {

@@ -2,11 +2,11 @@
 //! of data, device memory lent in place, or chunks of a sparse read), the budget it keeps
 //! until it is written, and how a request's reply is framed ([`ReplyTo`]).
 
+use crate::engine::error_log::ErrorLog;
 use crate::engine::{IoBuf, IoError, View};
 use crate::nbd::proto::{self, Frame, Framing, NbdError};
 use std::io::IoSlice;
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::warn;
 
 /// A reply ready to be written, holding its request's budget until it is.
 pub(crate) struct Reply {
@@ -156,8 +156,10 @@ impl ReplyTo {
     }
 
     pub(super) fn io_error(self, e: &IoError) -> Body {
+        // One log for every connection: a failing device fails them all alike.
+        static LOG: ErrorLog = ErrorLog::new();
         if matches!(e, IoError::Backend(_)) {
-            warn!("{e}");
+            LOG.record(self.offset, &e.to_string());
         }
         self.error(NbdError::from_errno(e.errno()), &e.to_string())
     }
