@@ -76,6 +76,7 @@ struct ServerSection {
     listen: Option<OneOrMany>,
     socket: Option<OneOrMany>,
     max_connections: Option<u64>,
+    max_request: Option<Size>,
     inflight_memory: Option<Size>,
     client_inflight_memory: Option<Size>,
     handshake_timeout: Option<u64>,
@@ -183,6 +184,9 @@ fn file_argv(path: &Path) -> Result<(Vec<String>, Vec<ExportOverride>)> {
     }
     if let Some(v) = s.max_connections {
         argv.push(format!("--max-connections={v}"));
+    }
+    if let Some(v) = &s.max_request {
+        argv.push(format!("--max-request={}", v.arg()));
     }
     if let Some(v) = &s.inflight_memory {
         argv.push(format!("--inflight-memory={}", v.arg()));

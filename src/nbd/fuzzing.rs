@@ -140,6 +140,8 @@ async fn drive(input: &[u8], exports: &[Export]) {
         inflight_bytes: 1 << 20,
         // Polling would make runs depend on timing; the fuzzer wants them repeatable.
         busy_poll: Duration::ZERO,
+        // Small, so that the streaming of requests above the maximum payload is reached.
+        max_request: 64 << 20,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let serve = async {

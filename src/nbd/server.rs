@@ -2,7 +2,7 @@
 //! shutdown. Each accepted connection runs the handshake ([`super::handshake`]) and then the
 //! transmission phase ([`super::transmission`]) in its own task.
 
-use super::export::{ConnectionLimits, Export, Limits};
+use super::export::{ConnectionLimits, DEFAULT_MAX_REQUEST, Export, Limits};
 use super::handshake::{self, Outcome};
 use super::proto::Framing;
 use super::tls::TlsMode;
@@ -331,12 +331,15 @@ pub async fn serve_transmission_only(
     let limits = ConnectionLimits {
         inflight_bytes,
         busy_poll: Duration::ZERO,
+        // The kernel sends at most the 32 MiB it was told; the default costs nothing.
+        max_request: DEFAULT_MAX_REQUEST,
     };
     let summary = transmission::run(rd, wr, export, &neg, &limits, None, shutdown).await;
     match summary.ended {
         transmission::Ended::Protocol(_)
         | transmission::Ended::ReadFailed(_)
-        | transmission::Ended::WriteFailed => {
+        | transmission::Ended::WriteFailed
+        | transmission::Ended::ReadCut(_) => {
             bail!("{} after {} requests", summary.ended, summary.requests)
         }
         _ => Ok(summary.requests),
@@ -687,7 +690,7 @@ async fn connection<S: Stream>(
             summary
         }
     };
-    if summary.ended.is_violation() {
+    if summary.ended.warns() {
         warn!(
             "client {peer} dropped from export '{}': {} ({} requests)",
             export.name, summary.ended, summary.requests
