@@ -500,6 +500,65 @@ fn idle_and_greedy_connections(transport: Transport) {
     by.check(&mut srv, "connection limits", None);
 }
 
+/// A flood of connections that never send a byte, over both limits (server-wide, and per
+/// source: over TCP from two addresses), must not lock real clients out until the
+/// handshake timeout (30 s): the connection longest in the handshake makes room for each
+/// new one, so nbdinfo, from a flooded source, gets in at once.
+fn handshake_flood(transport: Transport) {
+    require_clients!("nbdinfo");
+    if common::standin_skips("vramdisk's connection limits") {
+        return;
+    }
+    let mut srv = start(
+        &[
+            "--max-connections",
+            "16",
+            "--max-connections-per-client",
+            "12",
+        ],
+        transport,
+    );
+    let mut flood: Vec<Box<dyn common::RawStream>> = (0..30).map(|_| srv.connect_raw()).collect();
+    let tcp = matches!(srv.endpoint(), common::Endpoint::Tcp(_));
+    if let common::Endpoint::Tcp(port) = *srv.endpoint() {
+        flood.extend((0..30).map(|_| tcp_from(port, "127.0.0.2", Duration::from_secs(10))));
+    }
+    // The server is full of them: 12 from a source, (TCP) from two, more than 16 slots.
+    let full = if tcp { 16 } else { 12 };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while srv
+        .log()
+        .lines()
+        .filter(|l| l.ends_with(" connected"))
+        .count()
+        < full
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the flood never got in:\n{}",
+            srv.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t0 = Instant::now();
+    let out = common::run_with_timeout(
+        std::process::Command::new("nbdinfo").arg(srv.uri()),
+        Duration::from_secs(10),
+    );
+    let took = t0.elapsed();
+    out.assert_success();
+    assert!(
+        took < Duration::from_secs(3),
+        "nbdinfo took {took:?} to get in during a handshake flood"
+    );
+    wait_for_log(&srv, "--max-connections-per-client was reached");
+    if tcp {
+        wait_for_log(&srv, "--max-connections was reached");
+    }
+    drop(flood);
+    srv.assert_running();
+}
+
 fn read_only_refuses_changes(transport: Transport) {
     let mut c = ServerConfig::sized(EXPORT);
     c.read_only = true;
@@ -990,6 +1049,7 @@ over_both_transports! {
     disconnect_with_128_requests_in_flight => disconnect_with_requests_in_flight;
     a_client_that_never_reads_replies => client_that_never_reads;
     idle_and_greedy_connections_are_bounded => idle_and_greedy_connections;
+    a_handshake_flood_does_not_lock_clients_out => handshake_flood;
     read_only_exports_refuse_every_change => read_only_refuses_changes;
     sigterm_with_128_pipelined_requests => sigterm_with_pipelined_requests;
     sigterm_with_a_slow_reader_gets_every_reply => sigterm_with_a_slow_reader;

@@ -146,7 +146,7 @@ async fn drive(input: &[u8], exports: &[Export]) {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let serve = async {
         let mut server = server;
-        let neg = handshake::negotiate(&mut server, exports, "fuzz", TlsMode::Off).await;
+        let neg = handshake::negotiate(&mut server, exports, "fuzz", TlsMode::Off, &|| true).await;
         if let Ok(Outcome::Transmission(n)) = neg {
             let (rd, wr) = server.into_split();
             transmission::run(rd, wr, &exports[n.export], &n, &limits, None, &shutdown).await;
