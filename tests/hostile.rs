@@ -394,17 +394,17 @@ fn disconnect_with_requests_in_flight(transport: Transport) {
     }
 }
 
-/// The daemon's `vramdisk_buffer_in_use_bytes`, from its metrics endpoint.
-fn buffer_in_use(metrics: std::net::SocketAddr) -> u64 {
+/// The daemon's metric `name` (one without labels), from its metrics endpoint.
+fn metric(metrics: std::net::SocketAddr, name: &str) -> u64 {
     let mut s = std::net::TcpStream::connect(metrics).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
     body.lines()
-        .find_map(|l| l.strip_prefix("vramdisk_buffer_in_use_bytes "))
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no vramdisk_buffer_in_use_bytes in:\n{body}"))
+        .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -509,12 +509,16 @@ fn handshake_flood(transport: Transport) {
     if common::standin_skips("vramdisk's connection limits") {
         return;
     }
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let metrics_arg = metrics.to_string();
     let mut srv = start(
         &[
             "--max-connections",
             "16",
             "--max-connections-per-client",
             "12",
+            "--metrics",
+            &metrics_arg,
         ],
         transport,
     );
@@ -555,6 +559,9 @@ fn handshake_flood(transport: Transport) {
     if tcp {
         wait_for_log(&srv, "--max-connections was reached");
     }
+    // At least one per flooding connection beyond 12 from one source.
+    let evicted = metric(metrics, "vramdisk_handshake_evictions_total");
+    assert!(evicted >= 18, "{evicted} evictions counted");
     drop(flood);
     srv.assert_running();
 }
@@ -994,7 +1001,7 @@ fn greedy_client_does_not_starve_others(transport: Transport) {
     }
     // The greedy client has taken what it may.
     std::thread::sleep(Duration::from_millis(1500));
-    let taken = buffer_in_use(metrics) >> 10;
+    let taken = metric(metrics, "vramdisk_buffer_in_use_bytes") >> 10;
     // The bystander's big requests get their buffers at once.
     for round in 0..3u64 {
         let data = common::random_bytes(32 << 20);

@@ -11,11 +11,21 @@
 
 use super::transmission::ClientBudget;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
+
+/// Connections dropped in the handshake to make room, since the process started (all its
+/// servers together: the metrics describe the daemon).
+static EVICTIONS: AtomicU64 = AtomicU64::new(0);
+
+/// How many connections were dropped in the handshake to make room for newer ones.
+pub(crate) fn evictions() -> u64 {
+    EVICTIONS.load(Ordering::Relaxed)
+}
 
 /// The limits and the connections counted against them.
 pub(super) struct Admission {
@@ -148,6 +158,7 @@ fn evict(st: &mut State, id: u64, for_peer: &str, limit: &str) {
     };
     uncount(st, &p.key);
     p.evict.cancel();
+    EVICTIONS.fetch_add(1, Ordering::Relaxed);
     info!(
         "client {} evicted: still in the handshake after {:.1}s when {for_peer} came and \
          {limit} was reached",

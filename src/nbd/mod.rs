@@ -7,7 +7,7 @@
 //! so none of them imports another back. Devices are reached only through
 //! [`crate::engine::BlockDevice`].
 
-mod admission;
+pub(crate) mod admission;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;

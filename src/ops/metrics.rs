@@ -342,6 +342,18 @@ pub fn render(daemon: &Daemon) -> String {
     let _ = writeln!(out, "vramdisk_buffer_in_use_bytes {}", status.buffer_in_use);
     family(
         &mut out,
+        "vramdisk_handshake_evictions_total",
+        "counter",
+        "Connections dropped during the handshake to make room for a newer one at a connection \
+         limit.",
+    );
+    let _ = writeln!(
+        out,
+        "vramdisk_handshake_evictions_total {}",
+        crate::nbd::admission::evictions()
+    );
+    family(
+        &mut out,
         "vramdisk_uptime_seconds",
         "gauge",
         "Seconds since the daemon started.",
