@@ -250,7 +250,9 @@ fn short_and_oversized_payloads(transport: Transport) {
     if common::standin_skips("vramdisk's own limits") {
         return;
     }
-    let mut srv = start(&[], transport);
+    // Requests above the maximum payload are streamed up to --max-request: at its least
+    // (the advertised 32 MiB), a 33 MiB write is refused.
+    let mut srv = start(&["--max-request", "32M"], transport);
     let mut by = Bystander::new(&srv);
 
     // A write that promises 1 MiB, sends 1000 bytes, and disconnects: nothing is written.
@@ -260,8 +262,8 @@ fn short_and_oversized_payloads(transport: Transport) {
     assert_connections_all_closed(&mut srv, 1);
     by.check(&mut srv, "a write cut short", None);
 
-    // Larger than the maximum payload (32 MiB) but small enough to skip: EINVAL, and the
-    // connection goes on.
+    // Larger than --max-request but small enough to skip: EINVAL, and the connection goes
+    // on.
     let mut c = Conn::ready(&srv);
     let len = 33 * MIB as u32;
     c.request(CMD_WRITE, 2, TARGET, len, &vec![0xbb; len as usize]);
@@ -414,6 +416,19 @@ fn unsent(fd: std::os::fd::RawFd) -> usize {
     n.max(0) as usize
 }
 
+/// The daemon's metric `name` (one without labels), from its metrics endpoint.
+fn metric(metrics: std::net::SocketAddr, name: &str) -> u64 {
+    let mut s = std::net::TcpStream::connect(metrics).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     s.lines()
@@ -516,6 +531,72 @@ fn idle_and_greedy_connections(transport: Transport) {
     drop(held);
     assert_connections_all_closed(&mut srv, 1);
     by.check(&mut srv, "connection limits", None);
+}
+
+/// A flood of connections that never send a byte, over both limits (server-wide, and per
+/// source: over TCP from two addresses), must not lock real clients out until the
+/// handshake timeout (30 s): the connection longest in the handshake makes room for each
+/// new one, so nbdinfo, from a flooded source, gets in at once.
+fn handshake_flood(transport: Transport) {
+    require_clients!("nbdinfo");
+    if common::standin_skips("vramdisk's connection limits") {
+        return;
+    }
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let metrics_arg = metrics.to_string();
+    let mut srv = start(
+        &[
+            "--max-connections",
+            "16",
+            "--max-connections-per-client",
+            "12",
+            "--metrics",
+            &metrics_arg,
+        ],
+        transport,
+    );
+    let mut flood: Vec<Box<dyn common::RawStream>> = (0..30).map(|_| srv.connect_raw()).collect();
+    let tcp = matches!(srv.endpoint(), common::Endpoint::Tcp(_));
+    if let common::Endpoint::Tcp(port) = *srv.endpoint() {
+        flood.extend((0..30).map(|_| tcp_from(port, "127.0.0.2", Duration::from_secs(10))));
+    }
+    // The server is full of them: 12 from a source, (TCP) from two, more than 16 slots.
+    let full = if tcp { 16 } else { 12 };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while srv
+        .log()
+        .lines()
+        .filter(|l| l.ends_with(" connected"))
+        .count()
+        < full
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the flood never got in:\n{}",
+            srv.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t0 = Instant::now();
+    let out = common::run_with_timeout(
+        std::process::Command::new("nbdinfo").arg(srv.uri()),
+        Duration::from_secs(10),
+    );
+    let took = t0.elapsed();
+    out.assert_success();
+    assert!(
+        took < Duration::from_secs(3),
+        "nbdinfo took {took:?} to get in during a handshake flood"
+    );
+    wait_for_log(&srv, "--max-connections-per-client was reached");
+    if tcp {
+        wait_for_log(&srv, "--max-connections was reached");
+    }
+    // At least one per flooding connection beyond 12 from one source.
+    let evicted = metric(metrics, "vramdisk_handshake_evictions_total");
+    assert!(evicted >= 18, "{evicted} evictions counted");
+    drop(flood);
+    srv.assert_running();
 }
 
 fn read_only_refuses_changes(transport: Transport) {
@@ -1032,6 +1113,7 @@ over_both_transports! {
     disconnect_with_128_requests_in_flight => disconnect_with_requests_in_flight;
     a_client_that_never_reads_replies => client_that_never_reads;
     idle_and_greedy_connections_are_bounded => idle_and_greedy_connections;
+    a_handshake_flood_does_not_lock_clients_out => handshake_flood;
     read_only_exports_refuse_every_change => read_only_refuses_changes;
     sigterm_with_128_pipelined_requests => sigterm_with_pipelined_requests;
     sigterm_with_a_slow_reader_gets_every_reply => sigterm_with_a_slow_reader;

@@ -477,6 +477,7 @@ fn start_nbd(
         connection: ConnectionLimits {
             inflight_bytes: 128 << 20,
             busy_poll: Duration::from_micros(args.busy_poll),
+            max_request: crate::nbd::export::DEFAULT_MAX_REQUEST,
         },
     };
     runtime.spawn(async move {

@@ -32,6 +32,13 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
 
+    /// Largest read or write accepted from a client. Clients that ask are told 32M, the
+    /// size handled in one piece; larger requests (from clients never told, such as those
+    /// using NBD_OPT_EXPORT_NAME) are streamed in 32M pieces, so memory stays bounded.
+    #[arg(long, value_name = "SIZE", value_parser = super::size::parse_size,
+          default_value = "1G")]
+    max_request: u64,
+
     /// Most payload bytes in flight per connection before the server stops reading requests.
     #[arg(long, value_name = "SIZE", value_parser = super::size::parse_size, default_value = "128M")]
     inflight_memory: u64,
@@ -310,6 +317,13 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
     let tls = tls_setup(&args)?;
     let socket_group = args.socket_group.as_deref().map(parse_group).transpose()?;
     let busy_poll = server::busy_poll(args.busy_poll)?;
+    if args.max_request < 32 << 20 {
+        bail!(
+            "--max-request {} is below 32M, the maximum payload clients are told (the NBD \
+             spec asks servers to take that much): give at least 32M",
+            format_size(args.max_request)
+        );
+    }
     if args.inflight_memory < 32 << 20 {
         bail!("--inflight-memory must be at least 32M, the largest request");
     }
@@ -445,6 +459,7 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
             connection: ConnectionLimits {
                 inflight_bytes: args.inflight_memory as usize,
                 busy_poll,
+                max_request: args.max_request,
             },
         };
         let served = server::serve(exports, listeners, limits, shutdown).await;

@@ -526,6 +526,14 @@ impl Scrape {
         )?;
         family(
             enc,
+            "vramdisk_handshake_evictions",
+            "Connections dropped during the handshake to make room for a newer one at a \
+             connection limit.",
+            MetricType::Counter,
+            none(crate::nbd::admission::evictions()),
+        )?;
+        family(
+            enc,
             "vramdisk_uptime_seconds",
             "Seconds since the daemon started.",
             Gauge,

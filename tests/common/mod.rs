@@ -104,7 +104,8 @@ pub fn vramdisk_bin() -> PathBuf {
     }
 }
 
-fn clients_required() -> bool {
+/// Whether `VRAMDISK_REQUIRE_CLIENTS=1` makes a missing client a failure rather than a skip.
+pub fn clients_required() -> bool {
     std::env::var("VRAMDISK_REQUIRE_CLIENTS").is_ok_and(|v| v == "1")
 }
 

@@ -198,6 +198,8 @@ async fn drive(input: &[u8], exports: &[Export], transmit: bool) -> Run {
         inflight_bytes: 1 << 20,
         // Polling would make runs depend on timing; the fuzzer wants them repeatable.
         busy_poll: Duration::ZERO,
+        // Small, so that the streaming of requests above the maximum payload is reached.
+        max_request: 64 << 20,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let serve = async {
@@ -206,7 +208,7 @@ async fn drive(input: &[u8], exports: &[Export], transmit: bool) -> Run {
             read: 0,
             written: 0,
         };
-        let neg = handshake::negotiate(&mut server, exports, "fuzz", TlsMode::Off).await;
+        let neg = handshake::negotiate(&mut server, exports, "fuzz", TlsMode::Off, &|| true).await;
         let (read, written) = (server.read, server.written);
         let neg = match neg {
             Ok(Outcome::Transmission(n)) => Some(n),

@@ -101,12 +101,21 @@ pub(crate) enum Ended {
     WriteFailed,
     /// The client broke the protocol; the connection is dropped at once.
     Protocol(String),
+    /// A streamed read failed after the start of its simple reply was sent, which then
+    /// has no way to carry an error: the connection is dropped so that the client sees
+    /// a failure rather than wrong data.
+    ReadCut(String),
 }
 
 impl Ended {
     /// True for endings that mean a broken or hostile client (logged as warnings).
     pub(crate) fn is_violation(&self) -> bool {
         matches!(self, Ended::Protocol(_))
+    }
+
+    /// True for endings worth a warning: violations, and reads cut short.
+    pub(crate) fn warns(&self) -> bool {
+        self.is_violation() || matches!(self, Ended::ReadCut(_))
     }
 }
 
@@ -119,6 +128,11 @@ impl fmt::Display for Ended {
             Ended::ReadFailed(e) => write!(f, "read failed: {e}"),
             Ended::WriteFailed => f.write_str("sending replies failed"),
             Ended::Protocol(why) => write!(f, "protocol violation: {why}"),
+            Ended::ReadCut(why) => write!(
+                f,
+                "a streamed read failed after its simple reply had started ({why}); \
+                 closed so the client does not take the rest for data"
+            ),
         }
     }
 }
@@ -208,7 +222,12 @@ where
         batch: VecDeque::with_capacity(BATCH_REPLIES),
         batch_bytes: 0,
         dev: export.device.clone(),
-        terms: Terms::new(export.device.capabilities(), export.device.size(), neg),
+        terms: Terms::new(
+            export.device.capabilities(),
+            export.device.size(),
+            neg,
+            limits.max_request,
+        ),
         budget: Arc::new(Semaphore::new(budget_max as usize)),
         budget_max,
         client_budget,
@@ -221,7 +240,11 @@ where
     let ended = conn.serve(shutdown).await;
     // What is still in flight finishes as tasks, as if spawned from the start.
     conn.spawn_local_ops();
-    let hard = ended.is_violation() || matches!(ended, Ended::ReadFailed(_) | Ended::WriteFailed);
+    let hard = ended.is_violation()
+        || matches!(
+            ended,
+            Ended::ReadFailed(_) | Ended::WriteFailed | Ended::ReadCut(_)
+        );
     if !hard {
         conn.flush_replies();
     }
@@ -484,7 +507,7 @@ impl<R: Source, S: Sink> Conn<R, S> {
         if len > self.terms.discard_limit {
             return Err(Ended::Protocol(format!(
                 "request payload of {len} bytes (most accepted: {})",
-                self.terms.max_payload
+                self.terms.max_request
             )));
         }
         let mut left = len;

@@ -73,13 +73,18 @@ impl Reply {
         match &self.body {
             Body::Frame(f) => out.push(IoSlice::new(f.as_bytes())),
             Body::Data(f, buf) => {
-                out.push(IoSlice::new(f.as_bytes()));
+                // Pieces of a streamed simple reply after the first have no header.
+                if !f.is_empty() {
+                    out.push(IoSlice::new(f.as_bytes()));
+                }
                 if !buf.is_empty() {
                     out.push(IoSlice::new(buf));
                 }
             }
             Body::View(f, v) => {
-                out.push(IoSlice::new(f.as_bytes()));
+                if !f.is_empty() {
+                    out.push(IoSlice::new(f.as_bytes()));
+                }
                 v.slices(out);
             }
             Body::Bytes(v) => out.push(IoSlice::new(v)),
@@ -130,6 +135,24 @@ impl ReplyTo {
                 len,
             ),
         };
+        f
+    }
+
+    /// The header of one piece of a streamed read, `at` bytes into the request and `len`
+    /// long: a data chunk of its own with structured replies (`last` says it is done); the
+    /// simple reply's header before the first piece, nothing before the others.
+    pub(super) fn piece_frame(self, at: u64, len: u64, last: bool) -> Frame {
+        let mut f = Frame::new();
+        match self.framing {
+            Framing::Simple if at == 0 => {
+                f.simple(0, self.cookie);
+            }
+            Framing::Simple => {}
+            fr => {
+                let flags = if last { proto::REPLY_FLAG_DONE } else { 0 };
+                f.offset_data(fr, flags, self.cookie, self.offset, self.offset + at, len);
+            }
+        }
         f
     }
 

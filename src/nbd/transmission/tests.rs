@@ -14,6 +14,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 const SIZE: u64 = 64 << 20;
+/// Largest request: above the 32 MiB maximum payload, so that requests are streamed.
+const MAX_REQUEST: u64 = 60 << 20;
 
 fn export(read_only: bool) -> Export {
     let mut o = SparseOptions::new(SIZE);
@@ -57,6 +59,7 @@ fn spawn_run(
     let limits = ConnectionLimits {
         inflight_bytes: inflight,
         busy_poll: Duration::from_micros(50),
+        max_request: MAX_REQUEST,
     };
     tokio::spawn(async move {
         let (rd, wr) = server.into_split();
@@ -79,7 +82,7 @@ fn request(ext: bool, cmd: u16, flags: u16, cookie: u64, offset: u64, len: u64) 
     proto::encode_request(ext, cmd, flags, cookie, offset, len)
 }
 
-async fn simple_reply(c: &mut UnixStream) -> (u32, u64) {
+async fn simple_reply(c: &mut (impl AsyncReadExt + Unpin)) -> (u32, u64) {
     let mut h = [0u8; 16];
     c.read_exact(&mut h).await.unwrap();
     assert_eq!(&h[0..4], &proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
@@ -90,7 +93,7 @@ async fn simple_reply(c: &mut UnixStream) -> (u32, u64) {
 }
 
 /// A structured or extended chunk: (flags, type, cookie, payload).
-async fn chunk(c: &mut UnixStream, ext: bool) -> (u16, u16, u64, Vec<u8>) {
+async fn chunk(c: &mut (impl AsyncReadExt + Unpin), ext: bool) -> (u16, u16, u64, Vec<u8>) {
     let mut h = vec![0u8; if ext { 32 } else { 20 }];
     c.read_exact(&mut h).await.unwrap();
     let magic = u32::from_be_bytes(h[0..4].try_into().unwrap());
@@ -163,8 +166,8 @@ async fn errors_are_replies_and_the_connection_goes_on() {
     w.extend(vec![0xee; 4096]);
     c.write_all(&w).await.unwrap();
     assert_eq!(simple_reply(&mut c).await, (NbdError::NoSpc.code(), 2));
-    // A write larger than the maximum payload: EINVAL, payload skipped.
-    let big = (33 << 20) as u64;
+    // A write larger than the largest request: EINVAL, payload skipped.
+    let big = MAX_REQUEST + 1;
     c.write_all(&request(false, proto::CMD_WRITE, 0, 3, 0, big))
         .await
         .unwrap();
@@ -287,7 +290,12 @@ async fn structured_reads_send_holes_and_data() {
 
 /// Reads a structured reply to `cookie` into a buffer of `len` bytes at `offset`:
 /// holes as zeros, data where the chunks say, every byte covered once.
-async fn structured_read(c: &mut UnixStream, cookie: u64, offset: u64, len: usize) -> Vec<u8> {
+async fn structured_read(
+    c: &mut (impl AsyncReadExt + Unpin),
+    cookie: u64,
+    offset: u64,
+    len: usize,
+) -> Vec<u8> {
     let mut out = vec![0xeeu8; len];
     let mut covered = 0usize;
     loop {
@@ -376,6 +384,66 @@ async fn reads_lent_in_place_and_copied_agree_across_thousands_of_pieces() {
         .unwrap();
         let got = structured_read(&mut c, 3, 4096, len - 8192).await;
         assert!(got == want[4096..len - 4096], "DF read differs");
+    }
+}
+
+/// Reads and writes above the maximum payload (32 MiB) are streamed in pieces and land
+/// whole, with simple and structured replies, in place and through buffers. On the device
+/// whose writes wait (so their replies come late), a small write pipelined before a
+/// streamed simple read must answer before the read's header, not inside its data.
+#[tokio::test]
+async fn requests_above_the_maximum_payload_are_streamed() {
+    let (offset, len) = (12_345u64, 48_000_000usize);
+    let data = pattern(3, len);
+    for slow in [false, true] {
+        for framing in [Framing::Simple, Framing::Structured] {
+            let mut dev: Arc<dyn BlockDevice> = export(false).device;
+            if slow {
+                dev = Arc::new(slow_writes(dev));
+            }
+            let export = Export {
+                name: String::new(),
+                description: String::new(),
+                device: dev,
+                metrics: None,
+            };
+            let what = format!("{framing:?}, slow writes: {slow}");
+            let (mut c, task) = start_on(export, framing);
+            let mut out = request(false, proto::CMD_WRITE, 0, 1, offset, len as u64);
+            out.extend_from_slice(&data);
+            // With structured replies the small write's may come between the read's
+            // chunks, as the spec allows: it goes with simple replies only.
+            let small = framing == Framing::Simple;
+            if small {
+                out.extend(request(false, proto::CMD_WRITE, 0, 2, 0, 512));
+                out.extend_from_slice(&[7; 512]);
+            }
+            out.extend(request(false, proto::CMD_READ, 0, 3, offset, len as u64));
+            let (mut crd, mut cwr) = c.split();
+            let (sent, got) = tokio::join!(cwr.write_all(&out), async {
+                // Structured connections answer writes with simple replies too.
+                let mut replies = vec![simple_reply(&mut crd).await];
+                if small {
+                    replies.push(simple_reply(&mut crd).await);
+                }
+                replies.sort();
+                assert_eq!(replies[0], (0, 1), "{what}: the streamed write's reply");
+                assert!(replies[1..] == [(0, 2)][..small as usize], "{what}");
+                match framing {
+                    Framing::Simple => {
+                        assert_eq!(simple_reply(&mut crd).await, (0, 3), "{what}");
+                        let mut back = vec![0u8; len];
+                        crd.read_exact(&mut back).await.unwrap();
+                        back
+                    }
+                    _ => structured_read(&mut crd, 3, offset, len).await,
+                }
+            });
+            sent.unwrap();
+            assert!(got == data, "{what}: the streamed read differs");
+            drop(c);
+            task.await.unwrap();
+        }
     }
 }
 
@@ -922,6 +990,7 @@ async fn polling_connection_serves_in_process() {
     let limits = ConnectionLimits {
         inflight_bytes: 64 << 20,
         busy_poll: Duration::from_micros(500),
+        max_request: MAX_REQUEST,
     };
     let thread = serve_on_own_thread(server, export, neg, limits);
     client.set_nonblocking(true).unwrap();
@@ -999,6 +1068,7 @@ async fn operations_completed_elsewhere_answer_every_request() {
         let limits = ConnectionLimits {
             inflight_bytes: 2 << 20,
             busy_poll: Duration::from_micros(if polling { 500 } else { 0 }),
+            max_request: MAX_REQUEST,
         };
         let server = serve_on_own_thread(server, export, neg, limits);
         let (mut rd, mut wr) = UnixStream::from_std(client).unwrap().into_split();
