@@ -4,9 +4,10 @@
 use super::size::{format_size, parse_size};
 use crate::engine::fake_gpu::FakeGpuBackend;
 use crate::engine::host::HostBackend;
-use crate::engine::persist::{ConsoleProgress, NoProgress, Progress};
+use crate::engine::persist::{NoProgress, Progress};
 use crate::engine::tier::{SpillFile, SpillRam, SpillStore, TierControl, control::Tiering};
 use crate::engine::{BlockDevice, SparseDevice, SparseOptions};
+use crate::ops::progress::ConsoleProgress;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use std::sync::Arc;

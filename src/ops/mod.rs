@@ -9,13 +9,15 @@
 pub mod control;
 pub mod metrics;
 pub mod notify;
+pub mod progress;
 pub mod readonly;
 
 use crate::engine::BlockDevice;
 use crate::engine::metered::{DeviceMetrics, MeteredDevice, Op};
-use crate::engine::persist::{self, ConsoleProgress};
+use crate::engine::persist;
 use crate::engine::tier::{TierControl, TierStats};
 use anyhow::{Context, Result};
+use progress::ConsoleProgress;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -75,13 +77,19 @@ impl ExportState {
     ) -> Result<persist::Summary> {
         let _one_at_a_time = self.save_lock.lock().await;
         let label = format!("saving export '{}' to {}", self.name, path.display());
-        let total = ConsoleProgress::save_total(&*self.device);
-        let progress = Tee {
+        let total = progress::save_total(&*self.device);
+        let shown = Tee {
             console: ConsoleProgress::new(&label, total),
             watch,
             total,
         };
-        let summary = persist::save(&**self.device.inner(), path, &progress).await?;
+        let summary = persist::save_with(
+            &**self.device.inner(),
+            path,
+            &shown,
+            &progress::persist_options(),
+        )
+        .await?;
         info!(
             "saved export '{}' to {}: {} MiB of data in {} records, {} ms",
             self.name,
@@ -267,8 +275,9 @@ impl Daemon {
             };
             if let Some(path) = load {
                 let label = format!("loading export '{}' from {}", d.name, path.display());
-                let progress = ConsoleProgress::new(&label, ConsoleProgress::load_total(&path));
-                let s = persist::load(&*d.device, &path, &progress)
+                let shown = ConsoleProgress::new(&label, progress::load_total(&path));
+                let opts = progress::persist_options();
+                let s = persist::load_with(&*d.device, &path, &shown, &opts)
                     .await
                     .with_context(|| format!("export '{}'", d.name))?;
                 info!(

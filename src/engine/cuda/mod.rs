@@ -39,6 +39,7 @@ pub mod kernel;
 pub mod memory;
 pub mod pinned;
 pub mod queue;
+pub mod queue_driver;
 
 pub use backend::CudaBackend;
 pub use driver::{NO_DRIVER, Unavailable, driver_present};
