@@ -216,7 +216,10 @@ fn size_mistakes_are_told_in_the_users_terms() {
     assert!(!line.contains("given twice"), "{line}");
     // Sizes are told back as they were written, not in bytes.
     let line = mistake(&["--chunk-size", "3M"]);
-    assert!(line.contains("--chunk-size 3M is not"), "{line}");
+    assert!(
+        line.contains("'3M' is not a power of two") && !line.contains("3145728"),
+        "{line}"
+    );
 }
 
 /// `serve --help` does not repeat the top-level examples, says how sizes are read, and no
@@ -364,12 +367,16 @@ fn status_without_daemons_says_where_it_looked() {
 fn the_tmp_runtime_directory_must_be_private() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let Some(user) = OtherUser::new() else { return };
-    // Fails at --chunk-size, after the sockets (the control socket's directory too) are
-    // made.
+    // Fails at --load (a file that is not there), after the sockets (the control socket's
+    // directory too) are made.
     let mut serve = SERVE_HOST.to_vec();
     serve.extend(["--listen", "127.0.0.1:0"]);
-    let out = user.vramdisk(&[&serve[..], &["--chunk-size", "3M"]].concat());
-    assert!(out.stderr.contains("power of two"), "{}", out.stderr);
+    let out = user.vramdisk(&[&serve[..], &["--load", "/nonexistent/vramdisk.img"]].concat());
+    assert!(
+        out.stderr.contains("cannot open /nonexistent"),
+        "{}",
+        out.stderr
+    );
     let meta = std::fs::symlink_metadata(&user.dir).expect("the runtime directory was not made");
     assert_eq!(meta.uid(), user.uid);
     assert_eq!(
