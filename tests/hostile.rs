@@ -416,19 +416,6 @@ fn unsent(fd: std::os::fd::RawFd) -> usize {
     n.max(0) as usize
 }
 
-/// The daemon's metric `name` (one without labels), from its metrics endpoint.
-fn metric(metrics: std::net::SocketAddr, name: &str) -> u64 {
-    let mut s = std::net::TcpStream::connect(metrics).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
-}
-
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     s.lines()
@@ -542,16 +529,12 @@ fn handshake_flood(transport: Transport) {
     if common::standin_skips("vramdisk's connection limits") {
         return;
     }
-    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
-    let metrics_arg = metrics.to_string();
     let mut srv = start(
         &[
             "--max-connections",
             "16",
             "--max-connections-per-client",
             "12",
-            "--metrics",
-            &metrics_arg,
         ],
         transport,
     );
@@ -593,7 +576,7 @@ fn handshake_flood(transport: Transport) {
         wait_for_log(&srv, "--max-connections was reached");
     }
     // At least one per flooding connection beyond 12 from one source.
-    let evicted = metric(metrics, "vramdisk_handshake_evictions_total");
+    let evicted = srv.metric("vramdisk_handshake_evictions_total");
     assert!(evicted >= 18, "{evicted} evictions counted");
     drop(flood);
     srv.assert_running();
