@@ -363,6 +363,14 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
         .thread_name("vramdisk-io")
         .build()
         .context("starting the async runtime")?;
+    // The signal handlers come first: from the moment a socket exists, whoever waits for it
+    // may send SIGTERM, which must end the daemon cleanly (once its devices are built), not
+    // kill it.
+    let shutdown = CancellationToken::new();
+    let stop = {
+        let _in_runtime = runtime.enter();
+        stop_on_signal(shutdown.clone())
+    };
     // Sockets are bound before the devices are built and loaded, which can take minutes: a
     // taken address fails at once. Nothing accepts before the load is done, so no client
     // sees a partial load (connections wait in the kernel's queue).
@@ -393,8 +401,7 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
 
     let devices = super::config::build_devices(&args.device, &args.ops, &overrides, &argv)?;
     runtime.block_on(async move {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
+        tokio::spawn(stop);
         let daemon = crate::ops::Daemon::start(devices, shutdown.clone()).await?;
         // From here the daemon removes the control socket and the server its sockets.
         files.0.clear();
