@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 use vramdisk::engine::host::HostBackend;
-use vramdisk::engine::persist::{self, IoMode, NoProgress, Options};
+use vramdisk::engine::persist::{self, IoMode, NoProgress};
 use vramdisk::engine::{BlockDevice, SparseDevice, SparseOptions};
 
 const CHUNK: u64 = 2 << 20;
@@ -106,7 +106,7 @@ async fn main() {
     let mut pos = Vec::new();
     let mut backend = "host".to_string();
     let mut gpu = 0usize;
-    let mut opts = Options::from_env();
+    let mut opts = vramdisk::ops::progress::persist_options();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |name: &str| {

@@ -14,7 +14,11 @@
 //! - [`cli`]: the command line.
 
 pub mod attach;
+mod busy_poll;
 pub mod cli;
 pub mod engine;
 pub mod nbd;
 pub mod ops;
+#[cfg(test)]
+mod test_support;
+mod tunables;

@@ -5,6 +5,8 @@
 //! each test prints a SKIPPED line and passes, unless VRAMDISK_REQUIRE_ATTACH=1.
 //! Tests take a global lock: they share the machine's loop devices and swap table.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
@@ -83,15 +85,8 @@ fn capable(test: &str) -> bool {
     if std::env::var_os("VRAMDISK_REQUIRE_ATTACH").is_some() {
         panic!("{test}: cannot run ({why}) but VRAMDISK_REQUIRE_ATTACH is set");
     }
-    skipped(&format!("{test}: {why}"));
+    common::skip_loudly(&format!("{test}: {why}"));
     false
-}
-
-/// Prints a SKIPPED line that shows even when the test passes: straight to the process's
-/// stderr, past the test harness's capture of `eprintln!`.
-fn skipped(what: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "SKIPPED {what}");
 }
 
 fn nix_is_root() -> bool {
@@ -174,7 +169,6 @@ impl Attached {
             .args(["--backend", backend()])
             .args(via_args)
             .args(extra)
-            .env("VRAMDISK_RUN_DIR", run_dir.path())
             .env("VRAMDISK_RUNTIME_DIR", run_dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -211,7 +205,6 @@ impl Attached {
     fn vramdisk(&self, args: &[&str]) -> Output {
         Command::new(bin())
             .args(args)
-            .env("VRAMDISK_RUN_DIR", self.run_dir.path())
             .env("VRAMDISK_RUNTIME_DIR", self.run_dir.path())
             .stdin(Stdio::null())
             .output()
@@ -828,7 +821,7 @@ fn swap_holds_pages_under_memory_pressure() {
         return;
     }
     if Command::new("python3").arg("-c").arg("1").output().is_err() {
-        skipped("swap_holds_pages_under_memory_pressure: no python3");
+        common::skip_loudly("swap_holds_pages_under_memory_pressure: no python3");
         return;
     }
     // A process limited to 48 MiB of RAM writes 128 MiB and reads it back: most of it must go
@@ -836,7 +829,7 @@ fn swap_holds_pages_under_memory_pressure() {
     // is written or checked (MADV_PAGEOUT), the way proactive reclaim does, so the limit is hit
     // tens of thousands of times, but seldom with nothing left to reclaim.
     let Some((probe, _)) = swap_cgroup(LIMIT, "probe") else {
-        skipped("swap_holds_pages_under_memory_pressure: no writable memory cgroup");
+        common::skip_loudly("swap_holds_pages_under_memory_pressure: no writable memory cgroup");
         return;
     };
     let _ = std::fs::remove_dir(probe);
@@ -949,7 +942,6 @@ fn daemon_mode_with_pid_file() {
             "--pid-file",
         ])
         .arg(&pid_file)
-        .env("VRAMDISK_RUN_DIR", run_dir.path())
         .env("VRAMDISK_RUNTIME_DIR", run_dir.path())
         .stdin(Stdio::null())
         .output()
@@ -990,7 +982,6 @@ fn daemon_mode_with_pid_file() {
     );
     let out = Command::new(bin())
         .args(["detach", dev])
-        .env("VRAMDISK_RUN_DIR", run_dir.path())
         .env("VRAMDISK_RUNTIME_DIR", run_dir.path())
         .output()
         .unwrap();
@@ -1114,7 +1105,7 @@ fn fuse_transport_follows_the_kernel_and_status_says_which() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let test = "fuse_transport_follows_the_kernel_and_status_says_which";
     if via() != "fuse" {
-        skipped(&format!("{test}: VRAMDISK_TEST_VIA={} is not fuse", via()));
+        common::skip_loudly(&format!("{test}: VRAMDISK_TEST_VIA={} is not fuse", via()));
         return;
     }
     if !capable(test) {
@@ -1124,7 +1115,7 @@ fn fuse_transport_follows_the_kernel_and_status_says_which() {
         if std::env::var_os("VRAMDISK_REQUIRE_FUSE_URING").is_some() {
             panic!("{test}: {URING_PARAM} cannot be set but VRAMDISK_REQUIRE_FUSE_URING is set");
         }
-        skipped(&format!(
+        common::skip_loudly(&format!(
             "{test}: this kernel has no settable {URING_PARAM}"
         ));
         return;
@@ -1149,7 +1140,6 @@ fn fuse_transport_follows_the_kernel_and_status_says_which() {
     let out = Command::new(bin())
         .args(["attach", "--backend", backend(), "--size", "64M"])
         .args(["--via", "fuse", "--fuse-transport", "uring"])
-        .env("VRAMDISK_RUN_DIR", run_dir.path())
         .env("VRAMDISK_RUNTIME_DIR", run_dir.path())
         .stdin(Stdio::null())
         .output()
@@ -1221,7 +1211,7 @@ fn unavailable_methods_say_why() {
                 "--via",
                 via,
             ])
-            .env("VRAMDISK_RUN_DIR", run_dir.path())
+            .env("VRAMDISK_RUNTIME_DIR", run_dir.path())
             .stdin(Stdio::null())
             .output()
             .unwrap()
@@ -1241,7 +1231,7 @@ fn unavailable_methods_say_why() {
             );
         }
     } else {
-        skipped("nbd part of unavailable_methods_say_why: this kernel has nbd");
+        common::skip_loudly("nbd part of unavailable_methods_say_why: this kernel has nbd");
     }
     if let Some(why) = vramdisk::attach::ublk::unavailable() {
         let out = try_via("ublk");
@@ -1253,12 +1243,14 @@ fn unavailable_methods_say_why() {
             assert!(err.contains("--features ublk"), "{err}");
         }
     } else {
-        skipped("ublk part of unavailable_methods_say_why: this kernel and build have ublk");
+        common::skip_loudly(
+            "ublk part of unavailable_methods_say_why: this kernel and build have ublk",
+        );
     }
 
     let out = Command::new(bin())
         .args(["detach", "/dev/loop250"])
-        .env("VRAMDISK_RUN_DIR", run_dir.path())
+        .env("VRAMDISK_RUNTIME_DIR", run_dir.path())
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -1346,7 +1338,7 @@ fn kernel_method_capable(test: &str, via: &str, require: &str) -> bool {
     if std::env::var_os(require).is_some() {
         panic!("{test}: cannot run ({why}) but {require} is set");
     }
-    skipped(&format!("{test}: {why}"));
+    common::skip_loudly(&format!("{test}: {why}"));
     false
 }
 

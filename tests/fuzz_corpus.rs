@@ -5,8 +5,11 @@
 //! A panic, a hang (the session entry point fails after 10 s) or a crash is a failure.
 //!
 //! Environment: `VRAMDISK_FUZZ_SEED` (mutation seed, printed), `VRAMDISK_FUZZ_SECS`
-//! (seconds of mutations per target, default 2).
+//! (seconds of mutations per target, default 2), `VRAMDISK_SOURCE_DIR` (where `fuzz/` is).
 
+mod common;
+
+use rand::RngExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vramdisk::nbd::fuzzing;
@@ -15,7 +18,7 @@ const TARGETS: [&str; 3] = ["parsers", "options", "session"];
 
 /// Every input of one target: its corpus and its seeds, in a fixed order.
 fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let root = common::source_dir().join("fuzz");
     let mut out = Vec::new();
     for dir in ["corpus", "seeds"] {
         let Ok(entries) = std::fs::read_dir(root.join(dir).join(target)) else {
@@ -40,73 +43,6 @@ fn run(target: &str, data: &[u8], exports: &[vramdisk::nbd::export::Export]) {
     }
 }
 
-/// splitmix64, reproducible from the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-/// A few libFuzzer-like edits: bit flips, random bytes, inserted and erased runs, splices
-/// from another input, interesting 32- and 64-bit values (lengths, offsets), truncation.
-fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
-    let mut v = input.to_vec();
-    for _ in 0..1 + rng.below(6) {
-        match rng.below(8) {
-            0 if !v.is_empty() => {
-                let i = rng.below(v.len());
-                v[i] ^= 1 << rng.below(8);
-            }
-            1 if !v.is_empty() => {
-                let i = rng.below(v.len());
-                v[i] = rng.next() as u8;
-            }
-            2 => {
-                let i = rng.below(v.len() + 1);
-                let bytes: Vec<u8> = (0..rng.below(32)).map(|_| rng.next() as u8).collect();
-                v.splice(i..i, bytes);
-            }
-            3 if !v.is_empty() => {
-                let i = rng.below(v.len());
-                let n = rng.below(v.len() - i + 1);
-                v.drain(i..i + n);
-            }
-            4 if v.len() >= 4 => {
-                let i = rng.below(v.len() - 3);
-                let x: u32 =
-                    [0, 1, 512, 4096, 1 << 20, 1 << 25, 0x7fff_ffff, u32::MAX][rng.below(8)];
-                v[i..i + 4].copy_from_slice(&x.to_be_bytes());
-            }
-            5 if v.len() >= 8 => {
-                let i = rng.below(v.len() - 7);
-                let x: u64 = [0, 4 << 20, (4 << 20) - 1, 1 << 63, u64::MAX][rng.below(5)];
-                v[i..i + 8].copy_from_slice(&x.to_be_bytes());
-            }
-            6 if !other.is_empty() => {
-                // The head of this input, the tail of another.
-                let i = rng.below(v.len() + 1);
-                let j = rng.below(other.len());
-                v.truncate(i);
-                v.extend_from_slice(&other[j..]);
-            }
-            _ => {
-                let n = rng.below(v.len() + 1);
-                v.truncate(n);
-            }
-        }
-    }
-    v
-}
-
 #[test]
 fn corpus_replays_and_mutations_through_every_target() {
     let exports = fuzzing::exports();
@@ -129,7 +65,9 @@ fn corpus_replays_and_mutations_through_every_target() {
         let own = inputs(target);
         assert!(
             !own.is_empty(),
-            "no committed inputs for the {target} target under fuzz/"
+            "no committed inputs for the {target} target under {}: run from the source tree, \
+             or point VRAMDISK_SOURCE_DIR at it",
+            common::source_dir().join("fuzz").display()
         );
         // Replay: the target's own inputs, then the other targets' (any bytes are valid).
         let t0 = Instant::now();
@@ -143,13 +81,13 @@ fn corpus_replays_and_mutations_through_every_target() {
         }
         let replay_time = t0.elapsed();
         // Mutations of the target's own inputs, bounded by time (and at least a few).
-        let mut rng = Rng(seed ^ target.len() as u64);
+        let mut rng = common::seeded_rng(seed ^ target.len() as u64);
         let t0 = Instant::now();
         let mut mutated = 0;
         while mutated < 50 || t0.elapsed() < Duration::from_secs(secs) {
-            let (path, a) = &own[rng.below(own.len())];
-            let (_, b) = &own[rng.below(own.len())];
-            let input = mutate(&mut rng, a, b);
+            let (path, a) = &own[rng.random_range(0..own.len())];
+            let (_, b) = &own[rng.random_range(0..own.len())];
+            let input = common::mutate(&mut rng, a, b);
             eprintln_on_panic(path, target, || run(target, &input, &exports));
             mutated += 1;
         }

@@ -2,6 +2,8 @@
 //! machine's `.gpu/run-tests` sets it); elsewhere each prints a SKIPPED line. The one test
 //! that needs no GPU checks the message given when there is no NVIDIA driver.
 
+mod common;
+
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use std::process::Command;
@@ -21,7 +23,9 @@ fn gpu_enabled(test: &str) -> bool {
     if std::env::var("VRAMDISK_TEST_GPU").as_deref() == Ok("1") {
         return true;
     }
-    eprintln!("SKIPPED {test} (set VRAMDISK_TEST_GPU=1 on a machine with an NVIDIA GPU)");
+    common::skip_loudly(&format!(
+        "{test} (set VRAMDISK_TEST_GPU=1 on a machine with an NVIDIA GPU)"
+    ));
     false
 }
 
@@ -471,7 +475,7 @@ fn two_gpus_share_one_device() {
     }
     let gpus = cuda::probe().unwrap();
     if gpus.len() < 2 {
-        eprintln!("SKIPPED two_gpus_share_one_device (this machine has one GPU)");
+        common::skip_loudly("two_gpus_share_one_device (this machine has one GPU)");
         return;
     }
     let _g = serial();
@@ -570,34 +574,50 @@ fn bench_runs_on_the_gpu() {
 #[test]
 fn without_a_driver_cuda_fails_with_one_sentence() {
     if cuda::driver_present() {
-        eprintln!(
-            "SKIPPED without_a_driver_cuda_fails_with_one_sentence (this machine has an NVIDIA \
-             driver)"
+        common::skip_loudly(
+            "without_a_driver_cuda_fails_with_one_sentence (this machine has an NVIDIA driver)",
         );
         return;
     }
-    let want = format!("vramdisk: {}", cuda::NO_DRIVER);
     let sock = tempfile::tempdir().unwrap();
     let sock = sock.path().join("s");
-    let runs: [Vec<&str>; 3] = [
-        vec![
-            "serve",
-            "--backend",
-            "cuda",
-            "--size",
-            "64M",
-            "--socket",
-            sock.to_str().unwrap(),
-        ],
-        vec!["devices"],
-        vec!["devices", "--json"],
+    // The engine states the fact; each command adds advice it can back: `serve` takes
+    // --backend, `devices` does not.
+    let serve_advice = ": use --backend host to keep the data in host RAM instead";
+    let devices_advice = "`vramdisk serve --backend host`";
+    let runs: [(Vec<&str>, &str); 3] = [
+        (
+            vec![
+                "serve",
+                "--backend",
+                "cuda",
+                "--size",
+                "64M",
+                "--socket",
+                sock.to_str().unwrap(),
+            ],
+            serve_advice,
+        ),
+        (vec!["devices"], devices_advice),
+        (vec!["devices", "--json"], devices_advice),
     ];
-    for args in runs {
+    for (args, advice) in runs {
         let out = Command::new(bin()).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
         let last = err.lines().last().unwrap_or("");
-        assert_eq!(last, want, "{args:?} said:\n{err}");
+        let want = format!("vramdisk: {}: ", cuda::NO_DRIVER);
+        assert!(last.starts_with(&want), "{args:?} said:\n{err}");
+        assert!(
+            last.contains(advice),
+            "{args:?} gave no fitting advice:\n{err}"
+        );
+        if args[0] == "devices" {
+            assert!(
+                !last.contains("use --backend"),
+                "devices has no --backend flag, yet said:\n{err}"
+            );
+        }
         assert!(out.stdout.is_empty(), "{args:?} printed {:?}", out.stdout);
     }
 }

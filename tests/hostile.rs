@@ -47,7 +47,13 @@ impl Conn {
     /// Greeting read and flags sent: ready for options.
     fn start(srv: &Server) -> Conn {
         let mut c = Conn::open(srv);
-        let g = c.bytes(18);
+        let mut g = [0u8; 18];
+        if let Err(e) = c.s.read_exact(&mut g) {
+            panic!(
+                "no greeting ({e}): every connection slot is taken, so an earlier connection \
+                 has not ended on the server"
+            );
+        }
         assert_eq!(&g[..8], b"NBDMAGIC");
         c.send(&3u32.to_be_bytes());
         c
@@ -195,16 +201,22 @@ impl Bystander {
 }
 
 fn start(extra: &[&str], transport: Transport) -> Server {
-    let mut c = ServerConfig::sized(EXPORT);
+    let mut c = ServerConfig::sized(EXPORT).with_metrics();
     c.extra_args = extra.iter().map(|s| s.to_string()).collect();
     Server::start(c, transport)
 }
+
+/// Two connection slots and a handshake timeout longer than a client's read timeout.
+const ONE_AT_A_TIME: &[&str] = &["--max-connections", "2", "--handshake-timeout", "60"];
 
 fn bad_magic_and_truncation(transport: Transport) {
     if common::standin_skips("vramdisk's own limits and logs") {
         return;
     }
-    let mut srv = start(&[], transport);
+    // Two slots, the bystander's and one more: each connection below gets in only once the
+    // one before has ended on the server, handshake-phase ones included (which the metrics
+    // do not count); one that lingered would hold the slot for the 60 s handshake timeout.
+    let mut srv = start(ONE_AT_A_TIME, transport);
     let mut by = Bystander::new(&srv);
 
     // Wrong option magic.
@@ -238,18 +250,20 @@ fn short_and_oversized_payloads(transport: Transport) {
     if common::standin_skips("vramdisk's own limits") {
         return;
     }
-    let mut srv = start(&[], transport);
+    // Requests above the maximum payload are streamed up to --max-request: at its least
+    // (the advertised 32 MiB), a 33 MiB write is refused.
+    let mut srv = start(&["--max-request", "32M"], transport);
     let mut by = Bystander::new(&srv);
 
     // A write that promises 1 MiB, sends 1000 bytes, and disconnects: nothing is written.
     let mut c = Conn::ready(&srv);
     c.request(CMD_WRITE, 1, TARGET, MIB as u32, &[0xaa; 1000]);
     drop(c);
-    std::thread::sleep(Duration::from_millis(200));
+    assert_connections_all_closed(&mut srv, 1);
     by.check(&mut srv, "a write cut short", None);
 
-    // Larger than the maximum payload (32 MiB) but small enough to skip: EINVAL, and the
-    // connection goes on.
+    // Larger than --max-request but small enough to skip: EINVAL, and the connection goes
+    // on.
     let mut c = Conn::ready(&srv);
     let len = 33 * MIB as u32;
     c.request(CMD_WRITE, 2, TARGET, len, &vec![0xbb; len as usize]);
@@ -310,7 +324,8 @@ fn option_abuse(transport: Transport) {
     if common::standin_skips("vramdisk's own limits") {
         return;
     }
-    let mut srv = start(&[], transport);
+    // One connection at a time beside the bystander's (see bad_magic_and_truncation).
+    let mut srv = start(ONE_AT_A_TIME, transport);
     let mut by = Bystander::new(&srv);
 
     // Oversized option data: skipped and refused; haggling goes on.
@@ -373,14 +388,14 @@ fn disconnect_with_requests_in_flight(transport: Transport) {
     }
     c.send(&b);
     drop(c);
-    std::thread::sleep(Duration::from_millis(300));
+    // The hostile connection is gone (and with it every write it started, see
+    // a_dropped_connection_ends_after_its_writes_land): none lingers holding a slot.
+    assert_connections_all_closed(&mut srv, 1);
     by.check(
         &mut srv,
         "128 requests in flight",
         Some((TARGET, TARGET + MIB)),
     );
-    // The hostile connections are all gone: none lingers holding a slot.
-    assert_connections_all_closed(&mut srv, 1);
     // Each 4 KiB block of the target is the old or the new data, never a mix.
     let got = by.c.read(TARGET, MIB as u32).unwrap();
     for (i, blk) in got.chunks(4096).enumerate() {
@@ -392,17 +407,13 @@ fn disconnect_with_requests_in_flight(transport: Transport) {
     }
 }
 
-/// The daemon's `vramdisk_buffer_in_use_bytes`, from its metrics endpoint.
-fn buffer_in_use(metrics: std::net::SocketAddr) -> u64 {
-    let mut s = std::net::TcpStream::connect(metrics).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix("vramdisk_buffer_in_use_bytes "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no vramdisk_buffer_in_use_bytes in:\n{body}"))
+/// Bytes `fd` has sent that its peer has not read yet (for TCP: not yet acknowledged).
+fn unsent(fd: std::os::fd::RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one int.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    assert_eq!(rc, 0, "TIOCOUTQ: {}", std::io::Error::last_os_error());
+    n.max(0) as usize
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -427,6 +438,7 @@ fn client_that_never_reads(transport: Transport) {
         &mut hog.s,
         Box::new(std::fs::File::open("/dev/null").unwrap()),
     );
+    let hog_fd = s.as_raw_fd();
     let t = std::thread::spawn(move || {
         let all: Vec<u8> = (0..1_000_000u64)
             .flat_map(|i| header(CMD_READ, i, 0, MIB as u32))
@@ -435,15 +447,16 @@ fn client_that_never_reads(transport: Transport) {
         let done = s.write_all(&all).is_ok();
         (done, s)
     });
-    // Give it time to fill every buffer it can.
-    std::thread::sleep(Duration::from_secs(2));
-    let grown = rss_kib(srv.pid()).saturating_sub(base);
-    // In flight: at most the 32 MiB budget of replies plus socket buffers.
-    assert!(
-        grown < 96 << 10,
-        "server RSS grew by {} MiB for a client that never reads",
-        grown >> 10
-    );
+    // The server has stopped reading the hog: its requests back up in the hog's socket.
+    // (The socket stays open until the thread's stream is dropped, after the join.)
+    let deadline = Instant::now() + common::client_timeout();
+    while unsent(hog_fd) < 64 << 10 {
+        assert!(
+            Instant::now() < deadline,
+            "the server went on reading requests of a client that never reads"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // Others carry on meanwhile.
     by.check(&mut srv, "a client that never reads", None);
     let data = common::random_bytes(MIB as usize);
@@ -454,6 +467,15 @@ fn client_that_never_reads(transport: Transport) {
     assert!(
         !done,
         "the server took 28 MB of requests without reading replies"
+    );
+    // The hog's write timed out: the server has not read from it for 10 s, so it holds all
+    // it ever will for the hog. In flight: at most the 32 MiB budget of replies plus socket
+    // buffers.
+    let grown = rss_kib(srv.pid()).saturating_sub(base);
+    assert!(
+        grown < 96 << 10,
+        "server RSS grew by {} MiB for a client that never reads",
+        grown >> 10
     );
     drop(s);
     by.check(&mut srv, "the hog leaving", None);
@@ -494,8 +516,70 @@ fn idle_and_greedy_connections(transport: Transport) {
     assert!(got.is_empty(), "greeted past the per-client cap");
     assert!(srv.log().contains("--max-connections-per-client"));
     drop(held);
-    std::thread::sleep(Duration::from_millis(200));
+    assert_connections_all_closed(&mut srv, 1);
     by.check(&mut srv, "connection limits", None);
+}
+
+/// A flood of connections that never send a byte, over both limits (server-wide, and per
+/// source: over TCP from two addresses), must not lock real clients out until the
+/// handshake timeout (30 s): the connection longest in the handshake makes room for each
+/// new one, so nbdinfo, from a flooded source, gets in at once.
+fn handshake_flood(transport: Transport) {
+    require_clients!("nbdinfo");
+    if common::standin_skips("vramdisk's connection limits") {
+        return;
+    }
+    let mut srv = start(
+        &[
+            "--max-connections",
+            "16",
+            "--max-connections-per-client",
+            "12",
+        ],
+        transport,
+    );
+    let mut flood: Vec<Box<dyn common::RawStream>> = (0..30).map(|_| srv.connect_raw()).collect();
+    let tcp = matches!(srv.endpoint(), common::Endpoint::Tcp(_));
+    if let common::Endpoint::Tcp(port) = *srv.endpoint() {
+        flood.extend((0..30).map(|_| tcp_from(port, "127.0.0.2", Duration::from_secs(10))));
+    }
+    // The server is full of them: 12 from a source, (TCP) from two, more than 16 slots.
+    let full = if tcp { 16 } else { 12 };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while srv
+        .log()
+        .lines()
+        .filter(|l| l.ends_with(" connected"))
+        .count()
+        < full
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the flood never got in:\n{}",
+            srv.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t0 = Instant::now();
+    let out = common::run_with_timeout(
+        std::process::Command::new("nbdinfo").arg(srv.uri()),
+        Duration::from_secs(10),
+    );
+    let took = t0.elapsed();
+    out.assert_success();
+    assert!(
+        took < Duration::from_secs(3),
+        "nbdinfo took {took:?} to get in during a handshake flood"
+    );
+    wait_for_log(&srv, "--max-connections-per-client was reached");
+    if tcp {
+        wait_for_log(&srv, "--max-connections was reached");
+    }
+    // At least one per flooding connection beyond 12 from one source.
+    let evicted = srv.metric("vramdisk_handshake_evictions_total");
+    assert!(evicted >= 18, "{evicted} evictions counted");
+    drop(flood);
+    srv.assert_running();
 }
 
 fn read_only_refuses_changes(transport: Transport) {
@@ -556,29 +640,18 @@ fn wait_for_log(srv: &Server, text: &str) {
     }
 }
 
-/// Every connection the log shows opening has a line saying it closed, but `open` (those
-/// the test still holds); waits a little for the server to notice closes.
-fn assert_connections_all_closed(srv: &mut Server, open: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = srv.log();
-        let opened = log.lines().filter(|l| l.ends_with(" connected")).count();
-        let closed = log
-            .lines()
-            .filter(|l| {
-                l.contains(" closed") || l.contains(" dropped from") || l.contains(" refused")
-            })
-            .count();
-        if opened == closed + open {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} connections never closed ({opened} opened, {closed} closed, {open} open)",
-            opened - closed - open
-        );
-        std::thread::sleep(Duration::from_millis(100));
+/// Waits until every connection past the handshake has ended on the server but `open`
+/// (those the test still holds): the daemon's `vramdisk_connections` comes down to it.
+fn assert_connections_all_closed(srv: &mut Server, open: u64) {
+    srv.assert_running();
+    if srv.kind() != common::ServerKind::Vramdisk {
+        return;
     }
+    srv.wait_for_metric(
+        "vramdisk_connections",
+        &format!("the hostile connections did not all end ({open} held by the test)"),
+        |n| n == open,
+    );
 }
 
 /// SIGTERM while a raw client keeps 128 requests in flight: every reply it gets is whole,
@@ -604,6 +677,8 @@ fn sigterm_with_pipelined_requests(transport: Transport) {
     let stop2 = stop.clone();
     let outstanding = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
     let out2 = outstanding.clone();
+    let replied = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let replied2 = replied.clone();
     let sender = std::thread::spawn(move || {
         use std::sync::atomic::Ordering::Relaxed;
         while !stop2.load(Relaxed) {
@@ -642,10 +717,12 @@ fn sigterm_with_pipelined_requests(transport: Transport) {
                 }
             }
             replies += 1;
+            replied2.store(replies, std::sync::atomic::Ordering::Relaxed);
             outstanding.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // SIGTERM once the pipeline runs: two batches answered, a third in flight.
+    wait_for_replies(&replied, 256, &t);
     let t0 = Instant::now();
     let status = srv.terminate(Duration::from_secs(10));
     let took = t0.elapsed();
@@ -698,6 +775,8 @@ fn slow_reader_at_sigterm(transport: Transport, pause: bool) {
     let terminating = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let terminating2 = terminating.clone();
     let terminating3 = terminating.clone();
+    let replied = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let replied2 = replied.clone();
     let sender = std::thread::spawn(move || {
         let mut i = 0u64;
         while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
@@ -752,6 +831,7 @@ fn slow_reader_at_sigterm(transport: Transport, pause: bool) {
                 }
             }
             replies += 1;
+            replied2.store(replies, std::sync::atomic::Ordering::Relaxed);
             // A slow reader: the server's replies back up in the socket.
             std::thread::sleep(Duration::from_micros(300));
             if pause && terminating2.load(std::sync::atomic::Ordering::Relaxed) && rd.unread() == 0
@@ -760,7 +840,8 @@ fn slow_reader_at_sigterm(transport: Transport, pause: bool) {
             }
         }
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // SIGTERM once replies flow (and back up: the reader is slower than the server).
+    wait_for_replies(&replied, 64, &reader);
     terminating.store(true, std::sync::atomic::Ordering::Relaxed);
     let status = srv.terminate(Duration::from_secs(10));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -774,6 +855,32 @@ fn slow_reader_at_sigterm(transport: Transport, pause: bool) {
         status.is_some_and(|s| s.success()),
         "exit status {status:?}"
     );
+}
+
+/// Waits until a reader thread has counted `n` replies in `replied`; fails the test if it
+/// ends first or the replies stop coming.
+fn wait_for_replies<T>(
+    replied: &std::sync::atomic::AtomicU64,
+    n: u64,
+    reader: &std::thread::JoinHandle<T>,
+) {
+    let deadline = Instant::now() + common::client_timeout();
+    loop {
+        let got = replied.load(std::sync::atomic::Ordering::Relaxed);
+        if got >= n {
+            return;
+        }
+        assert!(
+            !reader.is_finished(),
+            "the reader ended after {got} of {n} replies"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "only {got} of {n} replies within {:?}",
+            common::client_timeout()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Sends all of `buf` (a request header) without blocking: Ok(false), with nothing sent, if
@@ -885,8 +992,7 @@ fn greedy_client_does_not_starve_others(transport: Transport) {
     // connects from 127.0.0.2.
     let sock = tempfile::tempdir().unwrap();
     let sock_path = sock.path().join("greedy.sock");
-    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
-    let mut c = ServerConfig::sized(EXPORT);
+    let mut c = ServerConfig::sized(EXPORT).with_metrics();
     c.extra_args = [
         "--buffer-memory",
         "256M",
@@ -894,8 +1000,6 @@ fn greedy_client_does_not_starve_others(transport: Transport) {
         "32M",
         "--socket",
         sock_path.to_str().unwrap(),
-        "--metrics",
-        &metrics.to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -931,9 +1035,13 @@ fn greedy_client_does_not_starve_others(transport: Transport) {
         let _ = g.s.write_all(&vec![0x66; MIB as usize]);
         greedy.push(g);
     }
-    // The greedy client has taken what it may.
-    std::thread::sleep(Duration::from_millis(1500));
-    let taken = buffer_in_use(metrics) >> 10;
+    // The greedy client takes buffers (so the test tests something): at least half its
+    // share of 128 MiB.
+    let taken = srv.wait_for_metric(
+        "vramdisk_buffer_in_use_bytes",
+        "the greedy client did not take 64 MiB of buffers",
+        |b| b >= 64 * MIB,
+    ) >> 10;
     // The bystander's big requests get their buffers at once.
     for round in 0..3u64 {
         let data = common::random_bytes(32 << 20);
@@ -961,18 +1069,18 @@ fn greedy_client_does_not_starve_others(transport: Transport) {
     third
         .read(0, 32 << 20)
         .expect("a third client reads 32 MiB");
-    // The greedy client did take buffers (so the test tested something), but no more than
-    // its share of 128 MiB: without the share, its writes alone would take all 256 MiB.
-    assert!(
-        taken >= 64 << 10,
-        "the greedy client took only {} MiB",
-        taken >> 10
-    );
-    assert!(
-        taken <= 128 << 10,
-        "the greedy client took {} MiB of the 256 MiB",
-        taken >> 10
-    );
+    // The greedy client, which has had the whole test to take buffers and still waits for
+    // them, took no more than its share of 128 MiB (the bystander's and the third client's
+    // requests are done and hold none): without the share, its writes alone would take all
+    // 256 MiB.
+    let late = srv.metric("vramdisk_buffer_in_use_bytes") >> 10;
+    for taken in [taken, late] {
+        assert!(
+            taken <= 128 << 10,
+            "the greedy client took {} MiB of the 256 MiB",
+            taken >> 10
+        );
+    }
     by.check(&mut srv, "a greedy client", None);
     drop(greedy);
     drop(third);
@@ -988,6 +1096,7 @@ over_both_transports! {
     disconnect_with_128_requests_in_flight => disconnect_with_requests_in_flight;
     a_client_that_never_reads_replies => client_that_never_reads;
     idle_and_greedy_connections_are_bounded => idle_and_greedy_connections;
+    a_handshake_flood_does_not_lock_clients_out => handshake_flood;
     read_only_exports_refuse_every_change => read_only_refuses_changes;
     sigterm_with_128_pipelined_requests => sigterm_with_pipelined_requests;
     sigterm_with_a_slow_reader_gets_every_reply => sigterm_with_a_slow_reader;

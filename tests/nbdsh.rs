@@ -181,7 +181,58 @@ fn memory_cap(transport: Transport) {
     srv.assert_running();
 }
 
+/// A kibibyte field of the server's /proc status ("VmRSS", "VmHWM"), in bytes.
+fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib << 10
+}
+
+/// Reads and writes of 48 MB (above the 32 MiB advertised; nbd's own tester sends up to
+/// 47.6 MB) from a client that used NBD_OPT_EXPORT_NAME and was never told a limit, and
+/// from clients that were (simple and structured replies): all land and read back. They
+/// are streamed in 32 MiB pieces, so the server's peak memory grows by the data it keeps
+/// and one piece, never by a buffer of the request's size.
+fn large_requests(transport: Transport) {
+    require_clients!("python3-libnbd");
+    let length: u64 = 48_000_000;
+    let mut srv = server(64 * MIB, transport);
+    let vramdisk = srv.kind() == ServerKind::Vramdisk;
+    let before = vramdisk.then(|| proc_status_bytes(srv.pid(), "VmRSS"));
+    for (seed, mode) in ["export-name", "simple", "structured"].iter().enumerate() {
+        let out = run_ok(nbd_checks(&[
+            "large-requests",
+            &srv.uri(),
+            "--mode",
+            mode,
+            "--length",
+            &length.to_string(),
+            "--seed",
+            &seed.to_string(),
+        ]));
+        println!("{}", out.stdout);
+    }
+    if let Some(before) = before {
+        let grown = proc_status_bytes(srv.pid(), "VmHWM").saturating_sub(before);
+        // The chunks the data takes (it starts inside one), one piece, and some slack; a
+        // buffer of the request's size (64 MiB: buffers come in powers of two) is more.
+        let bound = length.div_ceil(CHUNK) * CHUNK + CHUNK + 32 * MIB + 8 * MIB;
+        println!("server peak memory grew by {} MiB", grown / MIB);
+        assert!(
+            grown < bound,
+            "the server's peak memory grew by {grown} bytes for {length} bytes of data: more \
+             than its chunks and one 32 MiB piece ({bound})"
+        );
+    }
+    srv.assert_running();
+}
+
 over_both_transports! {
+    requests_above_the_advertised_maximum => large_requests;
     option_haggling => options;
     block_status_holes_and_data => block_status;
     structured_reads => structured_read;

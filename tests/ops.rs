@@ -2,6 +2,9 @@
 //! files, readiness notification, completions and man page. Everything here uses
 //! `--backend host` and needs no NBD client, so it runs anywhere.
 
+#[path = "common/prometheus.rs"]
+mod prometheus;
+
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixDatagram;
@@ -451,20 +454,16 @@ fn status_and_metrics_describe_every_export() {
             .is_some()
         );
     }
-    // Every sample line parses as NAME{...} NUMBER and every family is typed.
-    for l in body.lines().filter(|l| !l.starts_with('#')) {
-        let (series, v) = l.rsplit_once(' ').unwrap();
-        assert!(v.parse::<f64>().is_ok(), "{l}");
-        let name = series.split('{').next().unwrap();
-        let base = name
-            .trim_end_matches("_bucket")
-            .trim_end_matches("_sum")
-            .trim_end_matches("_count");
-        assert!(
-            body.contains(&format!("# TYPE {name} ")) || body.contains(&format!("# TYPE {base} ")),
-            "untyped {name}"
-        );
-    }
+    // The whole exposition reads as a Prometheus server reads it, and says what `status` says.
+    let samples = prometheus::parse(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    assert_eq!(
+        samples["vramdisk_connections_total{export=\"scratch\"}"],
+        exports[1]["connections_total"].as_f64().unwrap()
+    );
+    assert_eq!(
+        samples["vramdisk_chunks{export=\"\"}"],
+        exports[0]["chunks"].as_f64().unwrap()
+    );
     let (head, _) = http_get(addr, "/nothing");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 
@@ -837,4 +836,23 @@ fn status_counts_nbd_connections() {
     until(0);
     let (clean, err) = d.stop();
     assert!(clean, "{err}");
+}
+
+/// The strict reader the metrics test relies on refuses what a scraper would misread.
+#[test]
+fn the_exposition_reader_refuses_what_scrapers_misread() {
+    let good = "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\\\"\"} 1\n";
+    assert!(prometheus::parse(good).is_ok());
+    for bad in [
+        "a_total 1\n",
+        "# HELP a A.\n# TYPE a counter\na 1\n",
+        "# HELP a A.\n# TYPE a gauge\nb 1\n",
+        "# HELP a A.\n# TYPE a gauge\na{x=\"\\q\"} 1\n",
+        "# HELP a A.\n# TYPE a gauge\na 1\na 2\n",
+        "# HELP a A.\n# TYPE a gauge\n# HELP a A.\n# TYPE a gauge\n",
+        "# HELP h H.\n# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_count 1\n",
+        "# HELP h H.\n# TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_count 1\n",
+    ] {
+        assert!(prometheus::parse(bad).is_err(), "accepted {bad:?}");
+    }
 }

@@ -100,11 +100,7 @@ fn assert_cli_error(args: &[&str], phrase: &str) {
     );
     // Log lines may come first; then exactly one error line (clap may add a line of
     // possible values and a pointer to --help).
-    let errors: Vec<&str> = out
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("vramdisk: ") || l.starts_with("error: "))
-        .collect();
+    let errors = out.error_lines();
     assert_eq!(
         errors.len(),
         1,

@@ -1,8 +1,8 @@
 //! TLS (NBD_OPT_STARTTLS) with real clients: nbdinfo/nbdcopy through `nbds://` URIs and
 //! qemu-io/qemu-img through `tls-creds-x509`; mutual TLS refusing clients without a
 //! certificate from the right CA; the refusals of `--tls require` before TLS; and the CLI's
-//! refusal to serve plain text on a network address. Certificates are generated here, at
-//! test time (rcgen), never stored.
+//! refusal to serve plain text on a network address; RSA keys of sizes ring refused.
+//! Certificates are generated here, at test time (rcgen, openssl), never stored.
 
 #[macro_use]
 mod common;
@@ -357,6 +357,91 @@ fn serve_output(args: &[&str]) -> Captured {
     run_with_timeout(cmd, Duration::from_secs(20))
 }
 
+/// A self-signed server certificate for localhost with an RSA key of `bits` bits, made by
+/// openssl (rcgen makes no RSA keys), in a directory that is also the client's: the
+/// certificate is its own CA.
+fn openssl_rsa_pki(bits: u32) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let out = timed(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=localhost",
+            ])
+            .args(["-newkey", &format!("rsa:{bits}")])
+            .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+            .args(["-keyout", "server-key.pem", "-out", "server-cert.pem"])
+            .current_dir(dir.path()),
+    );
+    out.assert_success();
+    std::fs::copy(
+        dir.path().join("server-cert.pem"),
+        dir.path().join("ca-cert.pem"),
+    )
+    .unwrap();
+    dir
+}
+
+/// nbd's own test suite serves with a 2432-bit RSA key, which ring (a multiple of 512 bits
+/// only) refused as "failed to parse private key": such keys must be taken.
+#[test]
+fn rsa_keys_of_any_usual_size_are_taken() {
+    require_clients!("nbdinfo", "nbdcopy", "openssl");
+    if common::standin_skips("vramdisk's TLS flags") {
+        return;
+    }
+    let pki = openssl_rsa_pki(2432);
+    let mut c = ServerConfig::sized(64 * MIB);
+    c.extra_args = vec![
+        "--tls=require".into(),
+        format!(
+            "--tls-cert={}",
+            pki.path().join("server-cert.pem").display()
+        ),
+        format!("--tls-key={}", pki.path().join("server-key.pem").display()),
+    ];
+    let srv = Server::start(c, Transport::Tcp);
+    let out = nbdinfo(&nbds(&srv, pki.path()));
+    out.assert_success();
+    assert!(out.all().contains("export-size: 67108864"), "{}", out.all());
+    copy_round_trip(&srv, pki.path());
+}
+
+/// A key TLS cannot use at all (RSA below 2048 bits) is refused in one sentence naming the
+/// flag and what would do, not as a key that "does not go with" its certificate.
+#[test]
+fn unusable_tls_keys_are_named_as_such() {
+    require_clients!("openssl");
+    if common::standin_skips("vramdisk's TLS flags") {
+        return;
+    }
+    let pki = openssl_rsa_pki(1024);
+    let key = pki.path().join("server-key.pem");
+    let out = serve_output(&[
+        "--tls=require",
+        &format!(
+            "--tls-cert={}",
+            pki.path().join("server-cert.pem").display()
+        ),
+        &format!("--tls-key={}", key.display()),
+    ]);
+    assert_ne!(out.code(), 0, "a 1024-bit RSA key was taken");
+    let all = out.all();
+    assert!(
+        all.contains(&format!(
+            "--tls-key {}: TLS cannot use this private key",
+            key.display()
+        )) && all.contains("RSA key of 2048 to 8192 bits")
+            && !all.contains("does not go with"),
+        "{all}"
+    );
+}
+
 #[test]
 fn network_listening_needs_tls_or_consent() {
     if common::standin_skips("vramdisk's CLI") {
@@ -473,7 +558,7 @@ fn tls_transmission(
         .add(CertificateDer::from_pem_file(ca).unwrap())
         .unwrap();
     let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()

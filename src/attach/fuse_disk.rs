@@ -6,6 +6,7 @@
 //! operation does to the device are the same whichever transport is in use.
 
 use crate::engine::{BlockDevice, IoError, ZeroFlags};
+use crate::tunables::ATTR_TTL;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -23,17 +24,10 @@ pub const STATS_NAME: &str = "stats";
 /// Block size the files report, and the loop device's logical block size.
 pub(crate) const PAGE: u32 = 4096;
 
-/// Attributes never change behind the kernel's back (the size is fixed), so cache them long.
-pub(crate) const ATTR_TTL: Duration = Duration::from_secs(3600);
-
 /// `FOPEN_DIRECT_IO`: every request reaches us as it is, nothing is cached twice.
 pub(crate) const FOPEN_DIRECT_IO: u32 = 1 << 0;
 /// `FOPEN_PARALLEL_DIRECT_WRITES`: direct writes are not serialised on the inode lock.
 pub(crate) const FOPEN_PARALLEL_DIRECT_WRITES: u32 = 1 << 6;
-
-const FALLOC_FL_KEEP_SIZE: u32 = 0x01;
-const FALLOC_FL_PUNCH_HOLE: u32 = 0x02;
-const FALLOC_FL_ZERO_RANGE: u32 = 0x10;
 
 /// A directory entry of the root: inode, whether it is a directory, name.
 pub(crate) const ENTRIES: [(u64, bool, &str); 4] = [
@@ -131,20 +125,10 @@ impl Disk {
         let _ = self.transport.set(what);
     }
 
-    /// Runs a device call to completion on this (FUSE) thread.
-    ///
-    /// Most calls never wait (host memory: a memcpy), so the future is first polled once,
-    /// inside the runtime's context, with a waker that does nothing; only if it is not ready
-    /// does the thread park in the runtime's `block_on` until it is. That skips the park
-    /// machinery on the common path.
+    /// Runs a device call to completion on this (FUSE) thread (see
+    /// [`super::io_path::complete`]).
     pub(crate) fn complete<F: std::future::Future>(&self, fut: F) -> F::Output {
-        let _context = self.runtime.enter();
-        let mut fut = std::pin::pin!(fut);
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
-            return out;
-        }
-        self.runtime.block_on(fut)
+        super::io_path::complete(&self.runtime, fut)
     }
 
     /// The attributes of inode `ino`, if it is one of ours.
@@ -310,15 +294,15 @@ impl Disk {
         // Trims and zeroes past the end are clipped (fstrim may cover the whole range);
         // the file never grows.
         let len = length.min(self.size.saturating_sub(offset));
-        let result = if mode & FALLOC_FL_PUNCH_HOLE != 0 {
-            if mode & FALLOC_FL_KEEP_SIZE == 0 {
+        let result = if mode & libc::FALLOC_FL_PUNCH_HOLE as u32 != 0 {
+            if mode & libc::FALLOC_FL_KEEP_SIZE as u32 == 0 {
                 return Err(libc::EINVAL);
             }
             if len == 0 {
                 return Ok(());
             }
             self.complete(self.device.trim(offset, len))
-        } else if mode & FALLOC_FL_ZERO_RANGE != 0 {
+        } else if mode & libc::FALLOC_FL_ZERO_RANGE as u32 != 0 {
             if len == 0 {
                 return Ok(());
             }

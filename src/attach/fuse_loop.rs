@@ -25,11 +25,12 @@
 //! - A second file, `stats`, reads as the device's counters in JSON, so tests and tools can
 //!   see the daemon's memory without a control socket.
 
-use super::fuse_disk::{ATTR_TTL, Attr, DISK_INO, Disk, ENTRIES, OpenFiles, PAGE, ROOT_INO};
+use super::fuse_disk::{Attr, DISK_INO, Disk, ENTRIES, OpenFiles, PAGE, ROOT_INO};
 pub use super::fuse_disk::{DISK_NAME, STATS_NAME};
 use super::loop_dev::{LoopDevice, LoopOptions};
 use super::pacing::Pacer;
-use crate::engine::{BlockDevice, IoError};
+use crate::engine::BlockDevice;
+use crate::tunables::ATTR_TTL;
 use anyhow::{Context, Result};
 use fuser::{
     BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
@@ -69,7 +70,7 @@ pub struct FuseLoopOptions {
 }
 
 /// How FUSE requests reach the daemon.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
     /// FUSE over io_uring where the kernel offers it (fuse's `enable_uring` on and the
     /// queues register), else fuser.
@@ -492,7 +493,8 @@ impl FuseLoop {
         let caps = device.capabilities();
         let max_request = max_request_bytes().min(caps.max_block.max(PAGE));
         let threads = opts.threads.max(1);
-        prewarm_buffers(&device, &runtime, threads, max_request)?;
+        // Every size the FUSE path asks for, once per thread.
+        super::io_path::prewarm_buffers(device.buffers(), threads, max_request as usize)?;
 
         std::fs::create_dir_all(&opts.mountpoint)
             .with_context(|| format!("creating mountpoint {}", opts.mountpoint.display()))?;
@@ -646,35 +648,4 @@ impl Drop for FuseLoop {
             let _ = self.detach(true, Duration::from_secs(2));
         }
     }
-}
-
-/// Puts enough buffers of every size the FUSE path will ask for into the device's pool, so
-/// that serving a request never allocates.
-fn prewarm_buffers(
-    device: &Arc<dyn BlockDevice>,
-    runtime: &tokio::runtime::Handle,
-    threads: usize,
-    max_request: u32,
-) -> Result<()> {
-    let pool = device.buffers().clone();
-    runtime
-        .block_on(async {
-            let mut size = PAGE as usize;
-            loop {
-                let mut held = Vec::with_capacity(threads);
-                for _ in 0..threads {
-                    match pool.try_get(size)? {
-                        Some(buf) => held.push(buf),
-                        None => break,
-                    }
-                }
-                drop(held);
-                if size >= max_request as usize {
-                    break;
-                }
-                size *= 2;
-            }
-            Ok::<_, IoError>(())
-        })
-        .context("preparing I/O buffers")
 }

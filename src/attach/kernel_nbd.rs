@@ -16,7 +16,7 @@ use crate::engine::{BlockDevice, Capabilities};
 use crate::nbd::export::Export;
 use crate::nbd::proto::{self, Framing};
 use anyhow::{Context, Result, bail};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -54,7 +54,6 @@ const KERNEL_FLAGS: u16 = proto::FLAG_HAS_FLAGS
     | proto::FLAG_SEND_WRITE_ZEROES
     | proto::FLAG_CAN_MULTI_CONN;
 
-const NETLINK_GENERIC: libc::c_int = 16;
 const GENL_ID_CTRL: u16 = 0x10;
 const CTRL_CMD_GETFAMILY: u8 = 3;
 const CTRL_ATTR_FAMILY_ID: u16 = 1;
@@ -68,9 +67,7 @@ const NLA_TYPE_MASK: u16 = !(1 << 15 | 1 << 14);
 const NLMSG_HDRLEN: usize = 16;
 const GENL_HDRLEN: usize = 4;
 
-/// Most payload bytes in flight on one kernel connection before the server stops reading
-/// its requests: the kernel's largest request (32 MiB) twice over.
-const INFLIGHT_PER_CONNECTION: usize = 64 << 20;
+use crate::tunables::{INFLIGHT_PER_CONNECTION, PREWARM_MAX, PREWARM_PER_CONNECTION};
 
 /// The largest request the kernel's nbd driver sends (its `max_hw_sectors`, 65536 sectors).
 const KERNEL_MAX_REQUEST: u32 = 32 << 20;
@@ -353,33 +350,18 @@ pub struct GenlSocket {
 impl GenlSocket {
     /// Opens and binds a generic netlink socket.
     pub fn open() -> Result<GenlSocket> {
-        // SAFETY: plain syscall.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_GENERIC,
-            )
+        use nix::sys::socket::{
+            AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, socket,
         };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).context("opening a netlink socket");
-        }
-        // SAFETY: fd is a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: zeroed sockaddr_nl is valid; we set the family.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        // SAFETY: addr is a valid sockaddr_nl of the given size.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &addr as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error()).context("binding a netlink socket");
-        }
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkGeneric,
+        )
+        .context("opening a netlink socket")?;
+        // Port 0: the kernel assigns this socket its own address.
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).context("binding a netlink socket")?;
         Ok(GenlSocket { fd, seq: 1 })
     }
 
@@ -390,25 +372,18 @@ impl GenlSocket {
 
     /// Sends `msg` and collects the replies up to the ack; fails with the kernel's errno.
     fn transact(&mut self, msg: &[u8]) -> Result<Vec<Vec<u8>>> {
-        // SAFETY: msg is a valid buffer; the kernel is the default destination.
-        let rc = unsafe { libc::send(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error()).context("sending a netlink request");
-        }
+        use nix::sys::socket::{MsgFlags, recv, send};
+        // An unconnected netlink socket sends to the kernel.
+        send(self.fd.as_raw_fd(), msg, MsgFlags::empty()).context("sending a netlink request")?;
         let mut messages = Vec::new();
         let mut buf = vec![0u8; 64 << 10];
         loop {
-            // SAFETY: buf is valid for its length.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e).context("reading a netlink reply");
-            }
-            let data = &buf[..n as usize];
+            let n = match recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e).context("reading a netlink reply"),
+            };
+            let data = &buf[..n];
             for reply in parse_replies(data)? {
                 match reply {
                     Reply::Error(0) | Reply::Done => return Ok(messages),
@@ -494,7 +469,11 @@ impl KernelNbd {
             );
         }
         let flags = transmission_flags(&caps);
-        prewarm_buffers(&*device, connections.max(1) * PREWARM_PER_CONNECTION)?;
+        super::io_path::prewarm_buffers(
+            device.buffers(),
+            connections.max(1) * PREWARM_PER_CONNECTION,
+            PREWARM_MAX,
+        )?;
         let export = Arc::new(Export {
             name: String::new(),
             description: String::new(),
@@ -584,37 +563,6 @@ impl KernelNbd {
         }
         r
     }
-}
-
-/// Buffers of each size the pool keeps ready per connection (requests in flight at once on
-/// it, before more are allocated).
-const PREWARM_PER_CONNECTION: usize = 2;
-/// Buffer sizes made ready: 4 KiB up to what the block layer sends by default (its
-/// `max_sectors_kb` is at most 1280 KiB); larger requests, which need a raised
-/// `max_sectors_kb`, get their buffers on first use.
-const PREWARM_MAX: usize = 2 << 20;
-
-/// Fills the device's buffer pool with `count` buffers of every size class up to
-/// [`PREWARM_MAX`], so that serving requests (swap included) does not allocate once the
-/// kernel sees the device.
-fn prewarm_buffers(device: &dyn BlockDevice, count: usize) -> Result<()> {
-    let pool = device.buffers();
-    let mut size = 4096;
-    while size <= PREWARM_MAX {
-        let mut held = Vec::with_capacity(count);
-        for _ in 0..count {
-            match pool
-                .try_get(size)
-                .with_context(|| format!("preparing {size}-byte I/O buffers"))?
-            {
-                Some(b) => held.push(b),
-                None => break,
-            }
-        }
-        drop(held);
-        size *= 2;
-    }
-    Ok(())
 }
 
 /// What `/sys/block/nbdN/backend` says for a device attached by the daemon with `pid`.
@@ -789,7 +737,7 @@ mod tests {
     #[test]
     fn says_why_unavailable_here() {
         if Path::new("/dev/nbd0").exists() || Path::new("/sys/module/nbd").exists() {
-            eprintln!("SKIPPED says_why_unavailable_here: this kernel has nbd");
+            crate::test_support::skip_loudly("this kernel has nbd");
             return;
         }
         let why = unavailable().unwrap();
@@ -800,7 +748,7 @@ mod tests {
     #[test]
     fn netlink_family_resolves_where_nbd_exists() {
         if !Path::new("/sys/module/nbd").exists() {
-            eprintln!("SKIPPED netlink_family_resolves_where_nbd_exists: no nbd module");
+            crate::test_support::skip_loudly("no nbd module");
             return;
         }
         let mut s = GenlSocket::open().unwrap();

@@ -16,6 +16,7 @@
 mod fuse_disk;
 pub mod fuse_loop;
 mod fuse_uring;
+mod io_path;
 pub mod kernel_nbd;
 pub mod loop_dev;
 mod pacing;
@@ -30,8 +31,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Which attach method to use, as given on the command line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// Which attach method to use, as given on the command line (`--via`: the command line's
+/// parser for it lives in `cli`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Via {
     /// The best method this kernel and build offer.
     Auto,

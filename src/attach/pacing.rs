@@ -6,7 +6,8 @@
 //!
 //! - keeps one thread polling the device for the next request for a short while after each
 //!   reply (`busy_poll`), so that at queue depth 1 no one has to be woken (`bench/attach`
-//!   on 2 CPUs: 4 KiB at queue depth 1 went from 0.37x to 0.68x tmpfs+loop);
+//!   on 2 CPUs: 4 KiB at queue depth 1 went from 0.37x to 0.68x tmpfs+loop), unless polls
+//!   keep coming back empty or the machine has no idle CPU ([`crate::busy_poll`]);
 //! - parks threads that are not needed (in our own handler, where the kernel cannot wake
 //!   them) and brings them back when requests queue up *and* each takes long enough
 //!   (a GPU copy, a large transfer) that another thread can overlap it. Fast requests
@@ -17,49 +18,65 @@
 //! fuser owns the read loop, so all of this happens in our request handlers after the
 //! reply has been sent, before control returns to fuser's next `read`.
 
+use crate::busy_poll::{self, Misses};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// Device time per request above which more threads help: a request this long leaves
-/// time for another thread to be woken and serve the next one meanwhile.
-const SLOW_WORK: Duration = Duration::from_micros(5);
-/// How often a parked thread looks whether the FUSE connection is gone (unmount), so that
-/// it never keeps the session from ending.
-const PARK_CHECK: Duration = Duration::from_millis(20);
+use crate::tunables::{CPUS_PER_FAST_READER, PARK_CHECK, SLOW_WORK};
 
 /// Lets one thread of several poll at a time: one catches the next request, more only
-/// burn CPU the program doing the I/O may need.
+/// burn CPU the program doing the I/O may need. It also keeps the pollers' record of empty
+/// polls ([`Misses`]), shared by whichever thread holds the gate.
 #[derive(Debug, Default)]
-pub(crate) struct PollGate(AtomicBool);
+pub(crate) struct PollGate {
+    held: AtomicBool,
+    /// Polls that found nothing, which rest polling (locked only by the holder: never
+    /// contended).
+    misses: Mutex<Misses>,
+}
 
 /// The right to poll, given back on drop.
-pub(crate) struct Polling<'a>(&'a AtomicBool);
+pub(crate) struct Polling<'a>(&'a PollGate);
 
 impl PollGate {
     /// The right to poll, unless another thread holds it.
     pub(crate) fn try_hold(&self) -> Option<Polling<'_>> {
-        self.0
+        self.held
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
             .is_ok()
-            .then_some(Polling(&self.0))
+            .then_some(Polling(self))
+    }
+}
+
+impl Polling<'_> {
+    /// Spins while `waiting()` says so, for up to `limit`, yielding the CPU in between (the
+    /// program doing the I/O may be waiting for this CPU); not at all while polls keep
+    /// coming back empty or the machine has no CPU to spare (see [`crate::busy_poll`]).
+    pub(crate) fn spin_while(&self, limit: Duration, mut waiting: impl FnMut() -> bool) {
+        let mut misses = self.0.misses.lock().unwrap_or_else(|e| e.into_inner());
+        if !misses.may_poll() || !busy_poll::cpu_to_spare() {
+            return;
+        }
+        let start = Instant::now();
+        let mut found = true;
+        while waiting() {
+            if start.elapsed() >= limit {
+                found = false;
+                break;
+            }
+            std::thread::yield_now();
+        }
+        busy_poll::spun(start.elapsed());
+        misses.record(found);
     }
 }
 
 impl Drop for Polling<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
-}
-
-/// Spins while `waiting()` says so, for up to `limit`, yielding the CPU in between: the
-/// program doing the I/O may be waiting for this CPU.
-pub(crate) fn spin_while(limit: Duration, mut waiting: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while waiting() && start.elapsed() < limit {
-        std::thread::yield_now();
+        self.0.held.store(false, Ordering::Release);
     }
 }
 
@@ -107,10 +124,7 @@ impl Pacer {
     pub(crate) fn new(busy_poll: Duration, threads: usize, cpus: usize) -> Pacer {
         Pacer {
             busy_poll,
-            // A request through the loop device costs the submitting program, the loop
-            // worker and the completion softirq about as much CPU as it costs us, so
-            // beyond a reader per four CPUs, fast requests only fight over the CPUs.
-            fast_readers: (cpus / 4).clamp(1, threads.max(1)),
+            fast_readers: (cpus / CPUS_PER_FAST_READER).clamp(1, threads.max(1)),
             fd: OnceLock::new(),
             polling: PollGate::default(),
             work_ns: AtomicU64::new(0),
@@ -164,15 +178,17 @@ impl Pacer {
         new >= SLOW_WORK.as_nanos() as u64
     }
 
-    /// Polls for the next request for up to `busy_poll`, if no other thread is polling.
+    /// Polls for the next request for up to `busy_poll`, if no other thread is polling,
+    /// polls have not kept coming back empty, and the machine has a CPU to spare (see
+    /// [`crate::busy_poll`]).
     fn linger(&self, fd: &OwnedFd) {
         if self.busy_poll.is_zero() {
             return;
         }
-        let Some(_held) = self.polling.try_hold() else {
+        let Some(held) = self.polling.try_hold() else {
             return;
         };
-        spin_while(self.busy_poll, || queue_state(fd) == Queue::Empty);
+        held.spin_while(self.busy_poll, || queue_state(fd) == Queue::Empty);
     }
 
     /// Parks this thread if more than `keep` threads are reading; returns whether it

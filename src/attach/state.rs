@@ -1,7 +1,7 @@
 //! Per-device state files, so `vramdisk detach` finds a daemon and what it set up, even
 //! when that daemon is dead.
 //!
-//! Layout, under [`run_dir`] (`/run/vramdisk`, or `$VRAMDISK_RUN_DIR`):
+//! Layout, under [`run_dir`] (`/run/vramdisk`, or `$VRAMDISK_RUNTIME_DIR`):
 //!
 //! ```text
 //! <id>/state.json   what the daemon set up (written once it is attached)
@@ -62,11 +62,12 @@ pub struct State {
     pub pid_file: Option<PathBuf>,
 }
 
-/// The directory holding every state directory.
+/// The directory holding every state directory: `/run/vramdisk`, or the runtime directory
+/// the control sockets also use when `$VRAMDISK_RUNTIME_DIR` moves it. Unlike the control
+/// sockets' default it has no per-user fallback: attaching takes root, and `detach` must
+/// find what root attached.
 pub fn run_dir() -> PathBuf {
-    std::env::var_os("VRAMDISK_RUN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/run/vramdisk"))
+    crate::ops::control::runtime_dir_override().unwrap_or_else(|| PathBuf::from("/run/vramdisk"))
 }
 
 /// The state directory of the daemon with `pid`.

@@ -30,14 +30,10 @@ const UBLK_ATTR_READ_ONLY: u32 = 1 << 0;
 const UBLK_ATTR_VOLATILE_CACHE: u32 = 1 << 2;
 const UBLK_ATTR_FUA: u32 = 1 << 3;
 
-/// Requests in flight per queue. Each holds an I/O buffer of [`IO_BUF_BYTES`], locked in
-/// RAM: 32 × 512 KiB = 16 MiB per queue, what one FUSE thread holds on the FUSE path.
-pub const QUEUE_DEPTH: u16 = 32;
-/// Largest request, and the size of each request's buffer. 512 KiB is what every ublk
-/// driver version accepts and libublk's default.
-pub const IO_BUF_BYTES: u32 = 512 << 10;
-/// Most bytes one discard or write-zeroes request covers (they carry no data).
-const MAX_DISCARD_BYTES: u32 = 1 << 30;
+use crate::tunables::{
+    UBLK_IO_BUF_BYTES as IO_BUF_BYTES, UBLK_MAX_DISCARD_BYTES as MAX_DISCARD_BYTES,
+    UBLK_QUEUE_DEPTH as QUEUE_DEPTH,
+};
 
 /// Why ublk cannot be used here, one sentence; `None` where it can.
 pub fn unavailable() -> Option<String> {
@@ -191,19 +187,6 @@ pub fn plan(caps: &Capabilities, size: u64, threads: usize) -> Result<Plan> {
     })
 }
 
-/// Runs a device call to completion on this (queue) thread: polled once in the runtime's
-/// context (host memory completes there), parked in the runtime's `block_on` only if it
-/// has to wait (a GPU copy).
-pub fn complete<F: std::future::Future>(runtime: &tokio::runtime::Handle, fut: F) -> F::Output {
-    let _context = runtime.enter();
-    let mut fut = std::pin::pin!(fut);
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
-        return out;
-    }
-    runtime.block_on(fut)
-}
-
 fn failed(e: &IoError) -> i32 {
     -e.errno()
 }
@@ -226,7 +209,7 @@ pub fn serve_request(
     // A flush covers no range: the kernel sends it with whatever sector the request had
     // (u64::MAX on 6.12), so it is not bounds-checked.
     if op == UBLK_IO_OP_FLUSH {
-        return match complete(runtime, device.flush()) {
+        return match super::io_path::complete(runtime, device.flush()) {
             Ok(()) => 0,
             Err(e) => failed(&e),
         };
@@ -246,19 +229,21 @@ pub fn serve_request(
                 return -libc::EINVAL;
             }
             let r = if op == UBLK_IO_OP_READ {
-                complete(runtime, device.read(offset, &mut buf[..len]))
+                super::io_path::complete(runtime, device.read(offset, &mut buf[..len]))
             } else {
-                complete(runtime, device.write(offset, &buf[..len], fua))
+                super::io_path::complete(runtime, device.write(offset, &buf[..len], fua))
             };
             match r {
                 Ok(()) => len as i32,
                 Err(e) => failed(&e),
             }
         }
-        UBLK_IO_OP_DISCARD if len > 0 => match complete(runtime, device.trim(offset, len)) {
-            Ok(()) => 0,
-            Err(e) => failed(&e),
-        },
+        UBLK_IO_OP_DISCARD if len > 0 => {
+            match super::io_path::complete(runtime, device.trim(offset, len)) {
+                Ok(()) => 0,
+                Err(e) => failed(&e),
+            }
+        }
         UBLK_IO_OP_WRITE_ZEROES if len > 0 => {
             // NOUNMAP: the caller wants the range to stay allocated (no trim).
             let flags = ZeroFlags {
@@ -266,7 +251,7 @@ pub fn serve_request(
                 fast: false,
                 fua,
             };
-            match complete(runtime, device.write_zeroes(offset, len, flags)) {
+            match super::io_path::complete(runtime, device.write_zeroes(offset, len, flags)) {
                 Ok(()) => 0,
                 Err(e) => failed(&e),
             }

@@ -7,7 +7,6 @@ use crate::nbd::server;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,9 +42,9 @@ pub struct AttachArgs {
     threads: Option<usize>,
 
     /// Microseconds a thread that has just served a request polls for the next one before
-    /// it sleeps; 0 never polls. Saves a wakeup per request at queue depth 1 (several times
-    /// faster 4 KiB I/O on a VM whose idle CPUs halt), at the cost of up to this much CPU
-    /// when I/O pauses. At most one FUSE thread polls at a time.
+    /// it sleeps; 0 never polls. Saves a wakeup per request at queue depth 1, at the cost
+    /// of up to this much CPU when I/O pauses (docs/tuning.md has measurements). At most
+    /// one FUSE thread polls at a time.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = server::DEFAULT_BUSY_POLL_US)]
     busy_poll: u64,
 
@@ -148,9 +147,18 @@ impl Notify {
 /// the pipe to report on, in a new session with stdin and stdout on /dev/null (so that
 /// `$(vramdisk attach --daemon ...)` returns) and stderr on its log file.
 fn daemonize(log: &Path) -> Result<Notify> {
+    // The child of a fork has only the forking thread: a lock another thread held stays
+    // locked there for ever. Nothing should have started one by now; make sure.
+    let threads = thread_count()?;
+    if threads != 1 {
+        bail!(
+            "cannot go to the background: {threads} threads run already and fork copies only \
+             one of them (a bug in vramdisk: run without --daemon, and please report it)"
+        );
+    }
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
-    // SAFETY: no other thread exists yet (checked by the caller: nothing has started one),
-    // so the child may run arbitrary code.
+    // SAFETY: this process has one thread (checked just above), so the child may run
+    // arbitrary code.
     match unsafe { nix::unistd::fork() }.context("fork")? {
         nix::unistd::ForkResult::Parent { .. } => {
             drop(w);
@@ -181,21 +189,21 @@ fn daemonize(log: &Path) -> Result<Notify> {
                 .append(true)
                 .open(log)
                 .with_context(|| format!("opening {}", log.display()))?;
-            dup2(&null, 0)?;
-            dup2(&null, 1)?;
-            dup2(&logf, 2)?;
+            nix::unistd::dup2_stdin(&null).context("putting stdin on /dev/null")?;
+            nix::unistd::dup2_stdout(&null).context("putting stdout on /dev/null")?;
+            nix::unistd::dup2_stderr(&logf)
+                .with_context(|| format!("putting stderr on {}", log.display()))?;
             let _ = std::env::set_current_dir("/");
             Ok(Notify::Parent(std::fs::File::from(w)))
         }
     }
 }
 
-fn dup2(from: &impl AsRawFd, to: i32) -> Result<()> {
-    // SAFETY: both are valid descriptors; dup2 replaces `to` atomically.
-    if unsafe { libc::dup2(from.as_raw_fd(), to) } < 0 {
-        return Err(std::io::Error::last_os_error()).context("dup2");
-    }
-    Ok(())
+/// Threads of this process now.
+fn thread_count() -> Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/task")
+        .context("counting this process's threads in /proc/self/task")?
+        .count())
 }
 
 /// Runs `vramdisk attach` until the device is detached.
@@ -482,6 +490,7 @@ fn start_nbd(
         connection: ConnectionLimits {
             inflight_bytes: 128 << 20,
             busy_poll: Duration::from_micros(args.busy_poll),
+            max_request: crate::nbd::export::DEFAULT_MAX_REQUEST,
         },
     };
     runtime.spawn(async move {
@@ -685,4 +694,22 @@ pub fn detach(args: DetachArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// daemonize's check sees a second thread while it runs.
+    #[test]
+    fn thread_count_sees_other_threads() {
+        let (started, wait_started) = std::sync::mpsc::channel();
+        let (stop, wait_stop) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            started.send(()).unwrap();
+            let _ = wait_stop.recv();
+        });
+        wait_started.recv().unwrap();
+        assert!(super::thread_count().unwrap() >= 2);
+        drop(stop);
+        t.join().unwrap();
+    }
 }

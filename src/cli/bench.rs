@@ -328,7 +328,7 @@ fn ceiling(backend: BackendKind, gpus: &[usize]) -> Result<(f64, f64, String)> {
             "host RAM; ceiling = one-thread memcpy of 256 MiB".into(),
         ));
     }
-    let list = cuda::gpus(gpus)?;
+    let list = cuda::gpus(gpus).map_err(super::device::with_backend_advice)?;
     let c = cuda::ceiling::copy_ceiling(&list, BYTES, REPS).map_err(|e| anyhow!(e))?;
     let names: Vec<String> = list
         .iter()

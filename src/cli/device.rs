@@ -4,8 +4,10 @@
 use super::size::{format_size, parse_size};
 use crate::engine::fake_gpu::FakeGpuBackend;
 use crate::engine::host::HostBackend;
+use crate::engine::persist::{NoProgress, Progress};
 use crate::engine::tier::{SpillFile, SpillRam, SpillStore, TierControl, control::Tiering};
 use crate::engine::{BlockDevice, SparseDevice, SparseOptions};
+use crate::ops::progress::ConsoleProgress;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use std::sync::Arc;
@@ -26,6 +28,21 @@ pub enum BackendKind {
 
 fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s)
+}
+
+/// A chunk size: a power of two from 4K to 1G (a chunk is the unit of allocation and of
+/// the map, and must hold whole pages).
+fn chunk_size_arg(s: &str) -> Result<u64, String> {
+    let size = parse_size(s)?;
+    if !size.is_power_of_two() || size < 4096 {
+        return Err(format!(
+            "'{s}' is not a power of two of at least 4K: use for example 2M"
+        ));
+    }
+    if size > 1 << 30 {
+        return Err(format!("'{s}' is more than 1G, the largest chunk"));
+    }
+    Ok(size)
 }
 
 /// One named export given on the command line as `NAME=SIZE`.
@@ -70,7 +87,7 @@ pub struct DeviceArgs {
     pub max_memory: Option<u64>,
 
     /// Allocation unit: memory is taken and given back in chunks of this size (a power of two).
-    #[arg(long, value_name = "SIZE", value_parser = size_arg, default_value = "2M")]
+    #[arg(long, value_name = "SIZE", value_parser = chunk_size_arg, default_value = "2M")]
     pub chunk_size: u64,
 
     /// Take all the memory at start (no allocation on the I/O path; needed for swap).
@@ -144,6 +161,13 @@ impl DeviceArgs {
         }
         for (i, s) in specs.iter().enumerate() {
             if specs[..i].iter().any(|o| o.name == s.name) {
+                if s.name.is_empty() && self.size.is_some() {
+                    bail!(
+                        "--export ={} names the unnamed export, which --size already makes: \
+                         drop --size, or give the --export a name (NAME=SIZE)",
+                        format_size(s.size)
+                    );
+                }
                 bail!(
                     "export name '{}' is given twice: give each export its own name",
                     s.name
@@ -157,15 +181,6 @@ impl DeviceArgs {
     }
 
     fn options(&self, size: u64) -> Result<SparseOptions> {
-        if !self.chunk_size.is_power_of_two() || self.chunk_size < 4096 {
-            bail!(
-                "--chunk-size {} is not a power of two of at least 4K: use for example 2M",
-                self.chunk_size
-            );
-        }
-        if self.chunk_size > 1 << 30 {
-            bail!("--chunk-size may be at most 1G");
-        }
         let mut opts = SparseOptions::new(size);
         opts.chunk_size = self.chunk_size as usize;
         opts.max_memory = self.max_memory;
@@ -206,6 +221,36 @@ impl DeviceArgs {
         Ok(SpillStore { ram, file })
     }
 
+    /// Under `auto`, the GPU-only flags say the user wants the GPU: when auto fell back to
+    /// host RAM, that is the real problem, not the flags.
+    fn refuse_gpu_flags_without_gpu(&self) -> Result<()> {
+        let mut given = Vec::new();
+        if !self.gpu.is_empty() {
+            given.push("--gpu");
+        }
+        if self.keep_free.is_some() {
+            given.push("--keep-free");
+        }
+        if self.spill_memory.is_some_and(|m| m > 0) {
+            given.push("--spill-memory");
+        }
+        if self.spill_file.is_some() {
+            given.push("--spill-file");
+        }
+        if given.is_empty() {
+            return Ok(());
+        }
+        let cause = match crate::engine::cuda::probe() {
+            Ok(_) => "the NVIDIA driver sees no GPU".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        let flags = given.join(" and ");
+        bail!(
+            "{flags} ask for GPU memory, but {cause}: make the GPU usable (NVIDIA driver, \
+             `vramdisk devices` to check), or drop {flags} to use host RAM"
+        )
+    }
+
     /// Which backend to use, resolving `auto`; the reason is logged by the caller.
     pub fn resolve_backend(&self) -> (BackendKind, String) {
         match self.backend {
@@ -243,6 +288,9 @@ impl DeviceArgs {
         budget: Option<crate::engine::BufferBudget>,
     ) -> Result<Vec<NamedDevice>> {
         let specs = self.export_specs()?;
+        if self.backend == BackendKind::Auto && backend == BackendKind::Host {
+            self.refuse_gpu_flags_without_gpu()?;
+        }
         if backend == BackendKind::Host
             && (!self.gpu.is_empty()
                 || self.keep_free.is_some()
@@ -254,9 +302,12 @@ impl DeviceArgs {
                  them or use --backend cuda"
             );
         }
+        if backend == BackendKind::Host && self.preallocate {
+            check_host_memory(specs.iter().map(|s| s.size).sum())?;
+        }
         if backend == BackendKind::Cuda {
             // Driver and GPU problems are one sentence, not one per export.
-            crate::engine::cuda::gpus(&self.gpu)?;
+            crate::engine::cuda::gpus(&self.gpu).map_err(with_backend_advice)?;
         }
         let mut devices = Vec::new();
         // One budget for every export's buffers: --buffer-memory bounds the daemon.
@@ -273,10 +324,25 @@ impl DeviceArgs {
             let mut opts = self.options(spec.size)?;
             opts.buffer_budget = Some(budget.clone());
             let ctx = || format!("creating export '{}'", spec.name);
+            let console = self.preallocate.then(|| {
+                ConsoleProgress::new(&format!("preallocating export '{}'", spec.name), spec.size)
+            });
+            let progress: &dyn Progress = match &console {
+                Some(c) => c,
+                None => &NoProgress,
+            };
             let (device, tiers): (Arc<dyn BlockDevice>, Option<Arc<dyn TierControl>>) =
                 match backend {
                     BackendKind::Host => (
-                        Arc::new(SparseDevice::new(HostBackend::new(), opts).with_context(ctx)?),
+                        Arc::new(
+                            SparseDevice::with_progress(
+                                HostBackend::new(),
+                                opts,
+                                SpillStore::default(),
+                                progress,
+                            )
+                            .with_context(ctx)?,
+                        ),
                         None,
                     ),
                     BackendKind::FakeGpu => {
@@ -289,7 +355,7 @@ impl DeviceArgs {
                             self.fake_gpu_others.clone(),
                         );
                         let dev = Arc::new(
-                            SparseDevice::with_spill(fake, opts, spill.clone())
+                            SparseDevice::with_progress(fake, opts, spill.clone(), progress)
                                 .with_context(ctx)?,
                         );
                         (dev.clone(), Some(Tiering::start(dev)))
@@ -323,6 +389,54 @@ impl DeviceArgs {
             }
         }
         Ok(devices)
+    }
+}
+
+/// Fails with a sentence when preallocating `bytes` of host RAM would take more than the
+/// kernel says is available: past that, the OOM killer ends the daemon (or another program)
+/// after a long silence instead.
+fn check_host_memory(bytes: u64) -> Result<()> {
+    let Some(available) = mem_available() else {
+        return Ok(());
+    };
+    if bytes > available {
+        bail!(
+            "--preallocate needs {} of host RAM but only {} is available (MemAvailable in \
+             /proc/meminfo): give a smaller --size, free memory, or drop --preallocate (and \
+             --swap, which implies it)",
+            format_size(bytes),
+            gib(available)
+        );
+    }
+    Ok(())
+}
+
+/// `bytes` in GiB with one decimal, for amounts that are not round.
+fn gib(bytes: u64) -> String {
+    format!("{:.1}G", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// RAM that can be taken without swapping, as the kernel estimates it.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim();
+    kib.parse::<u64>().ok().map(|k| k * 1024)
+}
+
+/// Adds what to do to the engine's "the driver cannot be used" error, for the commands that
+/// take --backend; other errors pass unchanged.
+pub fn with_backend_advice(e: anyhow::Error) -> anyhow::Error {
+    if e.downcast_ref::<crate::engine::cuda::Unavailable>()
+        .is_some()
+    {
+        anyhow::anyhow!("{e:#}: use --backend host to keep the data in host RAM instead")
+    } else {
+        e
     }
 }
 

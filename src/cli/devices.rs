@@ -18,7 +18,16 @@ fn gib(bytes: u64) -> String {
 
 /// Runs `vramdisk devices`.
 pub fn run(args: DevicesArgs) -> Result<()> {
-    let gpus = cuda::probe()?;
+    let gpus = cuda::probe().map_err(|e| {
+        if e.downcast_ref::<cuda::Unavailable>().is_some() {
+            anyhow::anyhow!(
+                "{e:#}: vramdisk lists NVIDIA GPUs only through their driver; without one, \
+                 `vramdisk serve --backend host` keeps devices in host RAM"
+            )
+        } else {
+            e
+        }
+    })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&gpus)?);
         return Ok(());

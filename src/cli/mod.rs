@@ -11,10 +11,60 @@ pub mod size;
 
 pub use device::{BackendKind, DeviceArgs};
 
+/// `--via`, for `attach::Via`: the attach library knows nothing of the command line.
+impl clap::ValueEnum for crate::attach::Via {
+    fn value_variants<'a>() -> &'a [Self] {
+        use crate::attach::Via;
+        &[Via::Auto, Via::Fuse, Via::Nbd, Via::Ublk]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        use crate::attach::Via;
+        let (name, help) = match self {
+            Via::Auto => ("auto", "The best method this kernel and build offer"),
+            Via::Fuse => ("fuse", "FUSE file + loop device"),
+            Via::Nbd => ("nbd", "The kernel's nbd driver over netlink"),
+            Via::Ublk => ("ublk", "ublk"),
+        };
+        Some(clap::builder::PossibleValue::new(name).help(help))
+    }
+}
+
+impl clap::ValueEnum for crate::attach::fuse_loop::Transport {
+    fn value_variants<'a>() -> &'a [Self] {
+        use crate::attach::fuse_loop::Transport;
+        &[Transport::Auto, Transport::Uring, Transport::Fuser]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        use crate::attach::fuse_loop::Transport;
+        let (name, help) = match self {
+            Transport::Auto => (
+                "auto",
+                "FUSE over io_uring where the kernel offers it (fuse's `enable_uring` on and \
+                 the queues register), else fuser",
+            ),
+            Transport::Uring => ("uring", "FUSE over io_uring, or fail saying why not"),
+            Transport::Fuser => ("fuser", "fuser threads reading /dev/fuse"),
+        };
+        Some(clap::builder::PossibleValue::new(name).help(help))
+    }
+}
+
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
-const EXAMPLES: &str = "\
+/// How sizes are read, said in the help of every command that takes sizes (a macro, so
+/// that `concat!` can put it into the constant texts).
+macro_rules! sizes_note {
+    () => {
+        "Sizes are binary: K, M, G and T are powers of 1024, written with or without B or iB \
+         (1G, 1GB and 1GiB are all 1073741824 bytes)."
+    };
+}
+
+const EXAMPLES: &str = concat!(
+    "\
 Examples:
   Serve a 16 GiB device over NBD on 127.0.0.1:10809 (GPU memory if there is a GPU):
     vramdisk serve --size 16G
@@ -32,8 +82,17 @@ Examples:
     nbdcopy nbd+unix:///?socket=/run/vramdisk.sock backup.img
     nbd-client 127.0.0.1 10809 /dev/nbd0 -N ''     # on a host whose kernel has nbd
 
-Sizes take K, M, G and T suffixes (powers of 1024).
-Logs go to stderr; set RUST_LOG=debug for more.";
+",
+    sizes_note!(),
+    "
+Logs go to stderr; set RUST_LOG=debug for more."
+);
+
+/// Shown under `vramdisk serve --help` (the examples are under `vramdisk --help`).
+const SERVE_NOTES: &str = concat!(
+    sizes_note!(),
+    "\nExamples: vramdisk --help. Logs go to stderr; set RUST_LOG=debug for more."
+);
 
 /// vramdisk: a block device in GPU memory, served over NBD.
 #[derive(Parser, Debug)]
@@ -46,7 +105,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve one or more devices over the NBD protocol (TCP and/or Unix socket).
-    #[command(after_help = EXAMPLES)]
+    #[command(after_help = SERVE_NOTES)]
     Serve(Box<serve::ServeArgs>),
     /// Show every running daemon's exports: size, memory used, clients, I/O counters.
     Status(ops::StatusArgs),
@@ -107,11 +166,19 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Logs to stderr. A person at a terminal gets the level and the message alone; logs bound
+/// for a file or journal keep timestamps and module paths, which is what reading them later
+/// needs.
 fn init_logging() {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if std::io::stderr().is_terminal() {
+        fmt.without_time().with_target(false).try_init()
+    } else {
+        fmt.try_init()
+    };
 }

@@ -140,7 +140,7 @@ fn terminal_bar(template: &str) -> Option<indicatif::ProgressBar> {
 
 /// The one daemon a command talks to: by pid, by socket, or the only one running.
 fn one_daemon(socket: &Option<PathBuf>, pid: Option<u32>) -> Result<PathBuf> {
-    let candidates = daemons(socket);
+    let candidates = daemons(socket)?;
     Ok(match (pid, candidates.as_slice()) {
         (Some(pid), c) => c
             .iter()
@@ -148,30 +148,31 @@ fn one_daemon(socket: &Option<PathBuf>, pid: Option<u32>) -> Result<PathBuf> {
             .map(|(_, s)| s.clone())
             .with_context(|| format!("no vramdisk daemon with pid {pid} is running"))?,
         (None, [(_, s)]) => s.clone(),
-        (None, []) => bail!(
-            "no vramdisk daemon is running (looked in {})",
-            control::runtime_dir().display()
-        ),
+        (None, []) => bail!(control::none_found(&control::runtime_dir())),
         (None, _) => {
             bail!("several vramdisk daemons are running: pick one with --pid (see vramdisk status)")
         }
     })
 }
 
-fn daemons(only: &Option<PathBuf>) -> Vec<(Option<u32>, PathBuf)> {
-    match only {
+fn daemons(only: &Option<PathBuf>) -> Result<Vec<(Option<u32>, PathBuf)>> {
+    Ok(match only {
         Some(p) => vec![(None, p.clone())],
-        None => control::live_daemons(&control::runtime_dir())
-            .into_iter()
-            .map(|(pid, p)| (Some(pid), p))
-            .collect(),
-    }
+        None => {
+            let dir = control::runtime_dir();
+            control::check_private(&dir)?;
+            control::live_daemons(&dir)
+                .into_iter()
+                .map(|(pid, p)| (Some(pid), p))
+                .collect()
+        }
+    })
 }
 
 /// Runs `vramdisk status`.
 pub fn status(args: StatusArgs) -> Result<()> {
     let mut all: Vec<DaemonStatus> = Vec::new();
-    for (pid, path) in daemons(&args.control_socket) {
+    for (pid, path) in daemons(&args.control_socket)? {
         match control::request(
             &path,
             &json!({"cmd": "status"}),
@@ -190,10 +191,7 @@ pub fn status(args: StatusArgs) -> Result<()> {
         return Ok(());
     }
     if all.is_empty() {
-        eprintln!(
-            "no vramdisk daemon is running (looked in {})",
-            control::runtime_dir().display()
-        );
+        eprintln!("{}", control::none_found(&control::runtime_dir()));
         return Ok(());
     }
     print!("{}", table(&all));

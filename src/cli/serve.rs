@@ -19,8 +19,9 @@ pub struct ServeArgs {
     #[command(flatten)]
     device: DeviceArgs,
 
-    /// TCP address to listen on; repeatable. Default 127.0.0.1:10809 when no --socket is given.
-    #[arg(long, value_name = "ADDR:PORT")]
+    /// TCP address to listen on, an IP or a host name (every address it has); repeatable.
+    /// Without :PORT, port 10809. Default 127.0.0.1:10809 when no --socket is given.
+    #[arg(long, value_name = "ADDR[:PORT]")]
     listen: Vec<String>,
 
     /// Unix socket path to listen on; repeatable.
@@ -30,6 +31,13 @@ pub struct ServeArgs {
     /// Most client connections at once (more wait in the kernel's accept queue).
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
+
+    /// Largest read or write accepted from a client. Clients that ask are told 32M, the
+    /// size handled in one piece; larger requests (from clients never told, such as those
+    /// using NBD_OPT_EXPORT_NAME) are streamed in 32M pieces, so memory stays bounded.
+    #[arg(long, value_name = "SIZE", value_parser = super::size::parse_size,
+          default_value = "1G")]
+    max_request: u64,
 
     /// Most payload bytes in flight per connection before the server stops reading requests.
     #[arg(long, value_name = "SIZE", value_parser = super::size::parse_size, default_value = "128M")]
@@ -52,9 +60,9 @@ pub struct ServeArgs {
     max_connections_per_client: usize,
 
     /// Microseconds a connection polls its socket for the client's next request before it
-    /// sleeps; 0 never polls. Saves a wakeup per request at queue depth 1 (4 KiB requests
-    /// 2-3x faster on a VM whose idle CPUs halt), at the cost of up to this much CPU when
-    /// a client pauses. Only a connection alone on its thread polls.
+    /// sleeps; 0 never polls. Saves a wakeup per request at queue depth 1, at the cost of
+    /// up to this much CPU when a client pauses (docs/tuning.md has measurements). Only a
+    /// connection alone on its thread polls.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = server::DEFAULT_BUSY_POLL_US)]
     busy_poll: u64,
 
@@ -89,11 +97,50 @@ pub struct ServeArgs {
     socket_group: Option<String>,
 
     #[command(flatten)]
-    ops: crate::ops::OpsArgs,
+    ops: OpsArgs,
 
     /// Read settings from a TOML file (see docs/service.md); flags given here override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+}
+
+/// Options of `serve` that concern running the daemon rather than serving NBD.
+#[derive(clap::Args, Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpsArgs {
+    /// Save the default export's data to FILE when the daemon stops cleanly.
+    #[arg(long, value_name = "FILE")]
+    pub save: Option<PathBuf>,
+
+    /// Restore the default export's data from FILE (made by --save or `vramdisk save`) before
+    /// serving; the daemon refuses to start if the file is damaged or of another size.
+    #[arg(long, value_name = "FILE")]
+    pub load: Option<PathBuf>,
+
+    /// Keep the default export in FILE across restarts: load it at start if it exists, save
+    /// it at a clean stop.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["save", "load"])]
+    pub persist: Option<PathBuf>,
+
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics. ADDR is an IP or a host name;
+    /// without :PORT, port 9100.
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    pub metrics: Option<String>,
+
+    /// Control socket for `vramdisk status` and `vramdisk save`; by default
+    /// PID.sock in /run/vramdisk (as root) or $XDG_RUNTIME_DIR/vramdisk.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+}
+
+impl OpsArgs {
+    /// The persistence plan these flags give the default export.
+    pub fn default_plan(&self) -> crate::ops::PersistPlan {
+        crate::ops::PersistPlan {
+            load: self.load.clone(),
+            load_if_exists: self.persist.clone(),
+            save: self.save.clone().or_else(|| self.persist.clone()),
+        }
+    }
 }
 
 /// `--tls`.
@@ -158,23 +205,85 @@ fn tls_setup(args: &ServeArgs) -> Result<Option<crate::nbd::tls::TlsSetup>> {
     crate::nbd::tls::TlsSetup::load(mode, cert, key, args.tls_ca.as_deref()).map(Some)
 }
 
-fn parse_listen(addr: &str) -> Result<SocketAddr> {
-    let with_port = if addr.parse::<SocketAddr>().is_err() && !addr.contains(':') {
-        format!("{addr}:10809")
-    } else {
-        addr.to_string()
+/// The addresses `addr`, given to `flag`, stands for: IP:PORT, HOST:PORT, or an IP or host
+/// name alone, which listens on `default_port`. A host name may give several (IPv4 and IPv6).
+fn resolve(flag: &str, addr: &str, default_port: u16) -> Result<Vec<SocketAddr>> {
+    use std::net::{IpAddr, ToSocketAddrs};
+    let bad = || {
+        format!(
+            "{flag} {addr} is not an address: write HOST:PORT or IP:PORT, like \
+             127.0.0.1:{default_port}, or an address alone for port {default_port}"
+        )
     };
-    with_port.parse().with_context(|| {
-        format!("--listen {addr} is not an address: write IP:PORT, like 127.0.0.1:10809")
-    })
+    if let Ok(a) = addr.parse::<SocketAddr>() {
+        return Ok(vec![a]);
+    }
+    if let Ok(ip) = addr
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
+        return Ok(vec![SocketAddr::new(ip, default_port)]);
+    }
+    let (host, port) = match addr.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse::<u16>().ok().with_context(bad)?),
+        None => (addr, default_port),
+    };
+    if host.is_empty() || host.contains(':') {
+        bail!(bad());
+    }
+    let Ok(found) = (host, port).to_socket_addrs() else {
+        bail!(
+            "{flag} {addr} is not an address: no host called '{host}' is known here; write \
+             HOST:PORT or IP:PORT, like 127.0.0.1:{default_port}"
+        );
+    };
+    let mut found: Vec<SocketAddr> = found.collect();
+    found.sort();
+    found.dedup();
+    if found.is_empty() {
+        bail!("{} (the name has no address)", bad());
+    }
+    Ok(found)
+}
+
+/// Binds every TCP address; of a host name's several addresses, those this machine does
+/// not have (IPv6 switched off) are skipped while one binds.
+async fn bind_tcp(addrs: &[SocketAddr], ok_to_skip: bool) -> Result<Vec<tokio::net::TcpListener>> {
+    let mut out = Vec::new();
+    for addr in addrs {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => out.push(l),
+            Err(e) if ok_to_skip && e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                info!("not listening on {addr}: {e}");
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot listen on {addr}")),
+        }
+    }
+    if out.is_empty() {
+        bail!("cannot listen on any of {addrs:?}: this machine has none of these addresses");
+    }
+    Ok(out)
+}
+
+/// Socket files bound at start, removed if the daemon stops before it serves them (after
+/// that, the server and the daemon remove their own).
+struct BoundFiles(Vec<PathBuf>);
+
+impl Drop for BoundFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// Runs `vramdisk serve` to completion (until SIGINT or SIGTERM). `matches` are the
 /// subcommand's, needed to tell flags given on the command line from defaults when a
 /// `--config` file is merged in.
 pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
-    let (args, overrides) = match &args.config {
-        None => (args, Vec::new()),
+    let (args, overrides, argv) = match &args.config {
+        None => (args, Vec::new(), Vec::new()),
         Some(path) => {
             let cmd = super::config::serve_command();
             let (argv, overrides) = super::config::merged_argv(&cmd, matches, path)?;
@@ -182,24 +291,39 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
                 .no_binary_name(true)
                 .try_get_matches_from(super::config::to_os(&argv))
                 .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.render()))?;
-            (ServeArgs::from_arg_matches(&m)?, overrides)
+            (ServeArgs::from_arg_matches(&m)?, overrides, argv)
         }
     };
     let activated = crate::ops::notify::classify(crate::ops::notify::listen_fds())?;
-    let mut tcp: Vec<SocketAddr> = args
-        .listen
-        .iter()
-        .map(|a| parse_listen(a))
-        .collect::<Result<_>>()?;
-    if tcp.is_empty() && args.socket.is_empty() && activated.is_empty() {
-        tcp.push("127.0.0.1:10809".parse().unwrap());
+    // Every address is checked before anything is bound, so that a mistake leaves nothing
+    // behind; (addresses, whether they came from a host name).
+    let mut tcp: Vec<(Vec<SocketAddr>, bool)> = Vec::new();
+    for a in &args.listen {
+        let addrs = resolve("--listen", a, 10809)?;
+        tcp.push((addrs, a.parse::<SocketAddr>().is_err()));
     }
-    for addr in &tcp {
+    if tcp.is_empty() && args.socket.is_empty() && activated.is_empty() {
+        tcp.push((vec!["127.0.0.1:10809".parse().unwrap()], false));
+    }
+    for addr in tcp.iter().flat_map(|(a, _)| a) {
         check_exposure(addr, args.tls, args.allow_insecure)?;
     }
+    let metrics = args
+        .ops
+        .metrics
+        .as_deref()
+        .map(|m| resolve("--metrics", m, crate::ops::metrics::DEFAULT_PORT))
+        .transpose()?;
     let tls = tls_setup(&args)?;
     let socket_group = args.socket_group.as_deref().map(parse_group).transpose()?;
     let busy_poll = server::busy_poll(args.busy_poll)?;
+    if args.max_request < 32 << 20 {
+        bail!(
+            "--max-request {} is below 32M, the maximum payload clients are told (the NBD \
+             spec asks servers to take that much): give at least 32M",
+            format_size(args.max_request)
+        );
+    }
     if args.inflight_memory < 32 << 20 {
         bail!("--inflight-memory must be at least 32M, the largest request");
     }
@@ -232,32 +356,58 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
             format_size(client_inflight)
         );
     }
-    let devices = super::config::build_devices(&args.device, &args.ops, &overrides)?;
+    args.device.export_specs()?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("vramdisk-io")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async move {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
-        // Loading happens here, before any socket listens, so no client sees a partial load.
-        let daemon = crate::ops::Daemon::start(devices, shutdown.clone()).await?;
-        let mut listeners = Vec::new();
-        let mut urls = Vec::new();
-        for addr in &tcp {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr}"))?;
-            urls.push(format!("nbd://{}", l.local_addr()?));
-            listeners.push(Listener::Tcp(l));
+    // The signal handlers come first: from the moment a socket exists, whoever waits for it
+    // may send SIGTERM, which must end the daemon cleanly (once its devices are built), not
+    // kill it.
+    let shutdown = CancellationToken::new();
+    let stop = {
+        let _in_runtime = runtime.enter();
+        stop_on_signal(shutdown.clone())
+    };
+    // Sockets are bound before the devices are built and loaded, which can take minutes: a
+    // taken address fails at once. Nothing accepts before the load is done, so no client
+    // sees a partial load (connections wait in the kernel's queue).
+    let mut files = BoundFiles(Vec::new());
+    let mut listeners = Vec::new();
+    let mut urls = Vec::new();
+    let (metrics_listeners, control) = runtime.block_on(async {
+        for (addrs, from_name) in &tcp {
+            for l in bind_tcp(addrs, *from_name).await? {
+                urls.push(format!("nbd://{}", l.local_addr()?));
+                listeners.push(Listener::Tcp(l));
+            }
+        }
+        let mut metrics_listeners = Vec::new();
+        for addr in metrics.iter().flatten() {
+            metrics_listeners.push(crate::ops::metrics::bind(*addr).await?);
         }
         for path in &args.socket {
             listeners.push(Listener::bind_unix(path)?);
+            files.0.push(path.clone());
             set_socket_access(path, args.socket_mode, socket_group)?;
             urls.push(format!("nbd+unix:///?socket={}", path.display()));
         }
+        let control = crate::ops::control::bind_default(args.ops.control_socket.clone())?;
+        files.0.push(control.1.clone());
+        Ok::<_, anyhow::Error>((metrics_listeners, control))
+    })?;
+
+    let devices = super::config::build_devices(&args.device, &args.ops, &overrides, &argv)?;
+    runtime.block_on(async move {
+        tokio::spawn(stop);
+        let daemon = crate::ops::Daemon::start(devices, shutdown.clone()).await?;
+        // From here the daemon removes the control socket and the server its sockets.
+        files.0.clear();
+        let (control_listener, control_path) = control;
+        daemon.serve_control(control_listener, control_path);
+        daemon.serve_metrics(metrics_listeners)?;
         for a in activated {
             match a {
                 crate::ops::notify::Activated::Tcp(l) => {
@@ -306,10 +456,6 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
             info!("listening on {url}");
         }
         daemon.set_listen(urls);
-        daemon.start_control(args.ops.control_socket.clone())?;
-        if let Some(addr) = &args.ops.metrics {
-            daemon.start_metrics(addr).await?;
-        }
         daemon.ready();
         let limits = Limits {
             max_connections: args.max_connections.max(1),
@@ -320,6 +466,7 @@ pub fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
             connection: ConnectionLimits {
                 inflight_bytes: args.inflight_memory as usize,
                 busy_poll,
+                max_request: args.max_request,
             },
         };
         let served = server::serve(exports, listeners, limits, shutdown).await;

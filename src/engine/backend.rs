@@ -7,7 +7,8 @@ use std::ptr::NonNull;
 /// Host memory for I/O buffers. GPU backends hand out pinned (page-locked) memory so the
 /// GPU's copy engines can reach it by DMA; the host backend hands out ordinary memory.
 pub trait HostAllocator: Send + Sync + 'static {
-    /// Allocates `len` bytes, aligned to at least 4096 bytes.
+    /// Allocates `len` bytes, aligned to at least 4096 bytes and zeroed: buffers hand their
+    /// memory out as `&mut [u8]`, which must never cover uninitialised bytes.
     fn alloc(&self, len: usize) -> IoResult<NonNull<u8>>;
     /// Frees memory from [`HostAllocator::alloc`].
     ///

@@ -18,9 +18,7 @@ const MIN_CLASS_SHIFT: u32 = 12;
 const MAX_CLASS_SHIFT: u32 = 30;
 const CLASSES: usize = (MAX_CLASS_SHIFT - MIN_CLASS_SHIFT + 1) as usize;
 
-/// Idle buffers kept per class beyond which freed buffers go back to the allocator; keeps a
-/// burst of large requests from pinning memory forever.
-const MAX_IDLE_BYTES_PER_CLASS: usize = 64 << 20;
+use crate::tunables::MAX_IDLE_BYTES_PER_CLASS;
 
 struct FreeBuf(NonNull<u8>);
 // SAFETY: an idle buffer is plain memory owned by the pool; nothing else points into it.
@@ -242,7 +240,8 @@ impl IoBuf {
 impl Deref for IoBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: ptr points at capacity() >= len bytes owned by this buffer.
+        // SAFETY: ptr points at capacity() >= len bytes owned by this buffer, initialised
+        // (HostAllocator::alloc returns zeroed memory; later only bytes are written).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }

@@ -1,5 +1,11 @@
 //! The sparse map from chunk number to allocated backend memory.
 //!
+//! The map has two levels: a table of pages, each page [`PAGE_SLOTS`] slots, made on the
+//! first write into its range. So a sparse device's metadata grows with what is written (a
+//! 100 TiB device starts at about 100 KiB, not 400 MB), and a lookup stays two loads: the
+//! page pointer, then the slot. Pages stay once made: freeing one under a lock-free reader
+//! would need a reclamation scheme, and a page costs 1/64 of the 2 MiB chunk it may hold.
+//!
 //! Each slot is an `ArcSwapOption`: an I/O takes a reference to its chunk with one atomic
 //! load and never holds a lock while data moves, so requests on different chunks, or on
 //! disjoint ranges of one chunk, never wait for each other. Freeing a chunk swaps its slot to
@@ -13,8 +19,20 @@
 use super::tier::{ChunkState, TIERS, Tier};
 use super::{Extent, IoError, IoResult};
 use arc_swap::ArcSwapOption;
+use once_cell::race::OnceBox;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// log2 of [`PAGE_SLOTS`].
+const PAGE_SHIFT: u32 = 12;
+/// Slots per page of the map: 32 KiB of slots, covering 8 GiB of 2 MiB chunks. Larger pages
+/// make the first write into a range dearer and scattered writes hold more empty slots;
+/// smaller ones grow the table every device pays for up front (100 TiB in 2 MiB chunks:
+/// 12,800 pages, a 100 KiB table).
+pub const PAGE_SLOTS: usize = 1 << PAGE_SHIFT;
+
+/// One page of slots.
+type Page<C> = [ArcSwapOption<Allocated<C>>; PAGE_SLOTS];
 
 /// Usage counters shared by a map and its chunks, so a chunk freed late (after the last
 /// request holding it finishes) still updates them.
@@ -89,9 +107,11 @@ pub struct Segment {
     pub whole: bool,
 }
 
-/// A fixed-size array of optional chunks covering a device of `size` bytes.
+/// Optional chunks covering a device of `size` bytes, in pages made on demand.
 pub struct ChunkMap<C> {
-    slots: Box<[ArcSwapOption<Allocated<C>>]>,
+    pages: Box<[OnceBox<Page<C>>]>,
+    /// Chunk slots (the device's size in chunks).
+    count: u64,
     chunk_size: usize,
     size: u64,
     max_memory: Option<u64>,
@@ -106,9 +126,11 @@ impl<C> ChunkMap<C> {
             chunk_size.is_power_of_two(),
             "chunk size must be a power of two"
         );
-        let count = size.div_ceil(chunk_size as u64) as usize;
+        let count = size.div_ceil(chunk_size as u64);
+        let pages = count.div_ceil(PAGE_SLOTS as u64) as usize;
         ChunkMap {
-            slots: (0..count).map(|_| ArcSwapOption::empty()).collect(),
+            pages: (0..pages).map(|_| OnceBox::new()).collect(),
+            count,
             chunk_size,
             size,
             max_memory,
@@ -123,12 +145,36 @@ impl<C> ChunkMap<C> {
 
     /// Number of chunk slots.
     pub fn len(&self) -> u64 {
-        self.slots.len() as u64
+        self.count
     }
 
     /// True for a zero-sized map.
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.count == 0
+    }
+
+    /// Bytes of host memory the map itself holds: its page table and the pages made so far
+    /// (not the chunks, and not what the chunks' memory handles hold).
+    pub fn metadata_bytes(&self) -> u64 {
+        let table = self.pages.len() * std::mem::size_of::<OnceBox<Page<C>>>();
+        let made = self.pages.iter().filter(|p| p.get().is_some()).count();
+        (table + made * std::mem::size_of::<Page<C>>()) as u64
+    }
+
+    /// The slot of chunk `index`, if its page has been made.
+    fn slot(&self, index: u64) -> Option<&ArcSwapOption<Allocated<C>>> {
+        debug_assert!(index < self.count, "chunk {index} is past the map's end");
+        let page = self.pages[(index >> PAGE_SHIFT) as usize].get()?;
+        Some(&page[index as usize & (PAGE_SLOTS - 1)])
+    }
+
+    /// The slot of chunk `index`, making its page if need be. Two writers that race to make
+    /// one page both build it; one is published and the other dropped, unseen.
+    fn slot_or_make(&self, index: u64) -> &ArcSwapOption<Allocated<C>> {
+        debug_assert!(index < self.count, "chunk {index} is past the map's end");
+        let page = self.pages[(index >> PAGE_SHIFT) as usize]
+            .get_or_init(|| Box::new(std::array::from_fn(|_| ArcSwapOption::empty())));
+        &page[index as usize & (PAGE_SLOTS - 1)]
     }
 
     /// Bytes currently allocated.
@@ -187,7 +233,7 @@ impl<C> ChunkMap<C> {
 
     /// The chunk at `index`, if allocated.
     pub fn get(&self, index: u64) -> Option<Arc<Allocated<C>>> {
-        self.slots[index as usize].load_full()
+        self.slot(index)?.load_full()
     }
 
     /// The chunk at `index`, allocating it with `alloc` if it is empty. The memory cap is
@@ -198,7 +244,7 @@ impl<C> ChunkMap<C> {
         index: u64,
         alloc: impl FnOnce(u64, usize) -> IoResult<(C, Tier)>,
     ) -> IoResult<Arc<Allocated<C>>> {
-        let slot = &self.slots[index as usize];
+        let slot = self.slot_or_make(index);
         if let Some(chunk) = slot.load_full() {
             return Ok(chunk);
         }
@@ -209,8 +255,8 @@ impl<C> ChunkMap<C> {
         {
             self.usage.allocated.fetch_sub(len, Ordering::Relaxed);
             return Err(IoError::NoSpace(format!(
-                "chunk {index} needs {len} bytes but {before} of the {max} bytes allowed by \
-                 --max-memory are in use"
+                "chunk {index} needs {len} bytes but {before} of the device's memory limit of \
+                 {max} bytes are in use"
             )));
         }
         let (mem, tier) = match alloc(index, len as usize) {
@@ -249,20 +295,21 @@ impl<C> ChunkMap<C> {
     pub fn replace(&self, index: u64, old: &Arc<Allocated<C>>, mem: C, tier: Tier) -> bool {
         self.usage.allocated.fetch_add(old.len, Ordering::Relaxed);
         let fresh = self.charged(mem, old.len, tier);
-        let prev = self.slots[index as usize].compare_and_swap(old, Some(fresh));
+        // `old` came from this slot, so its page exists.
+        let prev = self.slot_or_make(index).compare_and_swap(old, Some(fresh));
         matches!(&*prev, Some(p) if Arc::ptr_eq(p, old))
     }
 
     /// Empties slot `index`. The memory is freed once no request holds the chunk.
     pub fn free(&self, index: u64) -> bool {
-        self.slots[index as usize].swap(None).is_some()
+        self.slot(index).is_some_and(|s| s.swap(None).is_some())
     }
 
     /// Appends the allocation state of `[offset, offset + len)` to `out`, merging runs.
     pub fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) {
         let start_len = out.len();
         for seg in self.segments(offset, len) {
-            let hole = self.slots[seg.index as usize].load().is_none();
+            let hole = self.slot(seg.index).is_none_or(|s| s.load().is_none());
             let pos = offset + seg.range_offset as u64;
             let can_merge = out.len() > start_len;
             match out.last_mut() {
@@ -348,5 +395,110 @@ mod tests {
             runs,
             vec![(0, 4096, true), (4096, 8192, false), (12288, 4096, true)]
         );
+    }
+
+    #[test]
+    fn pages_are_made_by_the_first_write_into_them_and_lookups_cross_their_borders() {
+        let chunk = 2 << 20;
+        let map: ChunkMap<u64> = ChunkMap::new(100 << 40, chunk, None);
+        let empty = map.metadata_bytes();
+        assert!(empty < 1 << 20, "an empty 100 TiB map holds {empty} bytes");
+        let page = PAGE_SLOTS as u64;
+        let page_bytes = std::mem::size_of::<Page<u64>>() as u64;
+        let last = map.len() - 1;
+        let alloc = |index: u64, _| Ok((index * 7 + 1, Tier::Primary));
+        // (chunk, pages made once it is written)
+        let writes = [
+            (0, 1),
+            (page - 1, 1),
+            (page, 2),
+            (2 * page - 1, 2),
+            (2 * page, 3),
+            (37 * page + 5, 4),
+            (last, 5),
+        ];
+        for (i, made) in writes {
+            map.get_or_alloc(i, alloc).unwrap();
+            assert_eq!(map.metadata_bytes(), empty + made * page_bytes, "chunk {i}");
+        }
+        assert_eq!(map.allocated_chunks(), writes.len() as u64);
+        assert_eq!(map.in_tier(Tier::Primary).1, writes.len() as u64);
+        for (i, _) in writes {
+            assert_eq!(map.get(i).map(|c| *c.mem()), Some(i * 7 + 1), "chunk {i}");
+            for near in [i.wrapping_sub(2), i + 2] {
+                if near < map.len() {
+                    assert!(map.get(near).is_none(), "chunk {near} is not written");
+                }
+            }
+        }
+        // Lookups and frees in a page never made answer "hole" and make no page.
+        assert!(map.get(5 * page).is_none());
+        assert!(!map.free(5 * page + 1));
+        let mut ext = Vec::new();
+        map.extents(5 * page * chunk as u64, 3 * chunk as u64, &mut ext);
+        assert_eq!(ext.len(), 1);
+        assert!(ext[0].hole);
+        assert_eq!(map.metadata_bytes(), empty + 5 * page_bytes);
+        // Extents merge across a page border.
+        ext.clear();
+        let cs = chunk as u64;
+        map.extents((page - 3) * cs, 6 * cs, &mut ext);
+        let runs: Vec<_> = ext
+            .iter()
+            .map(|e| (e.offset / cs, e.length / cs, e.hole))
+            .collect();
+        assert_eq!(
+            runs,
+            vec![
+                (page - 3, 2, true),
+                (page - 1, 2, false),
+                (page + 1, 2, true)
+            ]
+        );
+        // Freed chunks read as holes; their page stays for the next write.
+        assert!(map.free(page));
+        assert!(map.get(page).is_none());
+        assert_eq!(map.allocated_chunks(), writes.len() as u64 - 1);
+        map.get_or_alloc(page, alloc).unwrap();
+        assert_eq!(map.metadata_bytes(), empty + 5 * page_bytes);
+    }
+
+    #[test]
+    fn writers_racing_into_fresh_pages_lose_no_chunk() {
+        let threads = 8u64;
+        let pages = 3u64;
+        let count = pages * PAGE_SLOTS as u64;
+        for round in 0..4 {
+            let map: ChunkMap<u64> = ChunkMap::new(count * 4096, 4096, None);
+            let start = std::sync::Barrier::new(threads as usize);
+            std::thread::scope(|s| {
+                for t in 0..threads {
+                    let (map, start) = (&map, &start);
+                    s.spawn(move || {
+                        start.wait();
+                        // Every thread takes every page's first slot (one chunk wins each),
+                        // then its own share of slots, page by page.
+                        for p in 0..pages {
+                            let first = p * PAGE_SLOTS as u64;
+                            map.get_or_alloc(first, |i, _| Ok((i, Tier::Primary)))
+                                .unwrap();
+                        }
+                        for i in (t..count).step_by(threads as usize) {
+                            let c = map.get_or_alloc(i, |i, _| Ok((i, Tier::Primary))).unwrap();
+                            assert_eq!(*c.mem(), i);
+                        }
+                    });
+                }
+            });
+            for i in 0..count {
+                assert_eq!(
+                    map.get(i).map(|c| *c.mem()),
+                    Some(i),
+                    "round {round}, chunk {i}"
+                );
+            }
+            assert_eq!(map.allocated_chunks(), count, "round {round}");
+            assert_eq!(map.allocated(), count * 4096, "round {round}");
+        }
     }
 }

@@ -2,7 +2,7 @@
 
 use super::{Backend, HostAllocator, IoError, IoResult};
 use async_trait::async_trait;
-use std::alloc::{Layout, alloc, alloc_zeroed, dealloc};
+use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -16,8 +16,9 @@ impl HostAllocator for HeapAllocator {
     fn alloc(&self, len: usize) -> IoResult<NonNull<u8>> {
         let layout = Layout::from_size_align(len.max(1), ALIGN)
             .map_err(|e| IoError::Backend(format!("buffer of {len} bytes: {e}")))?;
-        // SAFETY: layout has a non-zero size.
-        NonNull::new(unsafe { alloc(layout) })
+        // SAFETY: layout has a non-zero size. Zeroed, as the trait requires; a fresh large
+        // allocation comes zeroed from the kernel, so this costs nothing there.
+        NonNull::new(unsafe { alloc_zeroed(layout) })
             .ok_or_else(|| IoError::NoSpace(format!("out of host memory for a {len}-byte buffer")))
     }
 
@@ -72,11 +73,8 @@ impl HostChunk {
     }
 }
 
-/// Writes at least this long bypass the CPU caches (see `copy_into_chunk`). Not lowered: with
-/// the threshold at 4 KiB, 4 KiB random writes over NBD moved by 2-3% at QD64 (within noise)
-/// and not at all at QD1, while small blocks are the ones most likely to be read back soon.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-const STREAM_MIN: usize = 64 << 10;
+// Writes at least this long bypass the CPU caches (see `copy_into_chunk`).
+use crate::tunables::STREAM_MIN;
 
 /// Copies `src` to `dst`. Large copies use non-temporal stores: a device's chunks are far
 /// larger than the caches and written data is seldom read back at once, so an ordinary copy
@@ -205,6 +203,28 @@ impl Backend for HostBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Buffers are handed out as `&mut [u8]`, so their memory must be initialised: even
+    /// buffers that reuse the memory of ones just freed read as zeros.
+    #[test]
+    fn buffers_come_zeroed_even_when_memory_is_reused() {
+        const N: usize = 64;
+        let raw: Vec<_> = (0..N).map(|_| HeapAllocator.alloc(4096).unwrap()).collect();
+        for p in raw {
+            // SAFETY: 4096 bytes just allocated, freed once right after.
+            unsafe {
+                p.as_ptr().write_bytes(0xa5, 4096);
+                HeapAllocator.free(p, 4096);
+            }
+        }
+        let pool = crate::engine::BufferPool::new(Arc::new(HeapAllocator), 64 << 20);
+        let bufs: Vec<_> = (0..N)
+            .map(|_| pool.try_get(4096).unwrap().expect("room in the pool"))
+            .collect();
+        for buf in &bufs {
+            assert!(buf.iter().all(|&b| b == 0), "a new buffer holds old bytes");
+        }
+    }
 
     /// Every destination and source alignment, lengths around the streaming threshold and
     /// around whole lines: the bytes land exactly, and the bytes either side stay untouched.

@@ -51,7 +51,19 @@ pub struct ConnectionLimits {
     /// How long the connection's reader polls its socket for the next request before it
     /// sleeps (zero: never). See `transmission::poll::Poller`.
     pub busy_poll: Duration,
+    /// Largest read or write accepted. Requests above the advertised maximum payload
+    /// ([`BlockSizes::max`]) are streamed through buffers of that size, so this bounds the
+    /// time one request holds its connection, not memory.
+    pub max_request: u64,
 }
+
+/// Default of [`ConnectionLimits::max_request`] (`serve --max-request`). nbd's own tester
+/// sends requests of up to 47.6 MB and libnbd up to 64 MiB, whatever the server advertises
+/// to a client that never asked (`NBD_OPT_EXPORT_NAME`); 1 GiB leaves room for any client
+/// known, while a request of 4 GiB (the most simple headers can say) is still refused,
+/// and one far larger than any client sends (an attack or a bug) closes the connection
+/// rather than being read for minutes.
+pub const DEFAULT_MAX_REQUEST: u64 = 1 << 30;
 
 /// Block size constraints advertised with `NBD_INFO_BLOCK_SIZE`, made to obey the spec's
 /// rules whatever the device reports.

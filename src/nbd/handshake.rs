@@ -113,13 +113,19 @@ enum TlsState {
     Active,
 }
 
+/// Asked just before the reply that takes a client into the transmission phase is sent:
+/// false if the connection was dropped (to make room for another) and must end instead.
+pub(crate) type Commit<'a> = &'a (dyn Fn() -> bool + Send + Sync);
+
 /// Runs the handshake on `io` for a client described by `peer` (for logs): greeting,
-/// client flags, then option haggling (see [`haggle`]).
+/// client flags, then option haggling (see [`haggle`]), asking `commit` before going to
+/// the transmission phase.
 pub(crate) async fn negotiate<S>(
     io: &mut S,
     exports: &[Export],
     peer: &str,
     tls: TlsMode,
+    commit: Commit<'_>,
 ) -> Result<Outcome>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -147,6 +153,7 @@ where
         peer,
         client_flags & proto::FLAG_C_NO_ZEROES != 0,
         state,
+        commit,
     )
     .await
 }
@@ -158,11 +165,12 @@ pub(crate) async fn negotiate_in_tls<S>(
     exports: &[Export],
     peer: &str,
     no_zeroes: bool,
+    commit: Commit<'_>,
 ) -> Result<Outcome>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    haggle(io, exports, peer, no_zeroes, TlsState::Active).await
+    haggle(io, exports, peer, no_zeroes, TlsState::Active, commit).await
 }
 
 /// Option haggling until the client picks an export, aborts, upgrades to TLS, or goes away.
@@ -172,6 +180,7 @@ async fn haggle<S>(
     peer: &str,
     no_zeroes: bool,
     tls: TlsState,
+    commit: Commit<'_>,
 ) -> Result<Outcome>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -235,6 +244,11 @@ where
         debug!("client {peer}: option {option} with {} bytes", hdr.length);
 
         let step = handle_option(option, &data, exports, &mut opts, &mut out);
+        if matches!(step, Step::Go(_)) && !commit() {
+            return Ok(Outcome::Closed(
+                "dropped to make room for a newer connection",
+            ));
+        }
         io.write_all(&out)
             .await
             .context("sending an option reply")?;
@@ -917,8 +931,9 @@ mod tests {
     async fn option_flood_is_cut_off() {
         let ex = vec![export("", 1 << 20, false)];
         let (client, mut server) = tokio::io::duplex(1 << 16);
-        let srv =
-            tokio::spawn(async move { negotiate(&mut server, &ex, "test", TlsMode::Off).await });
+        let srv = tokio::spawn(async move {
+            negotiate(&mut server, &ex, "test", TlsMode::Off, &|| true).await
+        });
         let (mut rd, mut wr) = tokio::io::split(client);
         let drain = tokio::spawn(async move {
             let mut sink = Vec::new();
@@ -949,8 +964,9 @@ mod tests {
     async fn full_handshake_over_a_pipe() {
         let ex = vec![export("", 1 << 20, false)];
         let (mut client, mut server) = tokio::io::duplex(1 << 16);
-        let srv =
-            tokio::spawn(async move { negotiate(&mut server, &ex, "test", TlsMode::Off).await });
+        let srv = tokio::spawn(async move {
+            negotiate(&mut server, &ex, "test", TlsMode::Off, &|| true).await
+        });
         let mut greet = [0u8; 18];
         client.read_exact(&mut greet).await.unwrap();
         assert_eq!(greet, greeting());
@@ -971,8 +987,9 @@ mod tests {
     async fn oversized_option_is_skipped_then_haggling_goes_on() {
         let ex = vec![export("", 1 << 20, false)];
         let (mut client, mut server) = tokio::io::duplex(1 << 16);
-        let srv =
-            tokio::spawn(async move { negotiate(&mut server, &ex, "test", TlsMode::Off).await });
+        let srv = tokio::spawn(async move {
+            negotiate(&mut server, &ex, "test", TlsMode::Off, &|| true).await
+        });
         let mut greet = [0u8; 18];
         client.read_exact(&mut greet).await.unwrap();
         client.write_all(&[0, 0, 0, 1]).await.unwrap();
@@ -1009,8 +1026,9 @@ mod tests {
     async fn unknown_client_flags_drop_the_connection() {
         let ex = vec![export("", 1 << 20, false)];
         let (mut client, mut server) = tokio::io::duplex(1 << 16);
-        let srv =
-            tokio::spawn(async move { negotiate(&mut server, &ex, "test", TlsMode::Off).await });
+        let srv = tokio::spawn(async move {
+            negotiate(&mut server, &ex, "test", TlsMode::Off, &|| true).await
+        });
         let mut greet = [0u8; 18];
         client.read_exact(&mut greet).await.unwrap();
         client.write_all(&[0, 0, 0, 0x10]).await.unwrap();

@@ -7,6 +7,7 @@
 //! so none of them imports another back. Devices are reached only through
 //! [`crate::engine::BlockDevice`].
 
+pub(crate) mod admission;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -912,6 +912,36 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A request header as a client encodes it: the other side of [`parse_request`], for tests
+/// that speak NBD by hand. `length` is cut to 32 bits without extended headers.
+#[cfg(test)]
+pub(crate) fn encode_request(
+    extended: bool,
+    command: u16,
+    flags: u16,
+    cookie: u64,
+    offset: u64,
+    length: u64,
+) -> Vec<u8> {
+    let magic = if extended {
+        EXTENDED_REQUEST_MAGIC
+    } else {
+        REQUEST_MAGIC
+    };
+    let mut b = Vec::with_capacity(request_len(extended));
+    b.extend_from_slice(&magic.to_be_bytes());
+    b.extend_from_slice(&flags.to_be_bytes());
+    b.extend_from_slice(&command.to_be_bytes());
+    b.extend_from_slice(&cookie.to_be_bytes());
+    b.extend_from_slice(&offset.to_be_bytes());
+    if extended {
+        b.extend_from_slice(&length.to_be_bytes());
+    } else {
+        b.extend_from_slice(&(length as u32).to_be_bytes());
+    }
+    b
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,11 +2,12 @@
 //! shutdown. Each accepted connection runs the handshake ([`super::handshake`]) and then the
 //! transmission phase ([`super::transmission`]) in its own task.
 
-use super::export::{ConnectionLimits, Export, Limits};
+use super::admission::{Admission, ClientSlot};
+use super::export::{ConnectionLimits, DEFAULT_MAX_REQUEST, Export, Limits};
 use super::handshake::{self, Outcome};
 use super::proto::Framing;
 use super::tls::TlsMode;
-use super::transmission::{self, ClientBudget};
+use super::transmission;
 use anyhow::{Context, Result, bail};
 use std::future::Future;
 use std::io;
@@ -17,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -105,55 +106,10 @@ impl Listener {
 struct Shared {
     exports: Vec<Export>,
     limits: Limits,
-    slots: Arc<Semaphore>,
+    /// The connection limits, and who makes room when one is reached.
+    admission: Arc<Admission>,
     shutdown: CancellationToken,
     workers: Workers,
-    /// Open connections per source (see [`Limits::max_per_client`]), and the source's
-    /// in-flight budget (see [`Limits::client_inflight_bytes`]), shared by them.
-    per_client: std::sync::Mutex<std::collections::HashMap<String, (usize, ClientBudget)>>,
-}
-
-/// One connection counted against its source; uncounted when dropped.
-struct ClientSlot {
-    shared: Arc<Shared>,
-    key: String,
-    /// The source's in-flight budget.
-    budget: ClientBudget,
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        let mut m = self
-            .shared
-            .per_client
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some((n, _)) = m.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.key);
-            }
-        }
-    }
-}
-
-impl Shared {
-    /// Counts a connection from `key`, or `None` if that source has its fill.
-    fn admit(self: &Arc<Self>, key: String) -> Option<ClientSlot> {
-        let mut m = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
-        let (n, budget) = m
-            .entry(key.clone())
-            .or_insert_with(|| (0, ClientBudget::new(self.limits.client_inflight_bytes)));
-        if *n >= self.limits.max_per_client {
-            return None;
-        }
-        *n += 1;
-        Some(ClientSlot {
-            shared: self.clone(),
-            key,
-            budget: budget.clone(),
-        })
-    }
 }
 
 /// The threads connections run on: one single-threaded runtime per core. A connection
@@ -265,11 +221,14 @@ pub async fn serve(
     }
     let shared = Arc::new(Shared {
         exports,
-        slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+        admission: Admission::new(
+            limits.max_connections,
+            limits.max_per_client.max(1),
+            limits.client_inflight_bytes,
+        ),
         limits,
         shutdown: shutdown.clone(),
         workers: Workers::start()?,
-        per_client: Default::default(),
     });
     let mut accepting = JoinSet::new();
     let mut sockets = Vec::new();
@@ -331,12 +290,15 @@ pub async fn serve_transmission_only(
     let limits = ConnectionLimits {
         inflight_bytes,
         busy_poll: Duration::ZERO,
+        // The kernel sends at most the 32 MiB it was told; the default costs nothing.
+        max_request: DEFAULT_MAX_REQUEST,
     };
     let summary = transmission::run(rd, wr, export, &neg, &limits, None, shutdown).await;
     match summary.ended {
         transmission::Ended::Protocol(_)
         | transmission::Ended::ReadFailed(_)
-        | transmission::Ended::WriteFailed => {
+        | transmission::Ended::WriteFailed
+        | transmission::Ended::ReadCut(_) => {
             bail!("{} after {} requests", summary.ended, summary.requests)
         }
         _ => Ok(summary.requests),
@@ -432,22 +394,12 @@ impl Acceptor for UnixAcceptor {
     }
 }
 
-/// Accepts connections while a connection slot is free, until shutdown; then waits for
-/// this listener's connections to finish.
+/// Accepts connections until shutdown, each once a connection slot is free (see
+/// [`Admission::slot`]); then waits for this listener's connections to finish.
 async fn accept_loop<A: Acceptor>(listener: A, shared: Arc<Shared>) {
     let mut conns = JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
-        // Take the slot before accepting: beyond the limit, clients wait in the kernel's
-        // accept queue rather than being accepted and dropped.
-        let slot = tokio::select! {
-            biased;
-            _ = shared.shutdown.cancelled() => break,
-            s = shared.slots.clone().acquire_owned() => match s {
-                Ok(s) => s,
-                Err(_) => break,
-            },
-        };
         let accepted = tokio::select! {
             biased;
             _ = shared.shutdown.cancelled() => break,
@@ -455,10 +407,19 @@ async fn accept_loop<A: Acceptor>(listener: A, shared: Arc<Shared>) {
         };
         match accepted.and_then(|(s, peer, key)| Ok((s.into_std()?, peer, key))) {
             Ok((stream, peer, key)) => {
-                let Some(client_slot) = shared.admit(key) else {
+                // While this waits, later clients wait in the kernel's accept queue.
+                let slot = tokio::select! {
+                    biased;
+                    _ = shared.shutdown.cancelled() => break,
+                    s = shared.admission.slot(&peer) => match s {
+                        Some(s) => s,
+                        None => break,
+                    },
+                };
+                let Some(client) = shared.admission.admit(key, &peer) else {
                     warn!(
-                        "client {peer} refused: it already has {} connections \
-                         (--max-connections-per-client)",
+                        "client {peer} refused: it already has {} connections past the \
+                         handshake (--max-connections-per-client)",
                         shared.limits.max_per_client
                     );
                     drop(stream);
@@ -469,10 +430,8 @@ async fn accept_loop<A: Acceptor>(listener: A, shared: Arc<Shared>) {
                 conns.spawn_on(
                     async move {
                         let _load = load;
-                        let budget = client_slot.budget.clone();
-                        let _client_slot = client_slot;
                         match A::Conn::from_std(stream) {
-                            Ok(s) => connection(s, peer, shared, slot, budget).await,
+                            Ok(s) => connection(s, peer, shared, slot, client).await,
                             Err(e) => error!("client {peer}: cannot set up its socket: {e}"),
                         }
                     },
@@ -482,7 +441,6 @@ async fn accept_loop<A: Acceptor>(listener: A, shared: Arc<Shared>) {
             Err(e) => {
                 // EMFILE and the like: back off instead of spinning.
                 error!("accepting on {}: {e}", listener.describe());
-                drop(slot);
                 tokio::select! {
                     _ = shared.shutdown.cancelled() => break,
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -519,10 +477,12 @@ async fn handshake_phase<S: Stream>(
     mut stream: S,
     shared: &Shared,
     peer: &str,
+    client: &ClientSlot,
 ) -> Result<(Conn<S>, Outcome)> {
     let tls = shared.limits.tls.as_ref();
     let mode = tls.map_or(TlsMode::Off, |t| t.mode);
-    let outcome = handshake::negotiate(&mut stream, &shared.exports, peer, mode).await?;
+    let commit = || client.established();
+    let outcome = handshake::negotiate(&mut stream, &shared.exports, peer, mode, &commit).await?;
     let Outcome::StartTls { no_zeroes } = outcome else {
         return Ok((Conn::Plain(stream), outcome));
     };
@@ -542,7 +502,8 @@ async fn handshake_phase<S: Stream>(
         }
     );
     let outcome =
-        handshake::negotiate_in_tls(&mut *stream, &shared.exports, peer, no_zeroes).await?;
+        handshake::negotiate_in_tls(&mut *stream, &shared.exports, peer, no_zeroes, &commit)
+            .await?;
     Ok((Conn::Tls(stream), outcome))
 }
 
@@ -585,7 +546,7 @@ async fn connection<S: Stream>(
     peer: String,
     shared: Arc<Shared>,
     _slot: OwnedSemaphorePermit,
-    client_budget: ClientBudget,
+    client: ClientSlot,
 ) {
     info!("client {peer} connected");
     let limits = &shared.limits;
@@ -595,7 +556,9 @@ async fn connection<S: Stream>(
             info!("client {peer} closed: server shutting down during the handshake");
             return;
         }
-        r = tokio::time::timeout(limits.handshake_timeout, handshake_phase(stream, &shared, &peer)) => r,
+        // Logged where it was decided (see `Admission`).
+        _ = client.evicted.cancelled() => return,
+        r = tokio::time::timeout(limits.handshake_timeout, handshake_phase(stream, &shared, &peer, &client)) => r,
     };
     let (conn, neg) = match negotiated {
         Err(_) => {
@@ -620,6 +583,7 @@ async fn connection<S: Stream>(
         }
         Ok(Ok((conn, Outcome::Transmission(n)))) => (conn, n),
     };
+    let client_budget = client.budget.clone();
     let export = &shared.exports[neg.export];
     info!(
         "client {peer} uses export '{}' ({} replies{})",
@@ -687,7 +651,7 @@ async fn connection<S: Stream>(
             summary
         }
     };
-    if summary.ended.is_violation() {
+    if summary.ended.warns() {
         warn!(
             "client {peer} dropped from export '{}': {} ({} requests)",
             export.name, summary.ended, summary.requests
@@ -698,4 +662,10 @@ async fn connection<S: Stream>(
             export.name, summary.ended, summary.requests
         );
     }
+    let p = summary.polls;
+    debug!(
+        "client {peer}: {} polls: {} found the request at once, {} caught it spinning, {} \
+         came back empty, {} did not spin (no CPU to spare)",
+        p.polls, p.first_try, p.caught, p.empty, p.no_spare
+    );
 }

@@ -39,8 +39,10 @@ impl std::fmt::Debug for TlsSetup {
     }
 }
 
+/// aws-lc-rs rather than ring: ring takes only RSA moduli that are a multiple of 512 bits,
+/// and refused keys such as the 2432-bit one of nbd's own test suite.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 fn certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
@@ -69,6 +71,15 @@ impl TlsSetup {
                 key_path.display()
             )
         })?;
+        // A key the provider cannot use is a different fault from a key that does not match
+        // the certificate, with a different remedy: say which.
+        if let Err(e) = provider().key_provider.load_private_key(key.clone_key()) {
+            bail!(
+                "--tls-key {}: TLS cannot use this private key ({e}); give an RSA key of 2048 \
+                 to 8192 bits, an ECDSA key on P-256, P-384 or P-521, or an Ed25519 key",
+                key_path.display()
+            );
+        }
         let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .context("setting up TLS")?;

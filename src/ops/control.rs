@@ -22,11 +22,20 @@ use tokio::net::{UnixListener, UnixStream};
 /// Longest request line accepted; requests are tiny, so anything longer is not a client.
 const MAX_LINE: usize = 64 * 1024;
 
+/// The environment variable that moves the runtime directory (control sockets, and the
+/// state of attached devices) away from its default, for tests and unusual systems.
+pub const RUNTIME_DIR_ENV: &str = "VRAMDISK_RUNTIME_DIR";
+
+/// `$VRAMDISK_RUNTIME_DIR`, if set.
+pub fn runtime_dir_override() -> Option<PathBuf> {
+    std::env::var_os(RUNTIME_DIR_ENV).map(PathBuf::from)
+}
+
 /// Where daemons put their control sockets: `$VRAMDISK_RUNTIME_DIR` if set, `/run/vramdisk`
 /// as root, `$XDG_RUNTIME_DIR/vramdisk` otherwise, `/tmp/vramdisk-UID` as a last resort.
 pub fn runtime_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("VRAMDISK_RUNTIME_DIR") {
-        return PathBuf::from(d);
+    if let Some(d) = runtime_dir_override() {
+        return d;
     }
     let uid = nix::unistd::getuid();
     if uid.is_root() {
@@ -34,19 +43,74 @@ pub fn runtime_dir() -> PathBuf {
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("vramdisk"),
-        _ => PathBuf::from(format!("/tmp/vramdisk-{uid}")),
+        _ => fallback_dir(),
     }
 }
 
-/// Creates the runtime directory (mode 0755; the sockets themselves are 0600) and removes
-/// sockets of daemons that are gone.
+/// The last-resort runtime directory, in /tmp, where any local user could create it first.
+fn fallback_dir() -> PathBuf {
+    PathBuf::from(format!("/tmp/vramdisk-{}", nix::unistd::getuid()))
+}
+
+/// Refuses the /tmp fallback directory unless it is ours alone: another user who made it
+/// first, or could write to it, could stand in for our daemons and read what `status` and
+/// `save` send. Other runtime directories sit in places only their owner can write.
+pub fn check_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if dir != fallback_dir() {
+        return Ok(());
+    }
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", dir.display())),
+    };
+    let uid = nix::unistd::getuid().as_raw();
+    if !meta.file_type().is_dir() {
+        bail!(
+            "{} is not a directory (a symlink or file made by someone else?): remove it, or \
+             set XDG_RUNTIME_DIR to a directory of your own",
+            dir.display()
+        );
+    }
+    if meta.uid() != uid {
+        bail!(
+            "{} belongs to uid {}, not to you (uid {uid}), so its sockets cannot be trusted: \
+             remove it, or set XDG_RUNTIME_DIR to a directory of your own",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "{} has mode {mode:04o}, so other users can reach or replace its sockets: run \
+             chmod 700 {}",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Creates the runtime directory (mode 0755, the /tmp fallback 0700 and checked to be
+/// ours; the sockets themselves are 0600) and removes sockets of daemons that are gone.
 pub fn prepare_runtime_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(dir)
-        .with_context(|| format!("cannot create the runtime directory {}", dir.display()))?;
+    let private = dir == fallback_dir();
+    let made = std::fs::DirBuilder::new()
+        // /tmp exists; creating only the last component makes it ours, or fails.
+        .recursive(!private)
+        .mode(if private { 0o700 } else { 0o755 })
+        .create(dir);
+    match made {
+        Err(e) if !(private && e.kind() == std::io::ErrorKind::AlreadyExists) => {
+            return Err(e)
+                .with_context(|| format!("cannot create the runtime directory {}", dir.display()));
+        }
+        _ => {}
+    }
+    check_private(dir)?;
     for (pid, path) in sockets_in(dir) {
         if !pid_alive(pid) {
             let _ = std::fs::remove_file(&path);
@@ -81,6 +145,20 @@ pub fn sockets_in(dir: &Path) -> Vec<(u32, PathBuf)> {
         .collect();
     v.sort();
     v
+}
+
+/// Binds the control socket at `path`, or at PID.sock in the runtime directory when none is
+/// given (preparing that directory); returns it with the path it is bound at.
+pub fn bind_default(path: Option<PathBuf>) -> Result<(UnixListener, PathBuf)> {
+    let path = match path {
+        Some(p) => p,
+        None => {
+            let dir = runtime_dir();
+            prepare_runtime_dir(&dir)?;
+            dir.join(format!("{}.sock", std::process::id()))
+        }
+    };
+    Ok((bind(&path)?, path))
 }
 
 /// Binds the control socket at `path` (mode 0600), replacing a stale file.
@@ -177,8 +255,7 @@ async fn handle(stream: UnixStream, daemon: Arc<Daemon>) {
 
 use tokio::io::AsyncReadExt as _;
 
-/// How often a save in progress reports to a client that asked for progress.
-const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+use crate::tunables::SAVE_PROGRESS_EVERY as PROGRESS_EVERY;
 
 async fn answer(line: &str, daemon: &Daemon, wr: &mut tokio::net::unix::OwnedWriteHalf) -> Value {
     let req: Request = match serde_json::from_str(line) {
@@ -359,6 +436,27 @@ pub fn request_with_progress(
         );
     }
     Ok(v)
+}
+
+/// What `status` and friends say when they find no daemon in `dir`: where they looked, and
+/// why daemons of other users are not there.
+pub fn none_found(dir: &Path) -> String {
+    let why = if std::env::var_os("VRAMDISK_RUNTIME_DIR").is_some() {
+        "$VRAMDISK_RUNTIME_DIR chose it".to_string()
+    } else if nix::unistd::getuid().is_root() {
+        "root's daemons are found there; a daemon started by another user keeps its \
+         socket in that user's $XDG_RUNTIME_DIR/vramdisk or /tmp/vramdisk-UID"
+            .to_string()
+    } else {
+        "each user's daemons keep their sockets in their own directory, and root's are in \
+         /run/vramdisk: use sudo vramdisk status for those"
+            .to_string()
+    };
+    format!(
+        "no vramdisk daemon is running (looked in {}; {why}); --control-socket PATH asks one \
+         daemon directly",
+        dir.display()
+    )
 }
 
 /// Control sockets of the daemons running now; removes sockets of dead daemons on the way

@@ -9,47 +9,21 @@
 pub mod control;
 pub mod metrics;
 pub mod notify;
+pub mod progress;
 pub mod readonly;
 
 use crate::engine::BlockDevice;
 use crate::engine::metered::{DeviceMetrics, MeteredDevice, Op};
-use crate::engine::persist::{self, ConsoleProgress};
+use crate::engine::persist;
 use crate::engine::tier::{TierControl, TierStats};
 use anyhow::{Context, Result};
-use clap::Args;
+use progress::ConsoleProgress;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
-
-/// Options of `serve` that concern running the daemon rather than serving NBD.
-#[derive(Args, Debug, Clone, Default, PartialEq, Eq)]
-pub struct OpsArgs {
-    /// Save the default export's data to FILE when the daemon stops cleanly.
-    #[arg(long, value_name = "FILE")]
-    pub save: Option<PathBuf>,
-
-    /// Restore the default export's data from FILE (made by --save or `vramdisk save`) before
-    /// serving; the daemon refuses to start if the file is damaged or of another size.
-    #[arg(long, value_name = "FILE")]
-    pub load: Option<PathBuf>,
-
-    /// Keep the default export in FILE across restarts: load it at start if it exists, save
-    /// it at a clean stop.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["save", "load"])]
-    pub persist: Option<PathBuf>,
-
-    /// Serve Prometheus metrics on http://ADDR:PORT/metrics.
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub metrics: Option<String>,
-
-    /// Control socket for `vramdisk status` and `vramdisk save`; by default
-    /// PID.sock in /run/vramdisk (as root) or $XDG_RUNTIME_DIR/vramdisk.
-    #[arg(long, value_name = "PATH")]
-    pub control_socket: Option<PathBuf>,
-}
 
 /// Where one export's data is restored from and saved to.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -60,17 +34,6 @@ pub struct PersistPlan {
     pub load_if_exists: Option<PathBuf>,
     /// Save to this file at a clean stop.
     pub save: Option<PathBuf>,
-}
-
-impl OpsArgs {
-    /// The persistence plan these flags give the default export.
-    pub fn default_plan(&self) -> PersistPlan {
-        PersistPlan {
-            load: self.load.clone(),
-            load_if_exists: self.persist.clone(),
-            save: self.save.clone().or_else(|| self.persist.clone()),
-        }
-    }
 }
 
 /// One export as the daemon tracks it.
@@ -121,13 +84,19 @@ impl ExportState {
     ) -> Result<persist::Summary> {
         let _one_at_a_time = self.save_lock.lock().await;
         let label = format!("saving export '{}' to {}", self.name, path.display());
-        let total = ConsoleProgress::save_total(&*self.device);
-        let progress = Tee {
+        let total = progress::save_total(&*self.device);
+        let shown = Tee {
             console: ConsoleProgress::new(&label, total),
             watch,
             total,
         };
-        let summary = persist::save(&**self.device.inner(), path, &progress).await?;
+        let summary = persist::save_with(
+            &**self.device.inner(),
+            path,
+            &shown,
+            &progress::persist_options(),
+        )
+        .await?;
         info!(
             "saved export '{}' to {}: {} MiB of data in {} records, {} ms",
             self.name,
@@ -317,8 +286,9 @@ impl Daemon {
             };
             if let Some(path) = load {
                 let label = format!("loading export '{}' from {}", d.name, path.display());
-                let progress = ConsoleProgress::new(&label, ConsoleProgress::load_total(&path));
-                let s = persist::load(&*d.device, &path, &progress)
+                let shown = ConsoleProgress::new(&label, progress::load_total(&path));
+                let opts = progress::persist_options();
+                let s = persist::load_with(&*d.device, &path, &shown, &opts)
                     .await
                     .with_context(|| format!("export '{}'", d.name))?;
                 info!(
@@ -405,27 +375,31 @@ impl Daemon {
     /// Binds the control socket (at `path`, or PID.sock in the runtime directory) and serves
     /// it until shutdown.
     pub fn start_control(self: &Arc<Self>, path: Option<PathBuf>) -> Result<PathBuf> {
-        let path = match path {
-            Some(p) => p,
-            None => {
-                let dir = control::runtime_dir();
-                control::prepare_runtime_dir(&dir)?;
-                dir.join(format!("{}.sock", std::process::id()))
-            }
-        };
-        let listener = control::bind(&path)?;
-        *self.control.lock().unwrap() = Some(path.clone());
-        tokio::spawn(control::serve(listener, self.clone()));
-        info!("control socket {}", path.display());
+        let (listener, path) = control::bind_default(path)?;
+        self.serve_control(listener, path.clone());
         Ok(path)
     }
 
-    /// Starts the Prometheus endpoint on `addr`.
-    pub async fn start_metrics(self: &Arc<Self>, addr: &str) -> Result<std::net::SocketAddr> {
-        let bound = metrics::start(addr, self.clone()).await?;
-        *self.metrics_addr.lock().unwrap() = Some(format!("http://{bound}/metrics"));
-        info!("metrics on http://{bound}/metrics");
-        Ok(bound)
+    /// Serves control clients on `listener` (bound at `path`, removed at stop) until
+    /// shutdown.
+    pub fn serve_control(self: &Arc<Self>, listener: tokio::net::UnixListener, path: PathBuf) {
+        info!("control socket {}", path.display());
+        *self.control.lock().unwrap() = Some(path);
+        tokio::spawn(control::serve(listener, self.clone()));
+    }
+
+    /// Serves Prometheus metrics on `listeners` (from [`metrics::bind`]) until shutdown.
+    pub fn serve_metrics(self: &Arc<Self>, listeners: Vec<tokio::net::TcpListener>) -> Result<()> {
+        for l in listeners {
+            let bound = l.local_addr().context("the metrics socket's address")?;
+            self.metrics_addr
+                .lock()
+                .unwrap()
+                .get_or_insert_with(|| format!("http://{bound}/metrics"));
+            info!("metrics on http://{bound}/metrics");
+            metrics::serve(l, self.clone());
+        }
+        Ok(())
     }
 
     /// Tells systemd the daemon is ready (call once every socket listens).

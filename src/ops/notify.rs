@@ -58,13 +58,14 @@ pub fn listen_fds() -> Vec<OwnedFd> {
     }
     (LISTEN_FDS_START..LISTEN_FDS_START + count)
         .map(|fd| {
+            // SAFETY: systemd passed these descriptors to us and nothing else owns them.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             // Don't leak listening sockets into anything we exec.
             let _ = nix::fcntl::fcntl(
-                unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+                &fd,
                 nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
             );
-            // SAFETY: systemd passed these descriptors to us and nothing else owns them.
-            unsafe { OwnedFd::from_raw_fd(fd) }
+            fd
         })
         .collect()
 }
@@ -82,31 +83,26 @@ pub fn classify(fds: Vec<OwnedFd>) -> Result<Vec<Activated>> {
     use std::os::fd::AsRawFd;
     fds.into_iter()
         .map(|fd| {
-            let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-            let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            // SAFETY: addr and len describe a buffer large enough for any socket address.
-            let rc = unsafe {
-                libc::getsockname(fd.as_raw_fd(), (&raw mut addr).cast(), &mut len)
-            };
-            if rc != 0 {
+            use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getsockname};
+            let Ok(addr) = getsockname::<SockaddrStorage>(fd.as_raw_fd()) else {
                 anyhow::bail!(
                     "descriptor {} passed by systemd (LISTEN_FDS) is not a socket",
                     fd.as_raw_fd()
                 );
-            }
-            match addr.ss_family as i32 {
-                libc::AF_INET | libc::AF_INET6 => {
+            };
+            match addr.family() {
+                Some(AddressFamily::Inet | AddressFamily::Inet6) => {
                     let l = std::net::TcpListener::from(fd);
                     l.set_nonblocking(true)?;
                     Ok(Activated::Tcp(l))
                 }
-                libc::AF_UNIX => {
+                Some(AddressFamily::Unix) => {
                     let l = std::os::unix::net::UnixListener::from(fd);
                     l.set_nonblocking(true)?;
                     Ok(Activated::Unix(l))
                 }
                 other => anyhow::bail!(
-                    "a socket passed by systemd has address family {other}: use ListenStream= with an address or a path"
+                    "a socket passed by systemd has address family {other:?}: use ListenStream= with an address or a path"
                 ),
             }
         })
@@ -126,5 +122,29 @@ mod tests {
         let mut buf = [0u8; 64];
         let n = server.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1");
+    }
+
+    #[test]
+    fn passed_sockets_are_sorted_by_family_and_the_rest_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let unix = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
+        let got = classify(vec![OwnedFd::from(tcp), OwnedFd::from(unix)]).unwrap();
+        assert!(matches!(got[..], [Activated::Tcp(_), Activated::Unix(_)]));
+
+        let file = std::fs::File::create(dir.path().join("f")).unwrap();
+        let e = classify(vec![OwnedFd::from(file)]).err().unwrap();
+        assert!(e.to_string().contains("is not a socket"), "{e}");
+
+        use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, socket};
+        let netlink = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )
+        .unwrap();
+        let e = classify(vec![netlink]).err().unwrap();
+        assert!(e.to_string().contains("address family"), "{e}");
     }
 }

@@ -83,8 +83,8 @@ pub fn server_kind() -> ServerKind {
 /// True when the stand-in serves: the caller skips a vramdisk-only check and says so.
 pub fn standin_skips(what: &str) -> bool {
     if server_kind() == ServerKind::Nbdkit {
-        loud(&format!(
-            "SKIPPED under VRAMDISK_TEST_SERVER=nbdkit: {what} (vramdisk-only behaviour)"
+        skip_loudly(&format!(
+            "under VRAMDISK_TEST_SERVER=nbdkit: {what} (vramdisk-only behaviour)"
         ));
         true
     } else {
@@ -92,13 +92,9 @@ pub fn standin_skips(what: &str) -> bool {
     }
 }
 
-/// Prints a line on stderr past the test harness's output capture, so that a skip is seen
-/// even when the test passes.
-pub fn loud(line: &str) {
-    use std::io::Write;
-    let name = std::thread::current().name().unwrap_or("test").to_string();
-    let _ = writeln!(std::io::stderr(), "{name}: {line}");
-}
+#[path = "../../src/test_support.rs"]
+mod test_support;
+pub use test_support::*;
 
 /// The vramdisk binary under test.
 pub fn vramdisk_bin() -> PathBuf {
@@ -108,7 +104,8 @@ pub fn vramdisk_bin() -> PathBuf {
     }
 }
 
-fn clients_required() -> bool {
+/// Whether `VRAMDISK_REQUIRE_CLIENTS=1` makes a missing client a failure rather than a skip.
+pub fn clients_required() -> bool {
     std::env::var("VRAMDISK_REQUIRE_CLIENTS").is_ok_and(|v| v == "1")
 }
 
@@ -140,8 +137,8 @@ pub fn clients_available(tools: &[&str]) -> bool {
             if clients_required() {
                 panic!("{tool} is not installed, and VRAMDISK_REQUIRE_CLIENTS=1 requires it");
             }
-            loud(&format!(
-                "*** SKIPPED: {tool} not installed (set VRAMDISK_REQUIRE_CLIENTS=1 to fail instead) ***"
+            skip_loudly(&format!(
+                "{tool} not installed (set VRAMDISK_REQUIRE_CLIENTS=1 to fail instead)"
             ));
             return false;
         }
@@ -215,9 +212,7 @@ pub fn python() -> Option<&'static Path> {
 
 /// Path of a helper script in tests/scripts.
 pub fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/scripts")
-        .join(name)
+    source_dir().join("tests/scripts").join(name)
 }
 
 /// A `python3 -u tests/scripts/nbd_checks.py SUBCOMMAND ARGS...` command.
@@ -271,6 +266,15 @@ impl Captured {
     /// Stdout and stderr together, for searching.
     pub fn all(&self) -> String {
         format!("{}\n{}", self.stdout, self.stderr)
+    }
+
+    /// The error lines on stderr: vramdisk's own (`vramdisk: ...`) and clap's (`error: ...`),
+    /// leaving out log lines and clap's hints.
+    pub fn error_lines(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| l.starts_with("vramdisk: ") || l.starts_with("error: "))
+            .collect()
     }
 }
 
@@ -461,6 +465,9 @@ pub struct ServerConfig {
     pub read_only: bool,
     /// Further vramdisk arguments, verbatim.
     pub extra_args: Vec<String>,
+    /// `--metrics` on a free port of 127.0.0.1, read through [`Server::metric`] (vramdisk
+    /// only: the nbdkit stand-in has no metrics).
+    pub metrics: bool,
 }
 
 impl ServerConfig {
@@ -493,6 +500,12 @@ impl ServerConfig {
     /// Serves read-only.
     pub fn read_only(mut self) -> Self {
         self.read_only = true;
+        self
+    }
+
+    /// Serves Prometheus metrics, for tests that wait on the server's counters.
+    pub fn with_metrics(mut self) -> Self {
+        self.metrics = true;
         self
     }
 
@@ -532,6 +545,7 @@ pub struct Server {
     child: Option<Child>,
     kind: ServerKind,
     endpoint: Endpoint,
+    metrics: Option<SocketAddr>,
     config: ServerConfig,
     log: PathBuf,
     dir: tempfile::TempDir,
@@ -546,7 +560,12 @@ pub fn free_port() -> u16 {
         .expect("binding 127.0.0.1:0 to find a free port")
 }
 
-fn server_command(kind: ServerKind, c: &ServerConfig, endpoint: &Endpoint) -> Command {
+fn server_command(
+    kind: ServerKind,
+    c: &ServerConfig,
+    endpoint: &Endpoint,
+    metrics: Option<SocketAddr>,
+) -> Command {
     match kind {
         ServerKind::Vramdisk => {
             let mut cmd = Command::new(vramdisk_bin());
@@ -579,6 +598,9 @@ fn server_command(kind: ServerKind, c: &ServerConfig, endpoint: &Endpoint) -> Co
                 Endpoint::Tcp(port) => cmd.arg("--listen").arg(format!("127.0.0.1:{port}")),
                 Endpoint::Unix(path) => cmd.arg("--socket").arg(path),
             };
+            if let Some(addr) = metrics {
+                cmd.arg("--metrics").arg(addr.to_string());
+            }
             cmd.args(&c.extra_args);
             cmd
         }
@@ -709,13 +731,16 @@ impl Server {
                 Transport::Tcp => Endpoint::Tcp(free_port()),
                 Transport::Unix => Endpoint::Unix(dir.path().join("nbd.sock")),
             };
-            let cmd = server_command(kind, &config, &endpoint);
+            let metrics = (config.metrics && kind == ServerKind::Vramdisk)
+                .then(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+            let cmd = server_command(kind, &config, &endpoint, metrics);
             match spawn_and_wait(cmd, kind, &endpoint, &log) {
                 Ok(child) => {
                     return Server {
                         child: Some(child),
                         kind,
                         endpoint,
+                        metrics,
                         config,
                         log,
                         dir,
@@ -767,6 +792,74 @@ impl Server {
     /// Where it listens.
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
+    }
+
+    /// The metrics endpoint's whole text (`GET /metrics`). The endpoint starts just after
+    /// the NBD listeners, so a refused connection is retried for a while.
+    pub fn metrics_text(&self) -> String {
+        let addr = self
+            .metrics
+            .expect("metric(): start the server with ServerConfig::with_metrics (vramdisk only)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut s = loop {
+            match TcpStream::connect(addr) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("the metrics endpoint {addr} refused for 10 s: {e}"),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        use std::io::Write;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .expect("asking for metrics");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("reading the metrics");
+        text
+    }
+
+    /// The sum of every series of the metric `name` (each export's, each label's), e.g.
+    /// `vramdisk_connections`: clients in the transmission phase now.
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = self.metrics_text();
+        let mut found = false;
+        let mut sum = 0u64;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(name) else {
+                continue;
+            };
+            if !(rest.starts_with(' ') || rest.starts_with('{')) {
+                continue;
+            }
+            let value = rest.rsplit(' ').next().unwrap_or_default();
+            let v: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("metric line '{line}' has no number"));
+            sum += v as u64;
+            found = true;
+        }
+        assert!(found, "no {name} among the metrics:\n{text}");
+        sum
+    }
+
+    /// Waits (up to the client timeout) until the metric `name` satisfies `ok`; returns its
+    /// value then, or fails the test saying `what` did not happen.
+    pub fn wait_for_metric(&self, name: &str, what: &str, ok: impl Fn(u64) -> bool) -> u64 {
+        let deadline = Instant::now() + client_timeout();
+        loop {
+            let v = self.metric(name);
+            if ok(v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} within {:?} ({name} is {v}); server log:\n{}",
+                client_timeout(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// A directory for the test's own files, removed with the server.

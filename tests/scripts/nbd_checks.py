@@ -576,6 +576,39 @@ def cmd_write_verify(args):
     print(f"write-verify: {args.length} bytes at {args.offset} verified")
 
 
+# --- large requests --------------------------------------------------------------------------
+
+
+def cmd_large_requests(args):
+    """One write and one read of --length bytes (above the 32 MiB the server advertises), as a
+    client never told any limit (NBD_OPT_EXPORT_NAME) or one that was and sends them anyway:
+    the data reads back whole, also in small pieces."""
+    h = nbd.NBD()
+    if args.mode == "export-name":
+        # Without fixed newstyle, libnbd sends NBD_OPT_EXPORT_NAME and learns no block sizes.
+        h.set_handshake_flags(0)
+    else:
+        h.set_request_structured_replies(args.mode == "structured")
+    h.connect_uri(args.uri)
+    check(h.get_size() >= args.offset + args.length, "export too small for this check")
+    if args.mode != "export-name":
+        check(h.get_block_size(nbd.SIZE_MAXIMUM) < args.length,
+              "the request is not above the advertised maximum payload")
+    check(h.get_structured_replies_negotiated() == (args.mode == "structured"),
+          "structured replies negotiated other than asked")
+    data = pattern(args.seed, args.length)
+    h.pwrite(data, args.offset)
+    check(h.pread(args.length, args.offset) == data, "the large read differs from the write")
+    # Small reads on a new connection: pieces of the large write landed where they belong.
+    h.shutdown()
+    h = connect(args.uri)
+    for off in range(0, args.length, 4 * MIB):
+        got = h.pread(min(4 * MIB, args.length - off), args.offset + off)
+        check(got == data[off:off + 4 * MIB], f"range at {args.offset + off} does not read back")
+    h.shutdown()
+    print(f"large-requests ({args.mode}): {args.length} bytes at {args.offset} verified")
+
+
 # --- memory cap ------------------------------------------------------------------------------
 
 
@@ -674,6 +707,14 @@ def main():
     s.add_argument("--length", type=int, default=8 * MIB)
     s.add_argument("--seed", type=int, default=5)
     s.set_defaults(fn=cmd_write_verify)
+
+    s = sub.add_parser("large-requests")
+    s.add_argument("uri")
+    s.add_argument("--mode", choices=["export-name", "simple", "structured"], required=True)
+    s.add_argument("--offset", type=int, default=12345)
+    s.add_argument("--length", type=int, default=48_000_000)
+    s.add_argument("--seed", type=int, default=9)
+    s.set_defaults(fn=cmd_large_requests)
 
     s = sub.add_parser("memory-cap")
     s.add_argument("uri")

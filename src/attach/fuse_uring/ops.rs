@@ -1,7 +1,8 @@
 //! One FUSE request answered through [`Disk`], whichever way it came (ring or /dev/fuse).
 
 use super::abi::{self, In, InHeader, Out};
-use crate::attach::fuse_disk::{ATTR_TTL, Attr, DISK_INO, Disk, ENTRIES, Errno, PAGE, ROOT_INO};
+use crate::attach::fuse_disk::{Attr, DISK_INO, Disk, ENTRIES, Errno, PAGE, ROOT_INO};
+use crate::tunables::ATTR_TTL;
 use std::time::{Duration, UNIX_EPOCH};
 
 /// What serving a request produced.

@@ -11,7 +11,7 @@
 use super::abi::{self, In, InHeader};
 use super::ops::{self, Reply};
 use crate::attach::fuse_disk::Disk;
-use crate::attach::pacing::{PollGate, spin_while};
+use crate::attach::pacing::PollGate;
 use crate::engine::IoBuf;
 use anyhow::{Context, Result, bail};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
@@ -243,20 +243,20 @@ impl Queue {
     }
 
     /// Sends the replies queued so far, then polls for a completion for up to `busy_poll`
-    /// if no other queue is polling: at queue depth 1 this saves the wakeup of a thread
-    /// asleep in `io_uring_enter`.
+    /// if no other queue is polling (and [`crate::busy_poll`] allows): at queue depth 1
+    /// this saves the wakeup of a thread asleep in `io_uring_enter`.
     fn linger(&mut self) {
         if self.busy_poll.is_zero() {
             return;
         }
-        let Some(_held) = self.polling.try_hold() else {
+        let Some(held) = self.polling.try_hold() else {
             return;
         };
         if let Err(e) = self.ring.submit() {
             warn!("FUSE ring {}: submitting replies: {e}", self.qid);
         }
         let ring = &mut self.ring;
-        spin_while(self.busy_poll, || ring.completion().is_empty());
+        held.spin_while(self.busy_poll, || ring.completion().is_empty());
     }
 
     /// Serves requests until every entry has ended (the connection is gone).

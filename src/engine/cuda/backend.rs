@@ -8,9 +8,7 @@ use crate::engine::{Backend, HostAllocator, IoError, IoResult};
 use async_trait::async_trait;
 use std::sync::Arc;
 
-/// Staging slots for buffers that are not pinned, and their size: 32 MiB pinned in all.
-const STAGING_SLOTS: usize = 64;
-const STAGING_SLOT_SIZE: usize = 512 << 10;
+use crate::tunables::{CUDA_STAGING_SLOT_SIZE, CUDA_STAGING_SLOTS};
 
 /// Chunks in the memory of one or more GPUs; chunk `i` lives on GPU `i % n`.
 pub struct CudaBackend {
@@ -42,8 +40,12 @@ impl CudaBackend {
         }
         let registry = PinnedRegistry::global();
         let allocator = Arc::new(PinnedAllocator::new(first.clone(), registry.clone()));
-        let staging = StagingPool::new(allocator.clone(), STAGING_SLOTS, STAGING_SLOT_SIZE)
-            .map_err(|e| format!("allocating the staging buffers: {e}"))?;
+        let staging = StagingPool::new(
+            allocator.clone(),
+            CUDA_STAGING_SLOTS,
+            CUDA_STAGING_SLOT_SIZE,
+        )
+        .map_err(|e| format!("allocating the staging buffers: {e}"))?;
         // The gather kernel addresses host buffers by their host pointers, which needs unified
         // addressing (mapped pointer == host pointer); without it, copies go one by one.
         let mut queue = queue;

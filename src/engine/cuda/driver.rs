@@ -12,8 +12,15 @@ use std::ffi::{CStr, c_char};
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// The sentence printed when there is no driver library at all.
-pub const NO_DRIVER: &str = "no NVIDIA driver found (libcuda.so.1): use --backend host";
+/// The sentence printed when there is no driver library at all. Like every driver error it
+/// states the fact only: what to do depends on the command, so the CLI adds that.
+pub const NO_DRIVER: &str = "no NVIDIA driver found (libcuda.so.1)";
+
+/// The NVIDIA driver cannot be used at all (missing, too old, failed to start, no GPU), as
+/// opposed to a mistake in naming GPUs. Callers add advice that fits their command.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
 
 /// Driver entry points this backend calls; checked at start so a missing one is an error
 /// message rather than a panic inside `cudarc`.
@@ -146,7 +153,7 @@ pub fn init() -> Result<(), String> {
             // SAFETY: only looks the symbol up; it is not called through this type.
             if unsafe { lib.get::<*const ()>(name.as_bytes()) }.is_err() {
                 return Err(format!(
-                    "the NVIDIA driver is too old (it lacks {name}): update it or use --backend host"
+                    "the NVIDIA driver is too old (it lacks {name}): update it"
                 ));
             }
         }
@@ -155,12 +162,10 @@ pub fn init() -> Result<(), String> {
         match rc {
             CUresult::CUDA_SUCCESS => Ok(()),
             CUresult::CUDA_ERROR_NO_DEVICE => Err(
-                "the NVIDIA driver is loaded but finds no GPU (CUDA_ERROR_NO_DEVICE): use \
-                 --backend host"
-                    .to_string(),
+                "the NVIDIA driver is loaded but finds no GPU (CUDA_ERROR_NO_DEVICE)".to_string(),
             ),
             other => Err(format!(
-                "the NVIDIA driver failed to start ({}): use --backend host",
+                "the NVIDIA driver failed to start ({})",
                 error_name(other)
             )),
         }
@@ -219,7 +224,7 @@ impl Gpu {
         let count = device_count()?;
         if index >= count {
             return Err(match count {
-                0 => "the NVIDIA driver finds no GPU: use --backend host".to_string(),
+                0 => "the NVIDIA driver finds no GPU".to_string(),
                 1 => format!("there is no GPU {index}: this machine has one GPU, GPU 0"),
                 n => format!(
                     "there is no GPU {index}: this machine has {n} GPUs, 0 to {}",

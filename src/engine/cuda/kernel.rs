@@ -7,9 +7,7 @@ use std::ffi::{CString, c_void};
 /// Most copies one launch carries (the parameter block must stay under 4 KiB).
 pub const MAX_DESCS: usize = 128;
 
-/// Threads per block: one block copies one descriptor, 16 bytes per thread per step, so a
-/// 4 KiB copy is one step.
-const THREADS: u32 = 256;
+use crate::tunables::CUDA_COPY_THREADS as THREADS;
 
 /// PTX built from `kernel/copy.cu` by nvcc (see the header of that file).
 const EMBEDDED_PTX: &str = include_str!("kernel/copy.ptx");

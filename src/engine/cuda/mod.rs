@@ -39,9 +39,10 @@ pub mod kernel;
 pub mod memory;
 pub mod pinned;
 pub mod queue;
+pub mod queue_driver;
 
 pub use backend::CudaBackend;
-pub use driver::{NO_DRIVER, driver_present};
+pub use driver::{NO_DRIVER, Unavailable, driver_present};
 pub use queue::{BatchMode, QueueOptions};
 
 use super::{BlockDevice, SparseDevice, SparseOptions};
@@ -66,7 +67,7 @@ pub struct GpuInfo {
 
 /// Lists usable GPUs; fails with one sentence when there is no NVIDIA driver or no GPU.
 pub fn probe() -> Result<Vec<GpuInfo>> {
-    let count = driver::device_count().map_err(|e| anyhow!(e))?;
+    let count = driver::device_count().map_err(|e| anyhow!(Unavailable(e)))?;
     let mut out = Vec::new();
     for index in 0..count {
         let gpu = Gpu::get(index).map_err(|e| anyhow!(e))?;
@@ -109,7 +110,9 @@ pub fn open_device(
 
 /// The GPUs named by `indexes` (GPU 0 when empty), checked for repeats.
 pub fn gpus(indexes: &[usize]) -> Result<Vec<Arc<Gpu>>> {
-    driver::init().map_err(|e| anyhow!(e))?;
+    if driver::device_count().map_err(|e| anyhow!(Unavailable(e)))? == 0 {
+        bail!(Unavailable("the NVIDIA driver finds no GPU".into()));
+    }
     let list: Vec<usize> = if indexes.is_empty() {
         vec![0]
     } else {

@@ -109,7 +109,12 @@ fn fail_null(len: usize) -> IoError {
 
 impl HostAllocator for PinnedAllocator {
     fn alloc(&self, len: usize) -> IoResult<NonNull<u8>> {
-        self.alloc_raw(len)
+        let ptr = self.alloc_raw(len)?;
+        // cuMemHostAlloc does not zero; the trait promises initialised memory. Once per
+        // buffer: the pool keeps buffers for reuse.
+        // SAFETY: ptr points at `len` bytes just allocated and not yet shared.
+        unsafe { ptr.as_ptr().write_bytes(0, len) };
+        Ok(ptr)
     }
 
     unsafe fn free(&self, ptr: NonNull<u8>, _len: usize) {

@@ -17,8 +17,9 @@
 //! which is what bounds 4 KiB I/O at high depth; more completion threads (each reaping a
 //! share of the lanes) and reaping by the submitting tasks were both measured and were
 //! slower (see bench/notes-gpu.md). No tokio worker ever waits in a GPU synchronisation. The
-//! one bounded exception: a task whose small op went out alone, with nothing else in flight,
-//! watches its op for up to [`QueueOptions::spin`] (20 µs) before yielding, since waking a
+//! one bounded exception: a task whose small op went out alone, with nothing else in flight
+//! and no word from its submitter that more follow ([`crate::engine::Plug`]), watches its op
+//! for up to [`QueueOptions::spin`] (20 µs) before yielding, since waking a
 //! parked worker costs about as much as the copy itself (4 KiB at queue depth 1: 20 µs
 //! median without the watch, 10 with).
 //!
@@ -27,9 +28,10 @@
 //! completion (a cancelled request) waits for the GPU: the only blocking wait on this path,
 //! and only on cancellation.
 
-use super::driver::{CuError, Gpu, check};
-use super::kernel::{Batch, CopyKernel, Desc, MAX_DESCS};
-use cudarc::driver::sys::{self, CUdeviceptr, CUevent, CUresult, CUstream};
+use super::driver::{CuError, Gpu};
+use super::kernel::{Batch, Desc, MAX_DESCS};
+use super::queue_driver::{CudaDriver, QueueDriver};
+use cudarc::driver::sys::CUdeviceptr;
 use futures::task::AtomicWaker;
 use std::cell::UnsafeCell;
 use std::collections::VecDeque;
@@ -241,14 +243,14 @@ unsafe fn complete_chain(mut op: *const Op, error: Option<CuError>) {
 }
 
 /// Events recorded on a lane, oldest first, each with the chain of ops it completes.
-struct Inflight {
-    event: CUevent,
+struct Inflight<E> {
+    event: E,
     ops: *const Op,
 }
 
-struct Lane {
-    stream: CUstream,
-    fifo: Mutex<VecDeque<Inflight>>,
+struct Lane<D: QueueDriver> {
+    stream: D::Stream,
+    fifo: Mutex<VecDeque<Inflight<D::Event>>>,
     /// The completion thread that reaps this lane.
     reaper: usize,
 }
@@ -271,16 +273,14 @@ struct Scratch {
     next_lane: usize,
 }
 
-struct Shared {
-    gpu: Arc<Gpu>,
+struct Shared<D: QueueDriver> {
+    driver: D,
     opts: QueueOptions,
-    kernel: Option<CopyKernel>,
-    memcpy_batch: bool,
     pending: AtomicPtr<Op>,
     combining: AtomicBool,
     scratch: UnsafeCell<Scratch>,
-    lanes: Vec<Lane>,
-    events: Mutex<Vec<CUevent>>,
+    lanes: Vec<Lane<D>>,
+    events: Mutex<Vec<D::Event>>,
     /// Events tracked on all lanes and not yet reaped.
     inflight: AtomicUsize,
     reapers: Vec<Reaper>,
@@ -291,69 +291,45 @@ struct Shared {
 
 // SAFETY: raw driver handles are thread-agnostic; `scratch` is touched only by the thread
 // holding `combining`; op pointers follow the Op protocol.
-unsafe impl Send for Shared {}
+unsafe impl<D: QueueDriver> Send for Shared<D> {}
 // SAFETY: as above.
-unsafe impl Sync for Shared {}
+unsafe impl<D: QueueDriver> Sync for Shared<D> {}
 
-/// The copy queue of one GPU (see the module doc).
-pub struct CopyQueue {
-    shared: Arc<Shared>,
+/// The copy queue of one GPU (see the module doc), over the CUDA driver or, in tests, a
+/// fake one.
+pub struct CopyQueue<D: QueueDriver = CudaDriver> {
+    shared: Arc<Shared<D>>,
     pollers: Vec<JoinHandle<()>>,
 }
 
 impl CopyQueue {
     /// Creates the lanes, loads the kernel if batching by kernel, and starts the poller.
-    pub fn new(gpu: Arc<Gpu>, mut opts: QueueOptions) -> Result<CopyQueue, String> {
-        let ctx = |e: CuError| format!("GPU {}: {e}", gpu.index);
-        gpu.bind().map_err(ctx)?;
+    pub fn new(gpu: Arc<Gpu>, opts: QueueOptions) -> Result<CopyQueue, String> {
+        gpu.bind().map_err(|e| format!("GPU {}: {e}", gpu.index))?;
+        CopyQueue::with_driver(CudaDriver::new(gpu, opts.batch), opts)
+    }
+}
+
+impl<D: QueueDriver> CopyQueue<D> {
+    /// The queue over `driver`: creates the lanes and starts the completion threads.
+    pub fn with_driver(driver: D, mut opts: QueueOptions) -> Result<CopyQueue<D>, String> {
+        let index = driver.index();
+        let ctx = |e: CuError| format!("GPU {index}: {e}");
+        driver.bind().map_err(ctx)?;
         opts.lanes = opts.lanes.clamp(1, 64);
         opts.completion_threads = opts.completion_threads.clamp(1, opts.lanes);
         let mut lanes = Vec::new();
         for i in 0..opts.lanes {
-            let mut stream: CUstream = ptr::null_mut();
-            // SAFETY: plain driver call with the context bound.
-            check(
-                unsafe {
-                    sys::cuStreamCreate(
-                        &mut stream,
-                        sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
-                    )
-                },
-                "cuStreamCreate",
-            )
-            .map_err(ctx)?;
+            let stream = driver.create_stream().map_err(ctx)?;
             lanes.push(Lane {
                 stream,
                 fifo: Mutex::new(VecDeque::with_capacity(1024)),
                 reaper: i % opts.completion_threads,
             });
         }
-        let kernel = match opts.batch {
-            BatchMode::Kernel => match CopyKernel::load(&gpu) {
-                Ok(k) => Some(k),
-                Err(e) => {
-                    tracing::info!("GPU {}: gather kernel unavailable ({e})", gpu.index);
-                    None
-                }
-            },
-            _ => None,
-        };
-        // Without the kernel (an older driver cannot load PTX this new), batch by
-        // cuMemcpyBatchAsync where the driver has it.
-        let want_memcpy_batch = opts.batch == BatchMode::MemcpyBatch
-            || (opts.batch == BatchMode::Kernel && kernel.is_none());
-        let memcpy_batch = want_memcpy_batch && super::driver::has_symbol("cuMemcpyBatchAsync");
-        if want_memcpy_batch && !memcpy_batch {
-            tracing::info!(
-                "GPU {}: the driver has no cuMemcpyBatchAsync; small copies go one by one",
-                gpu.index
-            );
-        }
         let shared = Arc::new(Shared {
-            gpu: gpu.clone(),
+            driver,
             opts,
-            kernel,
-            memcpy_batch,
             pending: AtomicPtr::new(ptr::null_mut()),
             combining: AtomicBool::new(false),
             scratch: UnsafeCell::new(Scratch {
@@ -385,7 +361,7 @@ impl CopyQueue {
         for r in 0..opts.completion_threads {
             let poll_shared = shared.clone();
             let handle = std::thread::Builder::new()
-                .name(format!("vramdisk-cuda{}-{r}", gpu.index))
+                .name(format!("vramdisk-cuda{index}-{r}"))
                 .spawn(move || poll_loop(&poll_shared, r))
                 .map_err(|e| format!("starting a completion thread: {e}"))?;
             let _ = shared.reapers[r].thread.set(handle.thread().clone());
@@ -414,24 +390,16 @@ impl CopyQueue {
     /// How small copies are actually batched (the kernel or `cuMemcpyBatchAsync` may be
     /// unavailable).
     pub fn effective_batch(&self) -> BatchMode {
-        if self.shared.kernel.is_some() {
-            BatchMode::Kernel
-        } else if self.shared.memcpy_batch {
-            BatchMode::MemcpyBatch
-        } else {
-            BatchMode::Off
-        }
+        self.shared.driver.batching()
     }
 
     /// Launches the gather kernel on a bad address, which leaves the context unusable (a
     /// sticky error), to test that requests then fail with EIO instead of hanging.
     #[doc(hidden)]
     pub fn inject_sticky_fault(&self) -> Result<(), String> {
-        let kernel = self
-            .shared
-            .kernel
-            .as_ref()
-            .ok_or("the gather kernel is not loaded")?;
+        if self.effective_batch() != BatchMode::Kernel {
+            return Err("the gather kernel is not loaded".into());
+        }
         let mut batch = Box::<Batch>::default();
         batch.count = 1;
         batch.descs[0] = Desc {
@@ -439,11 +407,12 @@ impl CopyQueue {
             dst: 128,
             len: 4096,
         };
-        self.shared.gpu.bind().map_err(|e| e.to_string())?;
+        let driver = &self.shared.driver;
+        driver.bind().map_err(|e| e.to_string())?;
         let lane = &self.shared.lanes[0];
         // SAFETY: deliberately faulting; the addresses are never valid, so no memory of ours
         // is touched.
-        unsafe { kernel.launch(lane.stream, &batch) }.map_err(|e| e.to_string())?;
+        unsafe { driver.launch(lane.stream, &batch) }.map_err(|e| e.to_string())?;
         self.shared.track(lane, ptr::null());
         Ok(())
     }
@@ -456,7 +425,12 @@ impl CopyQueue {
         let op = op;
         let guard = WaitOnDrop(&op);
         let solo = self.shared.submit(&op);
-        if solo && !self.shared.opts.spin.is_zero() && op.len <= self.shared.opts.small_max {
+        // Not when the submitter has the next request in hand (see `engine::plug`).
+        if solo
+            && !self.shared.opts.spin.is_zero()
+            && op.len <= self.shared.opts.small_max
+            && !crate::engine::plugged()
+        {
             let start = Instant::now();
             while start.elapsed() < self.shared.opts.spin {
                 if let Some(r) = op.result() {
@@ -472,7 +446,7 @@ impl CopyQueue {
     }
 }
 
-impl Drop for CopyQueue {
+impl<D: QueueDriver> Drop for CopyQueue<D> {
     fn drop(&mut self) {
         self.shared.shutdown.store(true, Ordering::SeqCst);
         for h in &self.pollers {
@@ -481,16 +455,15 @@ impl Drop for CopyQueue {
         for h in self.pollers.drain(..) {
             let _ = h.join();
         }
-        if self.shared.gpu.bind().is_ok() {
-            // SAFETY: the poller has exited and no op is in flight (every run() future
-            // borrowed self, so all are gone); the handles are ours.
-            unsafe {
-                for lane in &self.shared.lanes {
-                    sys::cuStreamDestroy_v2(lane.stream);
-                }
-                for ev in self.shared.events.lock().unwrap().drain(..) {
-                    sys::cuEventDestroy_v2(ev);
-                }
+        let driver = &self.shared.driver;
+        // The poller has exited and no op is in flight (every run() future borrowed self,
+        // so all are gone): nothing uses the handles any more.
+        if driver.bind().is_ok() {
+            for lane in &self.shared.lanes {
+                driver.destroy_stream(lane.stream);
+            }
+            for ev in self.shared.events.lock().unwrap().drain(..) {
+                driver.destroy_event(ev);
             }
         }
     }
@@ -529,7 +502,7 @@ impl Future for OpDone<'_> {
     }
 }
 
-impl Shared {
+impl<D: QueueDriver> Shared<D> {
     /// Pushes `op` and combines; true when this thread issued `op` alone in its round, with
     /// nothing else in flight.
     fn submit(&self, op: &Op) -> bool {
@@ -594,13 +567,13 @@ impl Shared {
         if let Some(e) = self.broken.get() {
             return self.fail_all(list, *e);
         }
-        if let Err(e) = self.gpu.bind() {
+        if let Err(e) = self.driver.bind() {
             return self.fail_all(list, e);
         }
         let mut count = 0;
         // SAFETY: only the combiner touches scratch.
         let scratch = unsafe { &mut *self.scratch.get() };
-        let batching = self.kernel.is_some() || self.memcpy_batch;
+        let batching = self.driver.batching() != BatchMode::Off;
         let mut op = list as *const Op;
         while !op.is_null() {
             // SAFETY: drained ops are alive until completed.
@@ -623,38 +596,28 @@ impl Shared {
         count
     }
 
-    fn next_lane(&self, scratch: &mut Scratch) -> &Lane {
+    fn next_lane(&self, scratch: &mut Scratch) -> &Lane<D> {
         let i = scratch.next_lane;
         scratch.next_lane = (i + 1) % self.lanes.len();
         &self.lanes[i]
     }
 
-    fn take_event(&self) -> Result<CUevent, CuError> {
+    fn take_event(&self) -> Result<D::Event, CuError> {
         if let Some(ev) = self.events.lock().unwrap().pop() {
             return Ok(ev);
         }
-        let mut ev: CUevent = ptr::null_mut();
-        // SAFETY: plain driver call with the context bound (combiner bound it).
-        check(
-            unsafe {
-                sys::cuEventCreate(&mut ev, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
-            },
-            "cuEventCreate",
-        )?;
-        Ok(ev)
+        // The combiner bound the context.
+        self.driver.create_event()
     }
 
     /// Records an event after the work just put on `lane` and hands the chain `ops` to the
     /// poller; on failure completes the chain with the error.
-    fn track(&self, lane: &Lane, ops: *const Op) {
+    fn track(&self, lane: &Lane<D>, ops: *const Op) {
         let recorded = self.take_event().and_then(|ev| {
-            // SAFETY: ev and the stream belong to this context.
-            check(
-                unsafe { sys::cuEventRecord(ev, lane.stream) },
-                "cuEventRecord",
-            )
-            .map(|_| ev)
-            .inspect_err(|_| self.events.lock().unwrap().push(ev))
+            self.driver
+                .record(ev, lane.stream)
+                .map(|_| ev)
+                .inspect_err(|_| self.events.lock().unwrap().push(ev))
         });
         match recorded {
             Ok(event) => {
@@ -680,8 +643,8 @@ impl Shared {
         if e.is_sticky() && self.broken.set(e).is_ok() {
             tracing::error!(
                 "GPU {} ({}) is unusable after {e}: every request to it now fails with EIO",
-                self.gpu.index,
-                self.gpu.name
+                self.driver.index(),
+                self.driver.name()
             );
         }
     }
@@ -689,29 +652,31 @@ impl Shared {
     /// Completes every op whose event has fired on the lanes of completion thread `r`,
     /// oldest first on each lane; true if any. Only that thread calls it.
     fn reap(&self, r: usize) -> bool {
-        let bound = self.gpu.bind();
+        let bound = self.driver.bind();
         let mut completed = false;
         let t = Instant::now();
         for lane in self.lanes.iter().filter(|l| l.reaper == r) {
             loop {
                 let front = lane.fifo.lock().unwrap().front().map(|i| i.event);
                 let Some(event) = front else { break };
-                let rc = match bound {
-                    // SAFETY: event belongs to this context.
-                    Ok(()) => unsafe { sys::cuEventQuery(event) },
-                    Err(e) => e.code,
+                let fired = match bound {
+                    Ok(()) => self.driver.query(event),
+                    Err(e) => Err(CuError {
+                        code: e.code,
+                        call: "cuEventQuery",
+                    }),
                 };
-                if rc == CUresult::CUDA_ERROR_NOT_READY {
-                    break;
-                }
+                let error = match fired {
+                    Ok(false) => break,
+                    Ok(true) => None,
+                    Err(e) => Some(e),
+                };
                 let inflight = lane.fifo.lock().unwrap().pop_front().expect("front exists");
-                let error = check(rc, "cuEventQuery").err();
                 match error {
                     None => self.events.lock().unwrap().push(event),
                     Some(e) => {
                         self.note_error(e);
-                        // SAFETY: the event is ours; a failing context may refuse, harmlessly.
-                        unsafe { sys::cuEventDestroy_v2(event) };
+                        self.driver.destroy_event(event);
                     }
                 }
                 // SAFETY: the chain was tracked by this event and is completed only here
@@ -737,22 +702,7 @@ impl Shared {
         let lane = self.next_lane(scratch);
         // SAFETY: the owner keeps host and device memory valid until the op completes; the
         // host memory is pinned (the backend stages anything else).
-        let rc = unsafe {
-            match o.kind {
-                OpKind::Write => check(
-                    sys::cuMemcpyHtoDAsync_v2(o.dev, o.host as *const _, o.len, lane.stream),
-                    "cuMemcpyHtoDAsync",
-                ),
-                OpKind::Read => check(
-                    sys::cuMemcpyDtoHAsync_v2(o.host as *mut _, o.dev, o.len, lane.stream),
-                    "cuMemcpyDtoHAsync",
-                ),
-                OpKind::Zero => check(
-                    sys::cuMemsetD8Async(o.dev, 0, o.len, lane.stream),
-                    "cuMemsetD8Async",
-                ),
-            }
-        };
+        let rc = unsafe { self.driver.copy(lane.stream, o.kind, o.dev, o.host, o.len) };
         match rc {
             Ok(()) => self.track(lane, op),
             Err(e) => {
@@ -794,7 +744,7 @@ impl Shared {
         self.counters
             .batched_ops
             .fetch_add(n as u64, Ordering::Relaxed);
-        let rc = if let Some(kernel) = &self.kernel {
+        let rc = if self.driver.batching() == BatchMode::Kernel {
             let batch = &mut *scratch.batch;
             batch.count = n as u64;
             for (i, &op) in scratch.small.iter().enumerate() {
@@ -817,8 +767,8 @@ impl Shared {
             let lane = self.next_lane(scratch);
             // SAFETY: the descriptors name pinned mapped host memory and mapped chunk memory
             // that their owners keep valid until completion.
-            let rc = unsafe { kernel.launch(lane.stream, &scratch.batch) };
-            rc.map(|_| lane as *const Lane)
+            let rc = unsafe { self.driver.launch(lane.stream, &scratch.batch) };
+            rc.map(|_| lane as *const Lane<D>)
         } else {
             scratch.dsts.clear();
             scratch.srcs.clear();
@@ -835,29 +785,17 @@ impl Shared {
                 scratch.dsts.push(dst);
                 scratch.sizes.push(o.len);
             }
-            let lane = self.next_lane(scratch) as *const Lane;
-            // SAFETY: plain C struct; zero means "no location hint".
-            let mut attr: sys::CUmemcpyAttributes = unsafe { std::mem::zeroed() };
-            attr.srcAccessOrder = sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM;
-            let mut attr_idx = 0usize;
-            let mut fail_idx = 0usize;
-            // SAFETY: arrays of n entries each; memory valid until completion as above.
-            check(
-                unsafe {
-                    sys::cuMemcpyBatchAsync(
-                        scratch.dsts.as_mut_ptr(),
-                        scratch.srcs.as_mut_ptr(),
-                        scratch.sizes.as_mut_ptr(),
-                        n,
-                        &mut attr,
-                        &mut attr_idx,
-                        1,
-                        &mut fail_idx,
-                        (*lane).stream,
-                    )
-                },
-                "cuMemcpyBatchAsync",
-            )
+            let lane = self.next_lane(scratch) as *const Lane<D>;
+            // SAFETY: n entries each; memory valid until completion as above; lanes live as
+            // long as self.
+            unsafe {
+                self.driver.copy_batch(
+                    (*lane).stream,
+                    &mut scratch.dsts,
+                    &mut scratch.srcs,
+                    &mut scratch.sizes,
+                )
+            }
             .map(|_| lane)
         };
         scratch.small.clear();
@@ -875,8 +813,8 @@ impl Shared {
 
 /// Completion thread `r`: reaps its lanes while anything is in flight on them (spinning),
 /// parks after a short idle spell.
-fn poll_loop(shared: &Shared, r: usize) {
-    const IDLE_SPIN: Duration = Duration::from_micros(100);
+fn poll_loop<D: QueueDriver>(shared: &Shared<D>, r: usize) {
+    use crate::tunables::CUDA_REAPER_IDLE_SPIN as IDLE_SPIN;
     let me = &shared.reapers[r];
     let mut idle_since: Option<Instant> = None;
     loop {
@@ -904,3 +842,7 @@ fn poll_loop(shared: &Shared, r: usize) {
         idle_since = None;
     }
 }
+
+#[cfg(test)]
+#[path = "queue_tests.rs"]
+mod tests;

@@ -17,18 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-/// How often free memory is read. 20 ms: a program growing in 2 GiB steps at PCIe speed
-/// takes about 40 ms a step, so the reserve is restored before the next one lands.
-pub const POLL: Duration = Duration::from_millis(20);
-/// Free memory must stay above the promotion threshold this long before chunks come back:
-/// a program that frees memory between steps (a training loop) does not make us thrash.
-pub const SETTLE: Duration = Duration::from_secs(1);
-/// Most bytes per second brought back to the GPU: 4 GB/s is under a tenth of a Gen5 x16
-/// link (55 GB/s measured on the H200 machine), so the GPU's own work keeps the rest.
-pub const PROMOTE_RATE: u64 = 4_000_000_000;
-/// Chunk moves in flight at once. 16 moves of 2 MiB keep all of the copy queue's streams
-/// busy (the H200 machine reached 47.5 GB/s with 4 streams of 2 MiB copies).
-pub const MOVES_IN_FLIGHT: usize = 16;
+use crate::tunables::{
+    TIER_MOVES_IN_FLIGHT as MOVES_IN_FLIGHT, TIER_POLL as POLL, TIER_PROMOTE_RATE as PROMOTE_RATE,
+    TIER_SETTLE as SETTLE,
+};
 
 /// Room above `--keep-free` that must be free before chunks come back, so that a program
 /// that grows a little does not send them straight out again: 1/32 of the memory, at least

@@ -14,9 +14,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-/// Slab size: 64 MiB (pinning cost per byte is the same for 64 and 256 MiB slabs, and a
-/// smaller slab keeps the last one from overshooting the capacity by much).
-const SLAB: usize = 64 << 20;
+use crate::tunables::SPILL_RAM_SLAB as SLAB;
 
 struct Inner {
     slabs: Vec<(NonNull<u8>, usize)>,

@@ -6,7 +6,7 @@ use super::commands::Plan;
 use super::reply::{Body, Part, Permit, Reply};
 use super::socket::{Sink, Source};
 use super::{Conn, Ended, Next, OpResult};
-use crate::engine::{Extent, ZeroFlags};
+use crate::engine::{Extent, IoError, ZeroFlags};
 use crate::nbd::proto::{self, Frame, Framing, NbdError, Request, StatusDescriptor};
 
 /// Most descriptors in one block status reply (the spec says at most 2^20).
@@ -61,7 +61,9 @@ impl<R: Source, S: Sink> Conn<R, S> {
                 Ok(())
             }
             Plan::Write { fua } => self.write(req, permit, fua).await,
+            Plan::StreamWrite { fua } => self.stream_write(req, permit, fua).await,
             Plan::Read { sparse } => self.read(req, permit, sparse).await,
+            Plan::StreamRead => self.stream_read(req, permit).await,
             Plan::Flush => {
                 let to = self.reply_to(&req);
                 let dev = self.dev.clone();
@@ -119,6 +121,94 @@ impl<R: Source, S: Sink> Conn<R, S> {
             Reply::new(to.status(r), Some(permit))
         });
         Ok(())
+    }
+
+    /// A write above the maximum payload, in pieces of that size through one buffer: each
+    /// piece is read and written before the next is read, so memory stays at one piece
+    /// however large the request. After a failed piece the rest of the payload is thrown
+    /// away and the reply carries the error.
+    async fn stream_write(&mut self, req: Request, permit: Permit, fua: bool) -> OpResult {
+        let to = self.reply_to(&req);
+        // Its pieces are written in the reader: what it has in flight runs as tasks meanwhile.
+        self.spawn_local_ops();
+        let piece = self.terms.max_payload;
+        let mut buf = match self.buffer(piece).await {
+            Ok(b) => b,
+            Err(e) => {
+                self.discard(req.length).await?;
+                self.send(to.io_error(&e), Some(permit));
+                return Ok(());
+            }
+        };
+        let mut at = 0;
+        let mut result = Ok(());
+        while at < req.length {
+            let n = (req.length - at).min(piece);
+            buf.set_len(n as usize);
+            self.payload(&mut buf).await?;
+            at += n;
+            // Replies done so far go out before the device may make the reader wait.
+            self.flush_replies();
+            result = self.dev.write(req.offset + at - n, &buf, fua).await;
+            if result.is_err() {
+                self.discard(req.length - at).await?;
+                break;
+            }
+        }
+        drop(buf);
+        self.send(to.status(result), Some(permit));
+        Ok(())
+    }
+
+    /// A read above the maximum payload, sent in pieces of that size, each taking its own
+    /// budget and buffer (none with host memory) as it goes, so a reply of any size holds
+    /// no more memory than the connection's budget. With structured replies every piece
+    /// is a data chunk of its own; a simple reply is one header and then the data, which
+    /// nothing may come between: replies of operations still running go out first.
+    async fn stream_read(&mut self, req: Request, permit: Permit) -> OpResult {
+        let to = self.reply_to(&req);
+        let simple = self.terms.framing == Framing::Simple;
+        // The pieces are waited for here, in the reader: what it has in flight runs as tasks
+        // meanwhile (and is counted by the outbox, which the wait below needs).
+        self.spawn_local_ops();
+        if simple {
+            self.flush_replies();
+            self.out.ops_done().await;
+        }
+        let piece = self.terms.max_payload;
+        let mut permit = Some(permit);
+        let mut at = 0;
+        while at < req.length {
+            let n = (req.length - at).min(piece);
+            let p = match permit.take() {
+                Some(p) => p,
+                None => self.permit(self.terms.piece_charge(n)).await?,
+            };
+            let frame = to.piece_frame(at, n, at + n == req.length);
+            match self.read_piece(req.offset + at, n, frame).await {
+                Ok(body) => self.send(body, Some(p)),
+                // The header went out saying success: only closing can tell the client.
+                Err(e) if simple && at > 0 => return Err(Ended::ReadCut(e.to_string())),
+                Err(e) => {
+                    self.send(to.io_error(&e), Some(p));
+                    return Ok(());
+                }
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// One piece of a streamed read behind `frame`: device memory in place where it can
+    /// be lent, else read into a buffer (waited for here, so pieces stay in order).
+    async fn read_piece(&mut self, offset: u64, len: u64, frame: Frame) -> Result<Body, IoError> {
+        if let Some(r) = self.dev.view(offset, len) {
+            return r.map(|view| Body::View(frame, view));
+        }
+        let mut buf = self.buffer(len).await?;
+        self.flush_replies();
+        self.dev.read(offset, &mut buf).await?;
+        Ok(Body::Data(frame, buf))
     }
 
     async fn read(&mut self, req: Request, permit: Permit, sparse: bool) -> OpResult {

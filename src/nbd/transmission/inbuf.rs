@@ -1,6 +1,7 @@
 //! The request read buffer: one `read` takes in as many pipelined requests as the client
 //! has sent.
 
+use super::local_ops::Watch;
 use super::poll::Poller;
 use super::socket::Source;
 use std::io;
@@ -58,11 +59,14 @@ impl InBuf {
     ///
     /// With a `poller`, polls the socket first (see [`Poller`]) and notes whether the wait
     /// was short. `next_request`: the bytes awaited start a request (see [`Poller::poll`]).
+    /// With `ops`, the connection has operations in flight: the poll also stops when one
+    /// completes (see [`Poller::poll_with_ops`]).
     pub(super) async fn fill<R: Source>(
         &mut self,
         rd: &mut R,
         poller: Option<&mut Poller>,
         next_request: bool,
+        ops: Option<Watch<'_>>,
     ) -> io::Result<usize> {
         if self.buf.len() - self.end < READ_MIN_ROOM && self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
@@ -73,11 +77,18 @@ impl InBuf {
             None => rd.read(&mut self.buf[self.end..]).await?,
             Some(p) => {
                 let start = Instant::now();
-                let n = match p.poll(rd.fd(), &mut self.buf[self.end..], next_request) {
+                let polled = match ops {
+                    Some(w) => p.poll_with_ops(rd.fd(), &mut self.buf[self.end..], w),
+                    None => p.poll(rd.fd(), &mut self.buf[self.end..], next_request),
+                };
+                let n = match polled {
                     Some(r) => r?,
                     None => rd.read(&mut self.buf[self.end..]).await?,
                 };
-                p.waited(start.elapsed());
+                if ops.is_none() {
+                    // A wait that watched operations says nothing of the client's pace.
+                    p.waited(start.elapsed());
+                }
                 n
             }
         };

@@ -39,6 +39,7 @@
 mod commands;
 mod execute;
 mod inbuf;
+mod local_ops;
 mod outbox;
 mod poll;
 mod reply;
@@ -52,11 +53,12 @@ pub(crate) use socket::{Sink, Source};
 use super::export::{ConnectionLimits, Export};
 use super::handshake::Negotiated;
 use super::proto::{self, Request};
-use crate::engine::{BlockDevice, Extent, IoBuf, IoError};
+use crate::engine::{BlockDevice, Extent, IoBuf, IoError, Plug};
 use commands::Terms;
 use inbuf::{InBuf, READ_BUF};
+use local_ops::{LocalOps, OpFuture};
 use outbox::{AbortOnDrop, Outbox, writer};
-use poll::{Poller, alone_on_thread, few_cpus};
+use poll::{PollStats, Poller, alone_on_thread};
 use reply::{Body, Permit, Reply, ReplyTo};
 use std::collections::VecDeque;
 use std::fmt;
@@ -64,7 +66,6 @@ use std::future::Future;
 use std::io;
 use std::pin::pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::sync::Semaphore;
@@ -100,12 +101,21 @@ pub(crate) enum Ended {
     WriteFailed,
     /// The client broke the protocol; the connection is dropped at once.
     Protocol(String),
+    /// A streamed read failed after the start of its simple reply was sent, which then
+    /// has no way to carry an error: the connection is dropped so that the client sees
+    /// a failure rather than wrong data.
+    ReadCut(String),
 }
 
 impl Ended {
     /// True for endings that mean a broken or hostile client (logged as warnings).
     pub(crate) fn is_violation(&self) -> bool {
         matches!(self, Ended::Protocol(_))
+    }
+
+    /// True for endings worth a warning: violations, and reads cut short.
+    pub(crate) fn warns(&self) -> bool {
+        self.is_violation() || matches!(self, Ended::ReadCut(_))
     }
 }
 
@@ -118,6 +128,11 @@ impl fmt::Display for Ended {
             Ended::ReadFailed(e) => write!(f, "read failed: {e}"),
             Ended::WriteFailed => f.write_str("sending replies failed"),
             Ended::Protocol(why) => write!(f, "protocol violation: {why}"),
+            Ended::ReadCut(why) => write!(
+                f,
+                "a streamed read failed after its simple reply had started ({why}); \
+                 closed so the client does not take the rest for data"
+            ),
         }
     }
 }
@@ -128,6 +143,8 @@ pub(crate) struct Summary {
     pub ended: Ended,
     /// Requests received.
     pub requests: u64,
+    /// What busy polling did.
+    pub polls: PollStats,
 }
 
 /// Per-connection state of the reader.
@@ -149,6 +166,11 @@ struct Conn<R, S> {
     extents: Vec<Extent>,
     requests: u64,
     poller: Poller,
+    /// Operations that had to wait, in flight in the reader (see [`local_ops`]).
+    local: LocalOps,
+    /// The request being served is not the last one the read buffer holds: operations
+    /// started for it are told more follow ([`crate::engine::Plug`]).
+    more_queued: bool,
 }
 
 /// The in-flight budget that all connections from one source share (see
@@ -200,20 +222,34 @@ where
         batch: VecDeque::with_capacity(BATCH_REPLIES),
         batch_bytes: 0,
         dev: export.device.clone(),
-        terms: Terms::new(export.device.capabilities(), export.device.size(), neg),
+        terms: Terms::new(
+            export.device.capabilities(),
+            export.device.size(),
+            neg,
+            limits.max_request,
+        ),
         budget: Arc::new(Semaphore::new(budget_max as usize)),
         budget_max,
         client_budget,
         extents: Vec::new(),
         requests: 0,
-        poller: Poller::new(limits.busy_poll, R::STEPS_ASIDE && few_cpus()),
+        poller: Poller::new(limits.busy_poll, R::STEPS_ASIDE),
+        local: LocalOps::new(),
+        more_queued: false,
     };
     let ended = conn.serve(shutdown).await;
-    let hard = ended.is_violation() || matches!(ended, Ended::ReadFailed(_) | Ended::WriteFailed);
+    // What is still in flight finishes as tasks, as if spawned from the start.
+    conn.spawn_local_ops();
+    let hard = ended.is_violation()
+        || matches!(
+            ended,
+            Ended::ReadFailed(_) | Ended::WriteFailed | Ended::ReadCut(_)
+        );
     if !hard {
         conn.flush_replies();
     }
     let requests = conn.requests;
+    let polls = conn.poller.stats();
     drop(conn);
     out.reader_done(hard);
     if !hard {
@@ -239,7 +275,11 @@ where
         // can land any more, on top of what the client writes after reconnecting.
         out.ops_done().await;
     }
-    Summary { ended, requests }
+    Summary {
+        ended,
+        requests,
+        polls,
+    }
 }
 
 /// What the reader does after a request.
@@ -265,10 +305,9 @@ impl<R: Source, S: Sink> Conn<R, S> {
                 }
                 // `fill` first: when bytes are waiting, the other branches are never polled.
                 let next_request = self.inbuf.len() == 0;
-                let poller = self.may_poll().then_some(&mut self.poller);
                 let r = tokio::select! {
                     biased;
-                    r = self.inbuf.fill(&mut self.rd, poller, next_request) => r,
+                    r = self.wait_fill(next_request) => r,
                     _ = &mut shutting => return Ended::Shutdown,
                     _ = &mut dying => return Ended::WriteFailed,
                 };
@@ -288,6 +327,12 @@ impl<R: Source, S: Sink> Conn<R, S> {
             };
             self.inbuf.consume(hlen);
             self.requests += 1;
+            let payload = if req.command == proto::CMD_WRITE {
+                req.length
+            } else {
+                0
+            };
+            self.more_queued = self.inbuf.len() as u64 >= payload.saturating_add(hlen as u64);
             trace!(
                 cmd = req.command,
                 flags = req.flags,
@@ -300,12 +345,62 @@ impl<R: Source, S: Sink> Conn<R, S> {
                 Next::Continue => {}
                 Next::Stop(e) => return e,
             }
+            self.collect_local_ops();
             if self.batch.len() >= BATCH_REPLIES || self.batch_bytes >= BATCH_BYTES {
                 self.flush_replies();
             }
             if dead.is_cancelled() {
                 return Ended::WriteFailed;
             }
+        }
+    }
+
+    /// One read from the socket into the read buffer. Meanwhile the reader's operations
+    /// in flight (see [`local_ops`]) are driven, and the replies of those that complete go
+    /// out at once. Cancel-safe, like [`InBuf::fill`].
+    async fn wait_fill(&mut self, next_request: bool) -> io::Result<usize> {
+        loop {
+            if self.collect_local_ops() {
+                self.flush_replies();
+            }
+            let poller = self.may_poll().then_some(&mut self.poller);
+            if self.local.is_empty() {
+                return self
+                    .inbuf
+                    .fill(&mut self.rd, poller, next_request, None)
+                    .await;
+            }
+            let watch = self.local.watch();
+            tokio::select! {
+                biased;
+                r = self.inbuf.fill(&mut self.rd, poller, next_request, Some(watch)) => return r,
+                () = self.local.woken() => {}
+            }
+        }
+    }
+
+    /// Polls the reader's operations that completed into the batch; whether any did.
+    fn collect_local_ops(&mut self) -> bool {
+        let before = self.batch.len();
+        let (batch, bytes) = (&mut self.batch, &mut self.batch_bytes);
+        self.local.drive(|reply| {
+            *bytes += reply.len();
+            batch.push_back(reply);
+        });
+        self.batch.len() > before
+    }
+
+    /// Hands the reader's operations in flight to tasks of their own: before the reader
+    /// waits for anything but the socket, so that their replies never wait for it.
+    fn spawn_local_ops(&mut self) {
+        self.collect_local_ops();
+        for op in self.local.drain() {
+            let guard = self.out.op_started();
+            tokio::spawn(async move {
+                let reply = op.await;
+                guard.deliver(reply);
+                drop(guard);
+            });
         }
     }
 
@@ -342,25 +437,18 @@ impl<R: Source, S: Sink> Conn<R, S> {
         self.push(Reply::new(body, permit));
     }
 
-    /// Runs an operation: polled once here, spawned only if it has to wait.
+    /// Runs an operation: polled once here; if it has to wait, it waits in the reader's
+    /// table of operations in flight (see [`local_ops`]).
     fn start<F>(&mut self, op: F)
     where
         F: Future<Output = Reply> + Send + 'static,
     {
-        let mut op = Box::pin(op);
-        // A noop waker is enough for the first poll: if the operation is pending, the task
-        // it is moved into polls it again with its own waker before it can complete.
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match op.as_mut().poll(&mut cx) {
-            Poll::Ready(reply) => self.push(reply),
-            Poll::Pending => {
-                let guard = self.out.op_started();
-                tokio::spawn(async move {
-                    let reply = op.await;
-                    guard.deliver(reply);
-                    drop(guard);
-                });
-            }
+        let op: OpFuture = Box::pin(op);
+        let plug = self.more_queued.then(Plug::new);
+        let done = self.local.start(op);
+        drop(plug);
+        if let Some(reply) = done {
+            self.push(reply);
         }
     }
 
@@ -374,6 +462,7 @@ impl<R: Source, S: Sink> Conn<R, S> {
             Ok(p) => p,
             Err(_) => {
                 self.flush_replies();
+                self.spawn_local_ops();
                 self.budget
                     .clone()
                     .acquire_many_owned(n)
@@ -391,6 +480,7 @@ impl<R: Source, S: Sink> Conn<R, S> {
                 // The client's other connections hold its share: wait for their replies
                 // to go out, as for this connection's own budget.
                 self.flush_replies();
+                self.spawn_local_ops();
                 let b = self.client_budget.clone().expect("checked above");
                 Some(b.permits.acquire_many_owned(n).await.map_err(closed)?)
             }
@@ -408,6 +498,7 @@ impl<R: Source, S: Sink> Conn<R, S> {
             return Ok(b);
         }
         self.flush_replies();
+        self.spawn_local_ops();
         self.dev.buffers().get(len as usize).await
     }
 
@@ -416,7 +507,7 @@ impl<R: Source, S: Sink> Conn<R, S> {
         if len > self.terms.discard_limit {
             return Err(Ended::Protocol(format!(
                 "request payload of {len} bytes (most accepted: {})",
-                self.terms.max_payload
+                self.terms.max_request
             )));
         }
         let mut left = len;
@@ -425,6 +516,7 @@ impl<R: Source, S: Sink> Conn<R, S> {
         left -= n as u64;
         if left > 0 {
             self.flush_replies();
+            self.spawn_local_ops();
         }
         while left > 0 {
             // The buffer is empty here: use it as scratch space.
@@ -458,8 +550,7 @@ impl<R: Source, S: Sink> Conn<R, S> {
             self.flush_replies();
             let closed = || Ended::Protocol("connection closed inside a payload".into());
             if dst.len() - at <= SMALL_PAYLOAD {
-                let poller = self.may_poll().then_some(&mut self.poller);
-                match self.inbuf.fill(&mut self.rd, poller, false).await {
+                match self.wait_fill(false).await {
                     Ok(0) => return Err(closed()),
                     Ok(_) => continue,
                     Err(e) => return Err(Ended::ReadFailed(e)),
@@ -467,6 +558,7 @@ impl<R: Source, S: Sink> Conn<R, S> {
             }
             // The rest goes straight into `dst`. The client is in the middle of sending it,
             // so a wait is usually short: poll before sleeping, as between requests.
+            self.spawn_local_ops();
             let poll = self.may_poll();
             while at < dst.len() {
                 let polled = if poll {

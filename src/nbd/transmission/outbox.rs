@@ -75,7 +75,7 @@ pub(super) struct Outbox {
     state: Mutex<OutState>,
     /// Wakes the writer task; it owns the socket (`busy`) when woken.
     wake: Notify,
-    /// Told when the last spawned operation ends after the reader is done.
+    /// Told when the last spawned operation ends.
     idle: Notify,
     /// Cancelled when writing fails: the reader stops.
     pub(super) dead: CancellationToken,
@@ -241,9 +241,12 @@ impl Drop for OpGuard {
     fn drop(&mut self) {
         let mut st = self.0.lock();
         st.ops -= 1;
-        if st.ops == 0 && st.reader_done {
-            self.0.kick(st);
+        if st.ops == 0 {
+            // The reader may wait for this (a streamed simple read) before it is done.
             self.0.idle.notify_one();
+            if st.reader_done {
+                self.0.kick(st);
+            }
         }
     }
 }

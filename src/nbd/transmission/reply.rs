@@ -2,11 +2,11 @@
 //! of data, device memory lent in place, or chunks of a sparse read), the budget it keeps
 //! until it is written, and how a request's reply is framed ([`ReplyTo`]).
 
+use crate::engine::error_log::ErrorLog;
 use crate::engine::{IoBuf, IoError, View};
 use crate::nbd::proto::{self, Frame, Framing, NbdError};
 use std::io::IoSlice;
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::warn;
 
 /// A reply ready to be written, holding its request's budget until it is.
 pub(crate) struct Reply {
@@ -73,13 +73,18 @@ impl Reply {
         match &self.body {
             Body::Frame(f) => out.push(IoSlice::new(f.as_bytes())),
             Body::Data(f, buf) => {
-                out.push(IoSlice::new(f.as_bytes()));
+                // Pieces of a streamed simple reply after the first have no header.
+                if !f.is_empty() {
+                    out.push(IoSlice::new(f.as_bytes()));
+                }
                 if !buf.is_empty() {
                     out.push(IoSlice::new(buf));
                 }
             }
             Body::View(f, v) => {
-                out.push(IoSlice::new(f.as_bytes()));
+                if !f.is_empty() {
+                    out.push(IoSlice::new(f.as_bytes()));
+                }
                 v.slices(out);
             }
             Body::Bytes(v) => out.push(IoSlice::new(v)),
@@ -133,6 +138,24 @@ impl ReplyTo {
         f
     }
 
+    /// The header of one piece of a streamed read, `at` bytes into the request and `len`
+    /// long: a data chunk of its own with structured replies (`last` says it is done); the
+    /// simple reply's header before the first piece, nothing before the others.
+    pub(super) fn piece_frame(self, at: u64, len: u64, last: bool) -> Frame {
+        let mut f = Frame::new();
+        match self.framing {
+            Framing::Simple if at == 0 => {
+                f.simple(0, self.cookie);
+            }
+            Framing::Simple => {}
+            fr => {
+                let flags = if last { proto::REPLY_FLAG_DONE } else { 0 };
+                f.offset_data(fr, flags, self.cookie, self.offset, self.offset + at, len);
+            }
+        }
+        f
+    }
+
     pub(super) fn error(self, err: NbdError, message: &str) -> Body {
         match self.framing {
             Framing::Simple => {
@@ -156,8 +179,10 @@ impl ReplyTo {
     }
 
     pub(super) fn io_error(self, e: &IoError) -> Body {
+        // One log for every connection: a failing device fails them all alike.
+        static LOG: ErrorLog = ErrorLog::new();
         if matches!(e, IoError::Backend(_)) {
-            warn!("{e}");
+            LOG.record(self.offset, &e.to_string());
         }
         self.error(NbdError::from_errno(e.errno()), &e.to_string())
     }

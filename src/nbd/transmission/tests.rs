@@ -8,11 +8,14 @@ use crate::engine::{SparseDevice, SparseOptions};
 use crate::nbd::export::transmission_flags;
 use crate::nbd::handshake::ALLOCATION_CONTEXT_ID;
 use crate::nbd::proto::{Framing, NbdError};
+use rand::RngExt;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 const SIZE: u64 = 64 << 20;
+/// Largest request: above the 32 MiB maximum payload, so that requests are streamed.
+const MAX_REQUEST: u64 = 60 << 20;
 
 fn export(read_only: bool) -> Export {
     let mut o = SparseOptions::new(SIZE);
@@ -44,8 +47,9 @@ fn start_on(export: Export, framing: Framing) -> (UnixStream, tokio::task::JoinH
     (client, task)
 }
 
-/// Runs the transmission phase of `export` on `server` (busy polling on, no per-client
-/// budget) with `inflight` bytes of in-flight budget.
+/// Runs the transmission phase of `export` on `server` (a 50 µs poll budget, no per-client
+/// budget) with `inflight` bytes of in-flight budget. On the test's own runtime, which the
+/// client shares: nothing polls there (see `polling_connection_serves_in_process`).
 fn spawn_run(
     server: UnixStream,
     export: Export,
@@ -55,6 +59,7 @@ fn spawn_run(
     let limits = ConnectionLimits {
         inflight_bytes: inflight,
         busy_poll: Duration::from_micros(50),
+        max_request: MAX_REQUEST,
     };
     tokio::spawn(async move {
         let (rd, wr) = server.into_split();
@@ -63,26 +68,21 @@ fn spawn_run(
     })
 }
 
-fn request(ext: bool, cmd: u16, flags: u16, cookie: u64, offset: u64, len: u64) -> Vec<u8> {
-    let mut b = Vec::with_capacity(32);
-    if ext {
-        b.extend_from_slice(&proto::EXTENDED_REQUEST_MAGIC.to_be_bytes());
-    } else {
-        b.extend_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
+/// What a client that negotiated nothing (simple replies) gets on `export`.
+fn simple_terms(export: &Export) -> Negotiated {
+    Negotiated {
+        export: 0,
+        framing: Framing::Simple,
+        allocation_context: None,
+        flags: transmission_flags(&export.device.capabilities(), Framing::Simple),
     }
-    b.extend_from_slice(&flags.to_be_bytes());
-    b.extend_from_slice(&cmd.to_be_bytes());
-    b.extend_from_slice(&cookie.to_be_bytes());
-    b.extend_from_slice(&offset.to_be_bytes());
-    if ext {
-        b.extend_from_slice(&len.to_be_bytes());
-    } else {
-        b.extend_from_slice(&(len as u32).to_be_bytes());
-    }
-    b
 }
 
-async fn simple_reply(c: &mut UnixStream) -> (u32, u64) {
+fn request(ext: bool, cmd: u16, flags: u16, cookie: u64, offset: u64, len: u64) -> Vec<u8> {
+    proto::encode_request(ext, cmd, flags, cookie, offset, len)
+}
+
+async fn simple_reply(c: &mut (impl AsyncReadExt + Unpin)) -> (u32, u64) {
     let mut h = [0u8; 16];
     c.read_exact(&mut h).await.unwrap();
     assert_eq!(&h[0..4], &proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
@@ -93,7 +93,7 @@ async fn simple_reply(c: &mut UnixStream) -> (u32, u64) {
 }
 
 /// A structured or extended chunk: (flags, type, cookie, payload).
-async fn chunk(c: &mut UnixStream, ext: bool) -> (u16, u16, u64, Vec<u8>) {
+async fn chunk(c: &mut (impl AsyncReadExt + Unpin), ext: bool) -> (u16, u16, u64, Vec<u8>) {
     let mut h = vec![0u8; if ext { 32 } else { 20 }];
     c.read_exact(&mut h).await.unwrap();
     let magic = u32::from_be_bytes(h[0..4].try_into().unwrap());
@@ -166,8 +166,8 @@ async fn errors_are_replies_and_the_connection_goes_on() {
     w.extend(vec![0xee; 4096]);
     c.write_all(&w).await.unwrap();
     assert_eq!(simple_reply(&mut c).await, (NbdError::NoSpc.code(), 2));
-    // A write larger than the maximum payload: EINVAL, payload skipped.
-    let big = (33 << 20) as u64;
+    // A write larger than the largest request: EINVAL, payload skipped.
+    let big = MAX_REQUEST + 1;
     c.write_all(&request(false, proto::CMD_WRITE, 0, 3, 0, big))
         .await
         .unwrap();
@@ -290,7 +290,12 @@ async fn structured_reads_send_holes_and_data() {
 
 /// Reads a structured reply to `cookie` into a buffer of `len` bytes at `offset`:
 /// holes as zeros, data where the chunks say, every byte covered once.
-async fn structured_read(c: &mut UnixStream, cookie: u64, offset: u64, len: usize) -> Vec<u8> {
+async fn structured_read(
+    c: &mut (impl AsyncReadExt + Unpin),
+    cookie: u64,
+    offset: u64,
+    len: usize,
+) -> Vec<u8> {
     let mut out = vec![0xeeu8; len];
     let mut covered = 0usize;
     loop {
@@ -338,7 +343,7 @@ async fn reads_lent_in_place_and_copied_agree_across_thousands_of_pieces() {
         dev.view(0, len as u64).is_some(),
         "host memory lends itself"
     );
-    let copied: Arc<dyn BlockDevice> = Arc::new(SlowWrites(dev.clone()));
+    let copied: Arc<dyn BlockDevice> = Arc::new(slow_writes(dev.clone()));
     assert!(copied.view(0, len as u64).is_none());
     for device in [dev, copied] {
         let export = || Export {
@@ -379,6 +384,66 @@ async fn reads_lent_in_place_and_copied_agree_across_thousands_of_pieces() {
         .unwrap();
         let got = structured_read(&mut c, 3, 4096, len - 8192).await;
         assert!(got == want[4096..len - 4096], "DF read differs");
+    }
+}
+
+/// Reads and writes above the maximum payload (32 MiB) are streamed in pieces and land
+/// whole, with simple and structured replies, in place and through buffers. On the device
+/// whose writes wait (so their replies come late), a small write pipelined before a
+/// streamed simple read must answer before the read's header, not inside its data.
+#[tokio::test]
+async fn requests_above_the_maximum_payload_are_streamed() {
+    let (offset, len) = (12_345u64, 48_000_000usize);
+    let data = pattern(3, len);
+    for slow in [false, true] {
+        for framing in [Framing::Simple, Framing::Structured] {
+            let mut dev: Arc<dyn BlockDevice> = export(false).device;
+            if slow {
+                dev = Arc::new(slow_writes(dev));
+            }
+            let export = Export {
+                name: String::new(),
+                description: String::new(),
+                device: dev,
+                metrics: None,
+            };
+            let what = format!("{framing:?}, slow writes: {slow}");
+            let (mut c, task) = start_on(export, framing);
+            let mut out = request(false, proto::CMD_WRITE, 0, 1, offset, len as u64);
+            out.extend_from_slice(&data);
+            // With structured replies the small write's may come between the read's
+            // chunks, as the spec allows: it goes with simple replies only.
+            let small = framing == Framing::Simple;
+            if small {
+                out.extend(request(false, proto::CMD_WRITE, 0, 2, 0, 512));
+                out.extend_from_slice(&[7; 512]);
+            }
+            out.extend(request(false, proto::CMD_READ, 0, 3, offset, len as u64));
+            let (mut crd, mut cwr) = c.split();
+            let (sent, got) = tokio::join!(cwr.write_all(&out), async {
+                // Structured connections answer writes with simple replies too.
+                let mut replies = vec![simple_reply(&mut crd).await];
+                if small {
+                    replies.push(simple_reply(&mut crd).await);
+                }
+                replies.sort();
+                assert_eq!(replies[0], (0, 1), "{what}: the streamed write's reply");
+                assert!(replies[1..] == [(0, 2)][..small as usize], "{what}");
+                match framing {
+                    Framing::Simple => {
+                        assert_eq!(simple_reply(&mut crd).await, (0, 3), "{what}");
+                        let mut back = vec![0u8; len];
+                        crd.read_exact(&mut back).await.unwrap();
+                        back
+                    }
+                    _ => structured_read(&mut crd, 3, offset, len).await,
+                }
+            });
+            sent.unwrap();
+            assert!(got == data, "{what}: the streamed read differs");
+            drop(c);
+            task.await.unwrap();
+        }
     }
 }
 
@@ -475,17 +540,22 @@ async fn garbage_closes_the_connection() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_held_back_not_buffered() {
-    // With a 1 MiB budget the server stops reading after about 1 MiB of read data in
-    // flight instead of queueing every reply.
+    // With a 1 MiB budget the server runs at most 16 reads of 64 KiB ahead of the replies
+    // its client has taken (and those the socket holds), instead of queueing a reply for
+    // every request. Counted on the device, where each read begins: host memory is sent in
+    // place, so no buffer pool shows it.
     let (c, server) = UnixStream::pair().unwrap();
-    let export = export(false);
-    let neg = Negotiated {
-        export: 0,
-        framing: Framing::Simple,
-        allocation_context: None,
-        flags: transmission_flags(&export.device.capabilities(), Framing::Simple),
+    let lag = Arc::new(ReadLag::default());
+    let export = Export {
+        device: Arc::new(Wrapped {
+            inner: export(false).device,
+            slow_writes: false,
+            lag: Some(lag.clone()),
+            elsewhere: false,
+        }),
+        ..export(false)
     };
-    let pool = export.device.buffers().clone();
+    let neg = simple_terms(&export);
     let task = spawn_run(server, export, neg, 1 << 20);
     let (mut crd, mut cwr) = c.into_split();
     let sender = tokio::spawn(async move {
@@ -500,32 +570,35 @@ async fn a_client_that_stops_reading_is_held_back_not_buffered() {
         }
         cwr
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // 4096 reads of 64 KiB would be 256 MiB; the pool shows what is held.
-    let free_before = pool.limit();
-    let mut probe = Vec::new();
-    while let Ok(Some(b)) = pool.try_get(1 << 20) {
-        probe.push(b);
+    // The client reads nothing until the server has used its budget.
+    let begun = || lag.begun.load(std::sync::atomic::Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while begun() < 8 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} reads began",
+            begun()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let held = free_before - probe.len() * (1 << 20);
-    assert!(
-        held <= 8 << 20,
-        "{held} bytes of buffers held for a stalled client"
-    );
-    drop(probe);
     // Reading the replies lets everything complete.
-    let mut got = 0;
     let mut hdr = [0u8; 16];
     let mut data = vec![0u8; 64 << 10];
-    while got < 4096 {
+    for _ in 0..4096 {
         crd.read_exact(&mut hdr).await.unwrap();
         crd.read_exact(&mut data).await.unwrap();
-        got += 1;
+        lag.taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
     let cwr = sender.await.unwrap();
     drop(cwr);
     drop(crd);
     let _ = task.await;
+    // 16 in the budget, a few more in the socket's buffers.
+    let worst = lag.worst.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (8..=24).contains(&worst),
+        "the server ran {worst} reads ahead of a client that stopped reading"
+    );
 }
 
 #[tokio::test]
@@ -618,6 +691,7 @@ async fn pipelined_writes_of_mixed_sizes_land_intact() {
 /// Bytes that differ from `pattern(seed ^ 1, ..)` everywhere, made 8 at a time.
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut v = Vec::with_capacity(len + 8);
+    // xorshift, not the seeded generator: this fills megabytes a round, and fast.
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     while v.len() < len {
         x ^= x << 13;
@@ -650,14 +724,8 @@ async fn a_write_cut_anywhere_never_lands_in_part() {
         200_000,
         1 << 20,
     ];
-    let mut rng = 0x5eed_u64;
-    let mut next = move |n: usize| {
-        rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) % n.max(1) as u64) as usize
-    };
+    let mut rng = crate::test_support::seeded_rng(0x5eed);
+    let mut next = move |n: usize| rng.random_range(0..n);
     let (mut whole, mut landed, mut cut_short) = (0, 0, 0);
     for round in 0..240u64 {
         let ext = round % 2 == 1;
@@ -753,32 +821,90 @@ async fn a_write_cut_anywhere_never_lands_in_part() {
     );
 }
 
-/// A device whose writes wait before they land, as GPU copies do.
-struct SlowWrites(Arc<dyn BlockDevice>);
+/// A device that forwards to another but for what a test changes: with `slow_writes`,
+/// writes wait before they land, as GPU copies do, and no memory is lent in place, as GPU
+/// memory cannot be; with `lag`, reads begun are counted against the replies taken.
+struct Wrapped {
+    inner: Arc<dyn BlockDevice>,
+    slow_writes: bool,
+    lag: Option<Arc<ReadLag>>,
+    /// Reads, writes and flushes complete on another thread some µs later, as the GPU's
+    /// completion thread wakes them.
+    elsewhere: bool,
+}
+
+/// A device whose writes wait before they land and that lends no memory, as a GPU's.
+fn slow_writes(inner: Arc<dyn BlockDevice>) -> Wrapped {
+    Wrapped {
+        inner,
+        slow_writes: true,
+        lag: None,
+        elsewhere: false,
+    }
+}
+
+/// How far a server runs ahead of its client: reads begun (on the device) against replies
+/// the client has taken, and the most the first ever led the second by.
+#[derive(Default)]
+struct ReadLag {
+    begun: std::sync::atomic::AtomicU64,
+    taken: std::sync::atomic::AtomicU64,
+    worst: std::sync::atomic::AtomicU64,
+}
+
+impl ReadLag {
+    fn begin(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let begun = self.begun.fetch_add(1, SeqCst) + 1;
+        let ahead = begun.saturating_sub(self.taken.load(SeqCst));
+        self.worst.fetch_max(ahead, SeqCst);
+    }
+}
 
 #[async_trait::async_trait]
-impl BlockDevice for SlowWrites {
+impl BlockDevice for Wrapped {
     fn size(&self) -> u64 {
-        self.0.size()
+        self.inner.size()
     }
     fn capabilities(&self) -> Capabilities {
-        self.0.capabilities()
+        self.inner.capabilities()
     }
     fn describe(&self) -> String {
-        self.0.describe()
+        self.inner.describe()
     }
     fn buffers(&self) -> &crate::engine::BufferPool {
-        self.0.buffers()
+        self.inner.buffers()
     }
     fn stats(&self) -> crate::engine::DeviceStats {
-        self.0.stats()
+        self.inner.stats()
     }
     async fn read(&self, offset: u64, buf: &mut [u8]) -> crate::engine::IoResult<()> {
-        self.0.read(offset, buf).await
+        if let Some(lag) = &self.lag {
+            lag.begin();
+        }
+        if self.elsewhere {
+            completed_elsewhere(20).await;
+        }
+        self.inner.read(offset, buf).await
+    }
+    fn view(&self, offset: u64, len: u64) -> Option<crate::engine::IoResult<crate::engine::View>> {
+        if self.slow_writes || self.elsewhere {
+            return None;
+        }
+        let view = self.inner.view(offset, len);
+        if let (Some(lag), Some(_)) = (&self.lag, &view) {
+            lag.begin();
+        }
+        view
     }
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> crate::engine::IoResult<()> {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        self.0.write(offset, data, fua).await
+        if self.slow_writes {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        if self.elsewhere {
+            completed_elsewhere(20).await;
+        }
+        self.inner.write(offset, data, fua).await
     }
     async fn write_zeroes(
         &self,
@@ -786,19 +912,22 @@ impl BlockDevice for SlowWrites {
         len: u64,
         flags: ZeroFlags,
     ) -> crate::engine::IoResult<()> {
-        self.0.write_zeroes(offset, len, flags).await
+        self.inner.write_zeroes(offset, len, flags).await
     }
     async fn trim(&self, offset: u64, len: u64) -> crate::engine::IoResult<()> {
-        self.0.trim(offset, len).await
+        self.inner.trim(offset, len).await
     }
     async fn flush(&self) -> crate::engine::IoResult<()> {
-        self.0.flush().await
+        if self.elsewhere {
+            completed_elsewhere(20).await;
+        }
+        self.inner.flush().await
     }
     async fn cache(&self, offset: u64, len: u64) -> crate::engine::IoResult<()> {
-        self.0.cache(offset, len).await
+        self.inner.cache(offset, len).await
     }
     fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> crate::engine::IoResult<()> {
-        self.0.extents(offset, len, out)
+        self.inner.extents(offset, len, out)
     }
 }
 
@@ -812,7 +941,7 @@ async fn a_dropped_connection_ends_after_its_writes_land() {
     let export = Export {
         name: String::new(),
         description: String::new(),
-        device: Arc::new(SlowWrites(inner.clone())),
+        device: Arc::new(slow_writes(inner.clone())),
         metrics: None,
     };
     for garbage in [true, false] {
@@ -848,4 +977,195 @@ async fn a_dropped_connection_ends_after_its_writes_land() {
             t0.elapsed()
         );
     }
+}
+
+/// A connection alone on a server connection thread polls: at queue depth 1 its polls find
+/// the client's next requests (or turn themselves off when the machine has no CPU to spare),
+/// and every write reads back intact.
+#[tokio::test]
+async fn polling_connection_serves_in_process() {
+    let (client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+    let export = export(false);
+    let neg = simple_terms(&export);
+    let limits = ConnectionLimits {
+        inflight_bytes: 64 << 20,
+        busy_poll: Duration::from_micros(500),
+        max_request: MAX_REQUEST,
+    };
+    let thread = serve_on_own_thread(server, export, neg, limits);
+    client.set_nonblocking(true).unwrap();
+    let mut c = UnixStream::from_std(client).unwrap();
+    const N: u64 = 300;
+    for i in 0..N {
+        let data = pattern(i, 4096);
+        let mut r = request(false, proto::CMD_WRITE, 0, i, i * 4096, 4096);
+        r.extend_from_slice(&data);
+        c.write_all(&r).await.unwrap();
+        assert_eq!(simple_reply(&mut c).await, (0, i));
+        c.write_all(&request(false, proto::CMD_READ, 0, N + i, i * 4096, 4096))
+            .await
+            .unwrap();
+        assert_eq!(simple_reply(&mut c).await, (0, N + i));
+        let mut back = vec![0u8; 4096];
+        c.read_exact(&mut back).await.unwrap();
+        assert!(back == data, "block {i} read back wrong");
+    }
+    c.write_all(&request(false, proto::CMD_DISC, 0, 0, 0, 0))
+        .await
+        .unwrap();
+    let summary = thread.join().unwrap();
+    assert_eq!(summary.requests, 2 * N + 1);
+    let p = summary.polls;
+    assert!(
+        p.polls > 0,
+        "a connection alone on its thread never polled: {p:?}"
+    );
+    assert_eq!(
+        p.polls,
+        p.first_try + p.caught + p.empty + p.no_spare,
+        "every poll has one outcome: {p:?}"
+    );
+    assert!(
+        p.first_try + p.caught > 0 || p.no_spare > 0,
+        "polls neither found a request nor stood down for want of CPU: {p:?}"
+    );
+}
+
+/// Waits about `us` µs on a thread of its own, then wakes the caller from there.
+async fn completed_elsewhere(us: u64) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_micros(us));
+        let _ = tx.send(());
+    });
+    rx.await.unwrap();
+}
+
+/// Requests whose device operations complete on other threads (the GPU's way), pipelined
+/// with sizes from 4 KiB to 256 KiB and a budget that runs out: every request gets its reply
+/// and every block reads back as written, on a connection that polls (alone on a server
+/// thread, its operations waiting in the reader) and on one that does not.
+#[tokio::test]
+async fn operations_completed_elsewhere_answer_every_request() {
+    const N: u64 = 240;
+    let len = |i: u64| 4096usize << (i % 7);
+    let at = |i: u64| i * (256 << 10);
+    for polling in [true, false] {
+        let export = Export {
+            name: String::new(),
+            description: String::new(),
+            device: Arc::new(Wrapped {
+                inner: export(false).device,
+                slow_writes: false,
+                lag: None,
+                elsewhere: true,
+            }),
+            metrics: None,
+        };
+        let neg = simple_terms(&export);
+        let (client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        client.set_nonblocking(true).unwrap();
+        let limits = ConnectionLimits {
+            inflight_bytes: 2 << 20,
+            busy_poll: Duration::from_micros(if polling { 500 } else { 0 }),
+            max_request: MAX_REQUEST,
+        };
+        let server = serve_on_own_thread(server, export, neg, limits);
+        let (mut rd, mut wr) = UnixStream::from_std(client).unwrap().into_split();
+        // Writes (and a flush now and then), all sent at once; then, once all are answered
+        // (NBD orders nothing), reads of every block.
+        for phase in ["write", "read"] {
+            let sender = tokio::spawn(async move {
+                let mut sent = 0u64;
+                for i in 0..N {
+                    let r = if phase == "write" {
+                        let mut r = request(false, proto::CMD_WRITE, 0, i, at(i), len(i) as u64);
+                        r.extend_from_slice(&pattern(i, len(i)));
+                        r
+                    } else {
+                        request(false, proto::CMD_READ, 0, N + i, at(i), len(i) as u64)
+                    };
+                    wr.write_all(&r).await.unwrap();
+                    sent += 1;
+                    if i % 17 == 0 {
+                        let r = request(false, proto::CMD_FLUSH, 0, 10_000 + i, 0, 0);
+                        wr.write_all(&r).await.unwrap();
+                        sent += 1;
+                    }
+                }
+                (wr, sent)
+            });
+            let mut answered = std::collections::HashSet::new();
+            // Reply headers until every request of the phase is answered; the count is known
+            // once the sender is done, and it never sends more than this.
+            let most = N + N.div_ceil(17);
+            while (answered.len() as u64) < most {
+                let (err, cookie) = simple_reply_half(&mut rd).await;
+                assert_eq!(err, 0, "{phase} request {cookie} failed");
+                if (N..2 * N).contains(&cookie) {
+                    let k = cookie - N;
+                    let mut back = vec![0u8; len(k)];
+                    rd.read_exact(&mut back).await.unwrap();
+                    assert!(back == pattern(k, len(k)), "block {k} read back wrong");
+                }
+                assert!(answered.insert(cookie), "two replies for request {cookie}");
+            }
+            let (w, sent) = sender.await.unwrap();
+            assert_eq!(sent, most);
+            wr = w;
+        }
+        wr.write_all(&request(false, proto::CMD_DISC, 0, 0, 0, 0))
+            .await
+            .unwrap();
+        let summary = server.join().unwrap();
+        assert!(
+            matches!(summary.ended, Ended::Disconnect),
+            "{}",
+            summary.ended
+        );
+        assert_eq!(summary.requests, 2 * (N + N.div_ceil(17)) + 1);
+        if polling {
+            assert!(
+                summary.polls.with_ops > 0,
+                "the reader never watched its operations: {:?}",
+                summary.polls
+            );
+        } else {
+            assert_eq!(summary.polls, PollStats::default(), "polling is off");
+        }
+    }
+}
+
+/// A simple reply's header from the read half of a connection: (error, cookie).
+async fn simple_reply_half(c: &mut tokio::net::unix::OwnedReadHalf) -> (u32, u64) {
+    let mut h = [0u8; 16];
+    c.read_exact(&mut h).await.unwrap();
+    assert_eq!(&h[0..4], &proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+    (
+        u32::from_be_bytes(h[4..8].try_into().unwrap()),
+        u64::from_be_bytes(h[8..16].try_into().unwrap()),
+    )
+}
+
+/// Runs the transmission phase on `server` on a thread and runtime of its own, counted as
+/// its thread's one connection, as `server::Workers` runs connections (so it may poll).
+fn serve_on_own_thread(
+    server: std::os::unix::net::UnixStream,
+    export: Export,
+    neg: Negotiated,
+    limits: ConnectionLimits,
+) -> std::thread::JoinHandle<Summary> {
+    std::thread::spawn(move || {
+        set_thread_load(Arc::new(std::sync::atomic::AtomicUsize::new(1)));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            server.set_nonblocking(true).unwrap();
+            let (rd, wr) = UnixStream::from_std(server).unwrap().into_split();
+            let shutdown = CancellationToken::new();
+            run(rd, wr, &export, &neg, &limits, None, &shutdown).await
+        })
+    })
 }

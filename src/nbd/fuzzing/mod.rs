@@ -3,16 +3,20 @@
 //! in-process socket pair against small host-memory exports. Each returns normally on any
 //! input; a panic, a hang or unbounded memory is a bug. Not part of the stable API.
 
-use super::export::{ConnectionLimits, Export};
-use super::handshake::{self, Outcome};
-use super::proto;
+mod replies;
+
+use super::export::{BlockSizes, ConnectionLimits, Export};
+use super::handshake::{self, Negotiated, Outcome};
+use super::proto::{self, Framing};
 use super::tls::TlsMode;
 use super::transmission;
 use crate::engine::host::HostBackend;
 use crate::engine::{BlockDevice, SparseDevice, SparseOptions};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// Feeds `data` to every pure parser of [`proto`], at every offset for the fixed-size ones.
 pub fn parsers(data: &[u8]) {
@@ -111,8 +115,18 @@ fn prelude(mode: u8) -> Option<Vec<u8>> {
 
 /// Drives a whole session: the client sends `data` (after a valid handshake, depending on
 /// its first byte) and closes its sending side; the server must answer and close within a
-/// few seconds whatever the bytes were. Runs on the caller's thread.
+/// few seconds whatever the bytes were, and its replies must keep to the protocol (see
+/// [`replies`]). Runs on the caller's thread.
+///
+/// A first run stops after the handshake, to learn where the transmission phase starts in
+/// the bytes and in which framing; the requests there then get cookies 1, 2, … (so that
+/// each reply names one), and the second, whole run's replies are checked against them.
 pub fn session(data: &[u8], exports: &[Export]) {
+    session_answers(data, exports);
+}
+
+/// [`session`], returning how many requests the server answered.
+fn session_answers(data: &[u8], exports: &[Export]) -> usize {
     thread_local! {
         static RT: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -120,35 +134,98 @@ pub fn session(data: &[u8], exports: &[Export]) {
             .expect("a runtime");
     }
     let Some((&mode, rest)) = data.split_first() else {
-        return;
+        return 0;
     };
     let mut input = prelude(mode).unwrap_or_default();
     input.extend_from_slice(rest);
     RT.with(|rt| {
         rt.block_on(async {
-            let done = tokio::time::timeout(Duration::from_secs(10), drive(&input, exports));
-            if done.await.is_err() {
-                panic!("session did not end within 10 s");
+            let done = tokio::time::timeout(Duration::from_secs(10), checked(input, exports));
+            match done.await {
+                Err(_) => panic!("session did not end within 10 s"),
+                Ok(Err(e)) => panic!("the server's replies break the protocol: {e}"),
+                Ok(Ok(n)) => n,
             }
         })
-    });
+    })
 }
 
-async fn drive(input: &[u8], exports: &[Export]) {
+/// Runs the session twice (see [`session`]) and checks the second run's replies; returns
+/// how many requests were answered.
+async fn checked(mut input: Vec<u8>, exports: &[Export]) -> Result<usize, String> {
+    let first = drive(&input, exports, false).await;
+    let Some(neg) = first.neg else {
+        // The handshake was the whole session.
+        return Ok(0);
+    };
+    let extended = neg.framing == Framing::Extended;
+    let sent = replies::number_requests(&mut input[first.read..], extended);
+    let run = drive(&input, exports, true).await;
+    if run.read != first.read || run.neg.as_ref() != Some(&neg) {
+        return Err(format!(
+            "the same handshake ended differently: {} bytes read and {:?}, then {} and {:?}",
+            first.read, neg, run.read, run.neg
+        ));
+    }
+    let device = &exports[neg.export].device;
+    let terms = replies::Terms {
+        framing: neg.framing,
+        size: device.size(),
+        read_only: neg.flags & proto::FLAG_READ_ONLY != 0,
+        max_payload: BlockSizes::of(&device.capabilities()).max as u64,
+        meta_context: neg.allocation_context,
+    };
+    replies::check(&sent, &terms, &run.output[run.written..])
+}
+
+/// What one run of a session showed.
+struct Run {
+    /// Bytes the handshake read from the client.
+    read: usize,
+    /// Bytes the handshake wrote to the client.
+    written: usize,
+    /// What the handshake settled, if it got to the transmission phase.
+    neg: Option<Negotiated>,
+    /// Everything the server sent.
+    output: Vec<u8>,
+}
+
+/// Sends `input` and reads everything the server sends back until it closes; `transmit`:
+/// the server goes on to the transmission phase (else it closes after the handshake).
+async fn drive(input: &[u8], exports: &[Export], transmit: bool) -> Run {
     let (mut client, server) = tokio::net::UnixStream::pair().expect("a socket pair");
     let limits = ConnectionLimits {
         inflight_bytes: 1 << 20,
         // Polling would make runs depend on timing; the fuzzer wants them repeatable.
         busy_poll: Duration::ZERO,
+        // Small, so that the streaming of requests above the maximum payload is reached.
+        max_request: 64 << 20,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let serve = async {
-        let mut server = server;
-        let neg = handshake::negotiate(&mut server, exports, "fuzz", TlsMode::Off).await;
-        if let Ok(Outcome::Transmission(n)) = neg {
-            let (rd, wr) = server.into_split();
-            transmission::run(rd, wr, &exports[n.export], &n, &limits, None, &shutdown).await;
+        let mut server = Counted {
+            inner: server,
+            read: 0,
+            written: 0,
+        };
+        let neg = handshake::negotiate(&mut server, exports, "fuzz", TlsMode::Off, &|| true).await;
+        let (read, written) = (server.read, server.written);
+        let neg = match neg {
+            Ok(Outcome::Transmission(n)) => Some(n),
+            _ => None,
+        };
+        match (&neg, transmit) {
+            (Some(n), true) => {
+                let (rd, wr) = server.inner.into_split();
+                transmission::run(rd, wr, &exports[n.export], n, &limits, None, &shutdown).await;
+            }
+            // Takes the rest and closes only at its end, so that the client's writes never
+            // meet a closed socket (SIGPIPE where nothing ignores it, as in a fuzz binary).
+            _ => {
+                let _ = tokio::io::copy(&mut server.inner, &mut tokio::io::sink()).await;
+            }
         }
+        (read, written, neg)
     };
     let talk = async {
         let (mut rd, mut wr) = client.split();
@@ -156,19 +233,65 @@ async fn drive(input: &[u8], exports: &[Export]) {
             let _ = wr.write_all(input).await;
             let _ = wr.shutdown().await;
         };
-        // Replies are read (and dropped) as they come, so the server never blocks on a
-        // full socket.
+        // Replies are read as they come, so the server never blocks on a full socket.
         let recv = async {
-            let mut buf = vec![0u8; 64 << 10];
-            while let Ok(n) = rd.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-            }
+            let mut out = Vec::new();
+            let _ = rd.read_to_end(&mut out).await;
+            out
         };
-        tokio::join!(send, recv);
+        tokio::join!(send, recv).1
     };
-    tokio::join!(serve, talk);
+    let ((read, written, neg), output) = tokio::join!(serve, talk);
+    Run {
+        read,
+        written,
+        neg,
+        output,
+    }
+}
+
+/// A stream that counts what passes through it: where the handshake ends, each way.
+struct Counted<S> {
+    inner: S,
+    read: usize,
+    written: usize,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.read += buf.filled().len() - before;
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.written += n;
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// The short, bounded version of the fuzz targets that runs with the test suite: seeded
@@ -176,42 +299,22 @@ async fn drive(input: &[u8], exports: &[Export]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{mutate, seeded_rng};
 
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
-        }
+    /// A request header (cookie 7, or 9 with extended headers), then `payload` filler bytes.
+    fn request(ext: bool, cmd: u16, flags: u16, off: u64, len: u64, payload: usize) -> Vec<u8> {
+        let (cookie, fill) = if ext { (9, 0xa5) } else { (7, 0x5a) };
+        let mut v = proto::encode_request(ext, cmd, flags, cookie, off, len);
+        v.resize(v.len() + payload, fill);
+        v
     }
 
     fn req(cmd: u16, flags: u16, off: u64, len: u32, payload: usize) -> Vec<u8> {
-        let mut v = proto::REQUEST_MAGIC.to_be_bytes().to_vec();
-        v.extend_from_slice(&flags.to_be_bytes());
-        v.extend_from_slice(&cmd.to_be_bytes());
-        v.extend_from_slice(&7u64.to_be_bytes());
-        v.extend_from_slice(&off.to_be_bytes());
-        v.extend_from_slice(&len.to_be_bytes());
-        v.resize(v.len() + payload, 0x5a);
-        v
+        request(false, cmd, flags, off, len.into(), payload)
     }
 
     fn xreq(cmd: u16, flags: u16, off: u64, len: u64, payload: usize) -> Vec<u8> {
-        let mut v = proto::EXTENDED_REQUEST_MAGIC.to_be_bytes().to_vec();
-        v.extend_from_slice(&flags.to_be_bytes());
-        v.extend_from_slice(&cmd.to_be_bytes());
-        v.extend_from_slice(&9u64.to_be_bytes());
-        v.extend_from_slice(&off.to_be_bytes());
-        v.extend_from_slice(&len.to_be_bytes());
-        v.resize(v.len() + payload, 0xa5);
-        v
+        request(true, cmd, flags, off, len, payload)
     }
 
     fn seeds() -> Vec<Vec<u8>> {
@@ -251,41 +354,6 @@ mod tests {
         vec![simple, structured, extended, ro, raw]
     }
 
-    fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
-        let mut v = seed.to_vec();
-        for _ in 0..1 + rng.below(8) {
-            match rng.below(6) {
-                0 if !v.is_empty() => {
-                    let i = rng.below(v.len());
-                    v[i] ^= 1 << rng.below(8);
-                }
-                1 if !v.is_empty() => {
-                    let i = rng.below(v.len());
-                    v[i] = rng.next() as u8;
-                }
-                2 => {
-                    let i = rng.below(v.len() + 1);
-                    let n = rng.below(64);
-                    let bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
-                    v.splice(i..i, bytes);
-                }
-                3 if !v.is_empty() => {
-                    let i = rng.below(v.len());
-                    let n = rng.below(v.len() - i + 1);
-                    v.drain(i..i + n);
-                }
-                4 if v.len() > 8 => {
-                    // An interesting 32-bit value somewhere (lengths, offsets).
-                    let i = rng.below(v.len() - 4);
-                    let x: u32 = [0, 1, 0x7fff_ffff, 0xffff_ffff, 1 << 25, 4096][rng.below(6)];
-                    v[i..i + 4].copy_from_slice(&x.to_be_bytes());
-                }
-                _ => v.truncate(rng.below(v.len() + 1)),
-            }
-        }
-        v
-    }
-
     fn seed_from_env() -> u64 {
         std::env::var("VRAMDISK_FUZZ_SEED")
             .ok()
@@ -296,11 +364,11 @@ mod tests {
     #[test]
     fn parsers_and_options_survive_mutations() {
         let exports = exports();
-        let mut rng = Rng(seed_from_env());
+        let mut rng = seeded_rng(seed_from_env());
         let seeds = seeds();
         for i in 0..50_000 {
             let s = &seeds[i % seeds.len()];
-            let input = mutate(&mut rng, s);
+            let input = mutate(&mut rng, s, &seeds[(i + 1) % seeds.len()]);
             parsers(&input);
             parsers(&input[1.min(input.len())..]);
             // Options: reinterpret as (u32, u16, data) records.
@@ -311,18 +379,22 @@ mod tests {
     #[test]
     fn sessions_survive_mutations() {
         let exports = exports();
-        let mut rng = Rng(seed_from_env() ^ 1);
+        let mut rng = seeded_rng(seed_from_env() ^ 1);
         let seeds = seeds();
         let deadline = std::time::Instant::now() + Duration::from_secs(3);
         let mut runs = 0;
         while runs < 100 || std::time::Instant::now() < deadline {
             let s = &seeds[runs % seeds.len()];
-            session(&mutate(&mut rng, s), &exports);
+            session(
+                &mutate(&mut rng, s, &seeds[(runs + 1) % seeds.len()]),
+                &exports,
+            );
             runs += 1;
         }
-        // The unmutated seeds too: each must run to the end.
+        // The unmutated seeds too: each must run to the end, its replies checked.
         for s in &seeds {
-            session(s, &exports);
+            let answered = session_answers(s, &exports);
+            assert!(answered > 0, "seed {}: no reply checked", s[0]);
         }
     }
 }
