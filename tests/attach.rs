@@ -137,10 +137,10 @@ impl Drop for UringParam {
     }
 }
 
-/// The FUSE transport the general tests use: FUSE over io_uring where the kernel has it,
-/// or fuser where `VRAMDISK_FUSE_TRANSPORT=fuser` asks for the fallback.
+/// The FUSE transport the general tests use: the default (fuser), or FUSE over io_uring
+/// where `VRAMDISK_FUSE_TRANSPORT=uring` opts in (the daemons read the same variable).
 fn wants_uring() -> bool {
-    std::env::var("VRAMDISK_FUSE_TRANSPORT").as_deref() != Ok("fuser")
+    std::env::var("VRAMDISK_FUSE_TRANSPORT").as_deref() == Ok("uring")
 }
 
 /// One attached device: the daemon (foreground child) and its private run directory.
@@ -159,8 +159,8 @@ impl Attached {
         } else {
             &["--via", &via]
         };
-        // The FUSE tests run over io_uring where this kernel can (unless the fallback is
-        // asked for), with the module's switch on only while the daemon negotiates.
+        // Where the tests opt in to FUSE over io_uring, the module's switch is on only while
+        // the daemon negotiates.
         let _uring = (via == "fuse" && !extra.contains(&"--fuse-transport") && wants_uring())
             .then(|| UringParam::set(true))
             .flatten();
@@ -1096,14 +1096,14 @@ fn killed_daemon_fails_io_and_detach_recovers() {
     d2.detach_clean();
 }
 
-/// Which FUSE transport serves the mount follows the kernel and the flag, and status (and
-/// the stats file) says which: FUSE over io_uring with a queue per possible CPU where the
-/// fuse module's enable_uring is on, fuser where it is off or where fuser is asked for;
-/// `--fuse-transport uring` where it is off fails in a sentence naming the switch.
+/// FUSE over io_uring is opt-in, and status (and the stats file) says which transport
+/// serves the mount: auto is fuser whatever the fuse module's enable_uring says;
+/// `--fuse-transport uring` where it is off fails in a sentence naming the switch, and
+/// where it is on serves data over a queue per possible CPU; fuser is fuser.
 #[test]
-fn fuse_transport_follows_the_kernel_and_status_says_which() {
+fn fuse_uring_is_opt_in_and_status_says_which() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let test = "fuse_transport_follows_the_kernel_and_status_says_which";
+    let test = "fuse_uring_is_opt_in_and_status_says_which";
     if via() != "fuse" {
         common::skip_loudly(&format!("{test}: VRAMDISK_TEST_VIA={} is not fuse", via()));
         return;
@@ -1130,12 +1130,19 @@ fn fuse_transport_follows_the_kernel_and_status_says_which() {
         )
     };
 
-    // Off: auto falls back to fuser, and asking for io_uring says what to switch on.
-    let d = Attached::start(&["--size", "64M", "--fuse-transport", "auto"]);
-    let (status, stats) = via_of(&d);
-    assert!(status.starts_with("FUSE + loop (fuser, "), "{status}");
-    assert!(stats.starts_with("fuser, "), "{stats}");
-    d.detach_clean();
+    let auto_is_fuser = |how: &str| {
+        let d = Attached::start(&["--size", "64M", "--fuse-transport", "auto"]);
+        let (status, stats) = via_of(&d);
+        assert!(
+            status.starts_with("FUSE + loop (fuser, "),
+            "{how}: {status}"
+        );
+        assert!(stats.starts_with("fuser, "), "{how}: {stats}");
+        d.detach_clean();
+    };
+
+    // Off: auto is fuser, and asking for io_uring says what to switch on.
+    auto_is_fuser("enable_uring off");
     let run_dir = tempfile::tempdir().unwrap();
     let out = Command::new(bin())
         .args(["attach", "--backend", backend(), "--size", "64M"])
@@ -1155,9 +1162,11 @@ fn fuse_transport_follows_the_kernel_and_status_says_which() {
     );
     drop(off);
 
-    // On: auto takes io_uring, one queue per possible CPU, and serves data through it.
+    // On: auto is still fuser; uring asked for takes io_uring, one queue per possible CPU,
+    // and serves data through it.
     let on = UringParam::set(true).unwrap();
-    let d = Attached::start(&["--size", "64M", "--fuse-transport", "auto"]);
+    auto_is_fuser("enable_uring on");
+    let d = Attached::start(&["--size", "64M", "--fuse-transport", "uring"]);
     let queues = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
     let queues: usize = queues
         .trim()

@@ -48,8 +48,9 @@ pub struct AttachArgs {
     #[arg(long, value_name = "MICROSECONDS", default_value_t = server::DEFAULT_BUSY_POLL_US)]
     busy_poll: u64,
 
-    /// How FUSE requests reach the daemon (--via fuse): FUSE over io_uring where the kernel
-    /// offers it (the fuse module's enable_uring parameter on), else fuser; or either one.
+    /// How FUSE requests reach the daemon (--via fuse): fuser threads reading /dev/fuse
+    /// (auto, the default: 1 MiB sequential I/O is slower over the ring today), or, opted
+    /// in, FUSE over io_uring (the fuse module's enable_uring parameter must be on).
     #[arg(
         long,
         value_enum,
