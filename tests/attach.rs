@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::pattern;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
@@ -405,19 +406,6 @@ fn assert_nothing_left(state: &serde_json::Value, run_dir: &Path) {
         .map(|e| e.unwrap().path())
         .collect();
     assert!(left.is_empty(), "left in the run directory: {left:?}");
-}
-
-/// Deterministic pseudo-random bytes.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 #[test]

@@ -5,6 +5,8 @@
 #[path = "common/prometheus.rs"]
 mod prometheus;
 
+mod common;
+use common::pattern;
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixDatagram;
@@ -148,18 +150,6 @@ fn device(size: u64) -> Arc<dyn BlockDevice> {
     opts.chunk_size = 1 << 20;
     opts.buffer_limit = 128 << 20;
     Arc::new(SparseDevice::new(HostBackend::new(), opts).unwrap())
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 const SIZE: u64 = 64 << 20;

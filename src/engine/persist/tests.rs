@@ -7,6 +7,7 @@ use super::save::is_zero;
 use super::*;
 use crate::engine::host::HostBackend;
 use crate::engine::{BlockDevice, SparseDevice, SparseOptions};
+use crate::test_support::pattern;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,18 +35,6 @@ fn direct_works(dir: &Path) -> bool {
     let ok = open_direct(&probe, false).is_some();
     std::fs::remove_file(&probe).unwrap();
     ok
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 async fn filled(size: u64) -> Arc<dyn BlockDevice> {
