@@ -131,9 +131,12 @@ impl LocalOps {
 
     /// Polls the operations that woke; hands each reply to `done`. Cheap when none did.
     pub(super) fn drive(&mut self, mut done: impl FnMut(Reply)) {
-        if !self.shared.any.swap(false, Ordering::SeqCst) {
+        // Called after every request: with nothing in flight (host memory) or nothing woken,
+        // it costs a plain load, no read-modify-write.
+        if self.live == 0 || !self.shared.any.load(Ordering::SeqCst) {
             return;
         }
+        self.shared.any.store(false, Ordering::SeqCst);
         std::mem::swap(
             &mut self.scratch,
             &mut self.shared.ready.lock().unwrap_or_else(|e| e.into_inner()),
