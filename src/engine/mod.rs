@@ -32,7 +32,8 @@ pub use backend::{Backend, HostAllocator};
 pub use buffer::{BufferBudget, BufferPool, IoBuf};
 pub use chunk_map::ChunkMap;
 pub use error::{IoError, IoResult};
-pub use plug::{Plug, plugged};
+pub use plug::{Plug, plugged, unplug};
+pub(crate) use plug::{Unplug, held_by};
 pub use sparse::{SparseDevice, SparseOptions};
 pub use view::View;
 

@@ -1,18 +1,40 @@
 //! A submitter's word that more requests follow at once, as the block layer's plug
-//! (`blk_start_plug`) is: a request that would otherwise watch for its own completion (a
-//! small GPU copy going out alone, see `cuda::queue`) leaves the CPU to the submitter, which
-//! has the next request in hand. Without it, a connection reading 32 pipelined requests
-//! served them one at a time, each waiting out its copy: 4 KiB at queue depth 32 over one
-//! NBD connection ran at the rate of queue depth 1 plus the socket.
+//! (`blk_start_plug` / `blk_finish_plug`) is: requests started under a plug are held by the
+//! GPU copy queue instead of issued one by one, and go out together when the submitter
+//! unplugs, so that a burst of small copies becomes one launch of the gather kernel and one
+//! event instead of one driver call and one event each (see `cuda::queue`). A held request
+//! also never watches for its own completion (a small copy going out alone does, for up to
+//! 20 µs): the submitter has the next request in hand.
+//!
+//! Why: a connection reading 32 pipelined 4 KiB requests served them one at a time, each
+//! waiting out its copy (the rate of queue depth 1 plus the socket); with the watch skipped
+//! they still cost 32 submissions.
+//!
+//! The rule for submitters: whatever a plug held must be issued ([`unplug`]) before the
+//! thread waits for anything, since nothing else issues it (a held request polled again, or
+//! dropped, issues itself, as a safety net). Dropping a [`Plug`] unplugs; [`Plug::hold`]
+//! leaves what it held for a later [`unplug`], for a submitter whose next request is already
+//! in hand but whose code between the two is async (the guard cannot live across an await).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+
+/// What holds submissions made under a plug until the submitter unplugs: the copy queue of
+/// a GPU.
+pub(crate) trait Unplug: Send + Sync {
+    /// Issues what plugged submitters left waiting.
+    fn unplug(&self);
+}
 
 thread_local! {
     static PLUGGED: Cell<bool> = const { Cell::new(false) };
+    /// Queues holding submissions made on this thread under a plug: usually none or one.
+    static HELD: RefCell<Vec<Arc<dyn Unplug>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// While it lives, requests started on this thread know more follow (see the module docs).
-/// Not `Send`: it marks one thread, and must not be held across an `.await`.
+/// While it lives, requests started on this thread are held until it drops or [`unplug`]
+/// runs (see the module docs). Not `Send`: it marks one thread, and must not be held across
+/// an `.await`.
 pub struct Plug {
     prev: bool,
     _not_send: std::marker::PhantomData<*const ()>,
@@ -26,6 +48,13 @@ impl Plug {
             _not_send: std::marker::PhantomData,
         }
     }
+
+    /// Ends the plug but leaves what it held waiting for the next [`unplug`] on this thread,
+    /// which the caller must make before it waits for anything.
+    pub fn hold(self) {
+        PLUGGED.set(self.prev);
+        std::mem::forget(self);
+    }
 }
 
 impl Default for Plug {
@@ -37,6 +66,9 @@ impl Default for Plug {
 impl Drop for Plug {
     fn drop(&mut self) {
         PLUGGED.set(self.prev);
+        if !self.prev {
+            unplug();
+        }
     }
 }
 
@@ -45,9 +77,30 @@ pub fn plugged() -> bool {
     PLUGGED.get()
 }
 
+/// Notes that `queue` holds a submission made on this thread under a plug, for [`unplug`].
+pub(crate) fn held_by<Q: Unplug + 'static>(queue: &Arc<Q>) {
+    HELD.with_borrow_mut(|held| {
+        let known = held
+            .iter()
+            .any(|h| std::ptr::addr_eq(Arc::as_ptr(h), Arc::as_ptr(queue)));
+        if !known {
+            held.push(queue.clone());
+        }
+    });
+}
+
+/// Issues everything plugs on this thread held. Cheap when nothing is held.
+pub fn unplug() {
+    // One at a time, with the list not borrowed while a queue issues.
+    while let Some(queue) = HELD.with_borrow_mut(|held| held.pop()) {
+        queue.unplug();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
     fn a_plug_lasts_as_long_as_its_guard_and_nests() {
@@ -64,5 +117,44 @@ mod tests {
         std::thread::spawn(|| assert!(!plugged(), "another thread is not plugged"))
             .join()
             .unwrap();
+    }
+
+    #[derive(Default)]
+    struct Counting(AtomicUsize);
+
+    impl Unplug for Counting {
+        fn unplug(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn held_queues_are_unplugged_once_each_by_the_outermost_drop_or_unplug() {
+        let (a, b) = (Arc::new(Counting::default()), Arc::new(Counting::default()));
+        let count = |q: &Arc<Counting>| q.0.load(Ordering::SeqCst);
+        let outer = Plug::new();
+        {
+            let _inner = Plug::new();
+            held_by(&a);
+            held_by(&a);
+            held_by(&b);
+        }
+        assert_eq!(
+            (count(&a), count(&b)),
+            (0, 0),
+            "an inner plug does not unplug"
+        );
+        drop(outer);
+        assert_eq!((count(&a), count(&b)), (1, 1), "each queue once");
+        unplug();
+        assert_eq!((count(&a), count(&b)), (1, 1), "nothing left held");
+
+        let p = Plug::new();
+        held_by(&a);
+        p.hold();
+        assert!(!plugged());
+        assert_eq!(count(&a), 1, "hold leaves it held");
+        unplug();
+        assert_eq!(count(&a), 2);
     }
 }

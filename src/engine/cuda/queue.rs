@@ -16,7 +16,14 @@
 //! injection queue and often a thread wake-up), so one thread saturates near 1.6 M wakes/s,
 //! which is what bounds 4 KiB I/O at high depth; more completion threads (each reaping a
 //! share of the lanes) and reaping by the submitting tasks were both measured and were
-//! slower (see bench/notes-gpu.md). No tokio worker ever waits in a GPU synchronisation. The
+//! slower (see bench/notes-gpu.md).
+//!
+//! A submitter that says more requests follow ([`crate::engine::Plug`]) has its ops held on
+//! the pending stack, not issued, until it unplugs: a connection's burst of pipelined 4 KiB
+//! requests then goes out as one launch and one event, where it cost one driver call and one
+//! event each. A held op polled again, or dropped, issues whatever is pending itself.
+//!
+//! No tokio worker ever waits in a GPU synchronisation. The
 //! one bounded exception: a task whose small op went out alone, with nothing else in flight
 //! and no word from its submitter that more follow ([`crate::engine::Plug`]), watches its op
 //! for up to [`QueueOptions::spin`] (20 µs) before yielding, since waking a
@@ -423,14 +430,18 @@ impl<D: QueueDriver> CopyQueue<D> {
             return Ok(());
         }
         let op = op;
-        let guard = WaitOnDrop(&op);
+        let guard = WaitOnDrop(&op, &*self.shared);
+        if crate::engine::plugged() {
+            // The submitter has the next request in hand: hold this one until it unplugs
+            // (see `engine::plug`), and do not watch it.
+            self.shared.push(&op);
+            crate::engine::held_by(&self.shared);
+            let result = OpDone(&op, &*self.shared, false).await;
+            drop(guard);
+            return result;
+        }
         let solo = self.shared.submit(&op);
-        // Not when the submitter has the next request in hand (see `engine::plug`).
-        if solo
-            && !self.shared.opts.spin.is_zero()
-            && op.len <= self.shared.opts.small_max
-            && !crate::engine::plugged()
-        {
+        if solo && !self.shared.opts.spin.is_zero() && op.len <= self.shared.opts.small_max {
             let start = Instant::now();
             while start.elapsed() < self.shared.opts.spin {
                 if let Some(r) = op.result() {
@@ -440,9 +451,17 @@ impl<D: QueueDriver> CopyQueue<D> {
                 std::hint::spin_loop();
             }
         }
-        let result = OpDone(&op).await;
+        let result = OpDone(&op, &*self.shared, false).await;
         drop(guard);
         result
+    }
+}
+
+impl<D: QueueDriver> crate::engine::Unplug for Shared<D> {
+    fn unplug(&self) {
+        if !self.pending.load(Ordering::SeqCst).is_null() {
+            self.combine();
+        }
     }
 }
 
@@ -469,11 +488,15 @@ impl<D: QueueDriver> Drop for CopyQueue<D> {
     }
 }
 
-/// Waits for an op's completion when the future holding it is dropped early.
-struct WaitOnDrop<'a>(&'a Op);
+/// Waits for an op's completion when the future holding it is dropped early (issuing it
+/// first if a plug still holds it).
+struct WaitOnDrop<'a, D: QueueDriver>(&'a Op, &'a Shared<D>);
 
-impl Drop for WaitOnDrop<'_> {
+impl<D: QueueDriver> Drop for WaitOnDrop<'_, D> {
     fn drop(&mut self) {
+        if self.0.state.load(Ordering::Acquire) != DONE {
+            crate::engine::Unplug::unplug(self.1);
+        }
         let start = Instant::now();
         while self.0.state.load(Ordering::Acquire) != DONE {
             if start.elapsed() < Duration::from_micros(50) {
@@ -485,14 +508,21 @@ impl Drop for WaitOnDrop<'_> {
     }
 }
 
-struct OpDone<'a>(&'a Op);
+/// An op's completion; the flag says it was polled before.
+struct OpDone<'a, D: QueueDriver>(&'a Op, &'a Shared<D>, bool);
 
-impl Future for OpDone<'_> {
+impl<D: QueueDriver> Future for OpDone<'_, D> {
     type Output = Result<(), CuError>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let op = self.0;
+        let this = self.get_mut();
+        let op = this.0;
         if let Some(r) = op.result() {
             return Poll::Ready(r);
+        }
+        // A submitter that forgot to unplug before it waited: polled again, a held op
+        // issues itself (and whatever else is pending) rather than wait for ever.
+        if std::mem::replace(&mut this.2, true) {
+            crate::engine::Unplug::unplug(this.1);
         }
         op.waker.register(cx.waker());
         match op.result() {
@@ -506,6 +536,12 @@ impl<D: QueueDriver> Shared<D> {
     /// Pushes `op` and combines; true when this thread issued `op` alone in its round, with
     /// nothing else in flight.
     fn submit(&self, op: &Op) -> bool {
+        self.push(op);
+        self.combine() == 1 && self.inflight.load(Ordering::Relaxed) <= 1
+    }
+
+    /// Pushes `op` onto the pending stack, for the next combiner.
+    fn push(&self, op: &Op) {
         let p = op as *const Op as *mut Op;
         let mut head = self.pending.load(Ordering::Relaxed);
         loop {
@@ -518,7 +554,6 @@ impl<D: QueueDriver> Shared<D> {
                 Err(h) => head = h,
             }
         }
-        self.combine() == 1 && self.inflight.load(Ordering::Relaxed) <= 1
     }
 
     /// Issues everything pending unless another thread is already doing so. The combiner

@@ -130,7 +130,7 @@ impl<R: Source, S: Sink> Conn<R, S> {
     async fn stream_write(&mut self, req: Request, permit: Permit, fua: bool) -> OpResult {
         let to = self.reply_to(&req);
         // Its pieces are written in the reader: what it has in flight runs as tasks meanwhile.
-        self.spawn_local_ops();
+        self.before_wait();
         let piece = self.terms.max_payload;
         let mut buf = match self.buffer(piece).await {
             Ok(b) => b,
@@ -170,9 +170,8 @@ impl<R: Source, S: Sink> Conn<R, S> {
         let simple = self.terms.framing == Framing::Simple;
         // The pieces are waited for here, in the reader: what it has in flight runs as tasks
         // meanwhile (and is counted by the outbox, which the wait below needs).
-        self.spawn_local_ops();
+        self.before_wait();
         if simple {
-            self.flush_replies();
             self.out.ops_done().await;
         }
         let piece = self.terms.max_payload;

@@ -53,7 +53,7 @@ pub(crate) use socket::{Sink, Source};
 use super::export::{ConnectionLimits, Export};
 use super::handshake::Negotiated;
 use super::proto::{self, Request};
-use crate::engine::{BlockDevice, Extent, IoBuf, IoError, Plug};
+use crate::engine::{self, BlockDevice, Extent, IoBuf, IoError, Plug};
 use commands::Terms;
 use inbuf::{InBuf, READ_BUF};
 use local_ops::{LocalOps, OpFuture};
@@ -390,9 +390,18 @@ impl<R: Source, S: Sink> Conn<R, S> {
         self.batch.len() > before
     }
 
+    /// Before the reader waits for anything but the next request: what plugs held goes out,
+    /// operations in flight become tasks, and every reply done so far is written (a reply
+    /// left in the batch would keep its share of the budget the reader may be waiting for).
+    fn before_wait(&mut self) {
+        self.spawn_local_ops();
+        self.flush_replies();
+    }
+
     /// Hands the reader's operations in flight to tasks of their own: before the reader
     /// waits for anything but the socket, so that their replies never wait for it.
     fn spawn_local_ops(&mut self) {
+        engine::unplug();
         self.collect_local_ops();
         for op in self.local.drain() {
             let guard = self.out.op_started();
@@ -413,6 +422,8 @@ impl<R: Source, S: Sink> Conn<R, S> {
     /// rest goes to the writer task. Called before every wait, so no reply sits in the
     /// batch while the reader is blocked.
     fn flush_replies(&mut self) {
+        // Whatever plugs held goes out before the reader waits (see `engine::plug`).
+        engine::unplug();
         if self.batch.is_empty() {
             return;
         }
@@ -446,7 +457,11 @@ impl<R: Source, S: Sink> Conn<R, S> {
         let op: OpFuture = Box::pin(op);
         let plug = self.more_queued.then(Plug::new);
         let done = self.local.start(op);
-        drop(plug);
+        match plug {
+            // Held for the last request of the burst, or until the reader waits.
+            Some(plug) => plug.hold(),
+            None => engine::unplug(),
+        }
         if let Some(reply) = done {
             self.push(reply);
         }
@@ -461,8 +476,7 @@ impl<R: Source, S: Sink> Conn<R, S> {
         let conn = match self.budget.clone().try_acquire_many_owned(n) {
             Ok(p) => p,
             Err(_) => {
-                self.flush_replies();
-                self.spawn_local_ops();
+                self.before_wait();
                 self.budget
                     .clone()
                     .acquire_many_owned(n)
@@ -479,8 +493,7 @@ impl<R: Source, S: Sink> Conn<R, S> {
             Some((n, Err(_))) => {
                 // The client's other connections hold its share: wait for their replies
                 // to go out, as for this connection's own budget.
-                self.flush_replies();
-                self.spawn_local_ops();
+                self.before_wait();
                 let b = self.client_budget.clone().expect("checked above");
                 Some(b.permits.acquire_many_owned(n).await.map_err(closed)?)
             }
@@ -497,8 +510,7 @@ impl<R: Source, S: Sink> Conn<R, S> {
         if let Some(b) = self.dev.buffers().try_get(len as usize)? {
             return Ok(b);
         }
-        self.flush_replies();
-        self.spawn_local_ops();
+        self.before_wait();
         self.dev.buffers().get(len as usize).await
     }
 
@@ -515,8 +527,7 @@ impl<R: Source, S: Sink> Conn<R, S> {
         self.inbuf.consume(n);
         left -= n as u64;
         if left > 0 {
-            self.flush_replies();
-            self.spawn_local_ops();
+            self.before_wait();
         }
         while left > 0 {
             // The buffer is empty here: use it as scratch space.
@@ -558,7 +569,7 @@ impl<R: Source, S: Sink> Conn<R, S> {
             }
             // The rest goes straight into `dst`. The client is in the middle of sending it,
             // so a wait is usually short: poll before sleeping, as between requests.
-            self.spawn_local_ops();
+            self.before_wait();
             let poll = self.may_poll();
             while at < dst.len() {
                 let polled = if poll {

@@ -17,6 +17,7 @@ async fn a_client_that_stops_reading_is_held_back_not_buffered() {
             slow_writes: false,
             lag: Some(lag.clone()),
             elsewhere: false,
+            holder: None,
         }),
         ..export(false)
     };

@@ -12,6 +12,9 @@ pub(super) struct Wrapped {
     /// Reads, writes and flushes complete on another thread some µs later, as the GPU's
     /// completion thread wakes them.
     pub(super) elsewhere: bool,
+    /// Reads, writes and flushes started under a plug wait until the reader unplugs, as the
+    /// GPU copy queue holds them (see `engine::plug`).
+    pub(super) holder: Option<Arc<Holder>>,
 }
 
 /// A device whose writes wait before they land and that lends no memory, as a GPU's.
@@ -21,6 +24,44 @@ pub(super) fn slow_writes(inner: Arc<dyn BlockDevice>) -> Wrapped {
         slow_writes: true,
         lag: None,
         elsewhere: false,
+        holder: None,
+    }
+}
+
+/// Requests held under plugs until the reader unplugs, and how they went out.
+#[derive(Default)]
+pub(super) struct Holder {
+    held: std::sync::Mutex<Vec<tokio::sync::oneshot::Sender<()>>>,
+    /// Unplugs that let requests go, and the most one let go at once.
+    pub(super) bursts: std::sync::atomic::AtomicU64,
+    pub(super) most: std::sync::atomic::AtomicU64,
+}
+
+impl crate::engine::Unplug for Holder {
+    fn unplug(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let held = std::mem::take(&mut *self.held.lock().unwrap());
+        if held.is_empty() {
+            return;
+        }
+        self.bursts.fetch_add(1, SeqCst);
+        self.most.fetch_max(held.len() as u64, SeqCst);
+        for tx in held {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Wrapped {
+    /// Under a plug, waits for the reader's unplug (nothing else lets it go).
+    async fn held(&self) {
+        let Some(holder) = self.holder.as_ref().filter(|_| crate::engine::plugged()) else {
+            return;
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        holder.held.lock().unwrap().push(tx);
+        crate::engine::held_by(holder);
+        rx.await.expect("the holder went away");
     }
 }
 
@@ -63,13 +104,14 @@ impl BlockDevice for Wrapped {
         if let Some(lag) = &self.lag {
             lag.begin();
         }
+        self.held().await;
         if self.elsewhere {
             completed_elsewhere(20).await;
         }
         self.inner.read(offset, buf).await
     }
     fn view(&self, offset: u64, len: u64) -> Option<crate::engine::IoResult<crate::engine::View>> {
-        if self.slow_writes || self.elsewhere {
+        if self.slow_writes || self.elsewhere || self.holder.is_some() {
             return None;
         }
         let view = self.inner.view(offset, len);
@@ -82,6 +124,7 @@ impl BlockDevice for Wrapped {
         if self.slow_writes {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
+        self.held().await;
         if self.elsewhere {
             completed_elsewhere(20).await;
         }
@@ -99,6 +142,7 @@ impl BlockDevice for Wrapped {
         self.inner.trim(offset, len).await
     }
     async fn flush(&self) -> crate::engine::IoResult<()> {
+        self.held().await;
         if self.elsewhere {
             completed_elsewhere(20).await;
         }
