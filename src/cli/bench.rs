@@ -71,6 +71,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = QueueOptions::default().spin.as_micros() as u64)]
     spin_us: u64,
 
+    /// Microseconds a task whose small request went out with others re-polls itself before
+    /// it asks to be woken (0: never; see QueueOptions::yield_spin).
+    #[arg(long, default_value_t = QueueOptions::default().yield_spin.as_micros() as u64)]
+    yield_us: u64,
+
     /// Completion threads per GPU.
     #[arg(long, default_value_t = QueueOptions::default().completion_threads)]
     completion_threads: usize,
@@ -218,6 +223,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         batch: *batch,
                         small_max: args.small_max as usize,
                         spin: Duration::from_micros(args.spin_us),
+                        yield_spin: Duration::from_micros(args.yield_us),
                         completion_threads: args.completion_threads,
                         ..QueueOptions::default()
                     },

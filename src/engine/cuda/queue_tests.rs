@@ -480,3 +480,40 @@ fn a_held_request_goes_out_when_polled_again_or_dropped_without_an_unplug() {
     );
     crate::engine::unplug();
 }
+
+#[test]
+fn ops_that_re_poll_themselves_complete_with_or_without_a_wake() {
+    let fake = Arc::new(Fake::new(BatchMode::Kernel));
+    let opts = QueueOptions {
+        spin: Duration::ZERO,
+        yield_spin: Duration::from_micros(200),
+        ..QueueOptions::default()
+    };
+    let q = CopyQueue::with_driver(fake.clone(), opts).unwrap();
+    let threads = 4;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let q = &q;
+            s.spawn(move || {
+                let mut dev = vec![0u8; 64 << 10];
+                for r in 0..300 {
+                    let len = [512, 4096, 64 << 10][(r + t) % 3];
+                    let mut host = pattern(t * 1000 + r, len);
+                    let d = &mut dev[..len];
+                    futures::executor::block_on(q.run(op(OpKind::Write, d, &mut host, true)))
+                        .unwrap();
+                    let mut back = vec![0u8; len];
+                    futures::executor::block_on(q.run(op(OpKind::Read, d, &mut back, true)))
+                        .unwrap();
+                    assert!(back == host, "thread {t} round {r}: data differs");
+                }
+            });
+        }
+        // Past its re-polling time an op waits for its wake: a GPU that holds back keeps
+        // every submitter waiting until it runs, then all complete.
+        fake.running.store(false, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(5));
+        fake.running.store(true, Ordering::SeqCst);
+    });
+    assert_eq!(q.stats().ops, threads as u64 * 600);
+}
