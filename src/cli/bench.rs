@@ -71,6 +71,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = QueueOptions::default().spin.as_micros() as u64)]
     spin_us: u64,
 
+    /// Fewer small copies than this in one round go out as plain copies, not a kernel
+    /// launch or batch call (cuda backend).
+    #[arg(long, default_value_t = QueueOptions::default().batch_min)]
+    batch_min: usize,
+
     /// Microseconds a task whose small request went out with others re-polls itself before
     /// it asks to be woken (0: never; see QueueOptions::yield_spin).
     #[arg(long, default_value_t = QueueOptions::default().yield_spin.as_micros() as u64)]
@@ -224,6 +229,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         small_max: args.small_max as usize,
                         spin: Duration::from_micros(args.spin_us),
                         yield_spin: Duration::from_micros(args.yield_us),
+                        batch_min: args.batch_min,
                         completion_threads: args.completion_threads,
                         ..QueueOptions::default()
                     },

@@ -13,10 +13,13 @@
 //! Completion is reaping: query the oldest event of each lane and wake the tasks whose ops it
 //! covered. A completion thread per GPU reaps while work is in flight, spinning, and parks
 //! when idle. Waking a task from outside the runtime costs about 0.6 µs (tokio's shared
-//! injection queue and often a thread wake-up), so one thread saturates near 1.6 M wakes/s,
-//! which is what bounds 4 KiB I/O at high depth; more completion threads (each reaping a
-//! share of the lanes) and reaping by the submitting tasks were both measured and were
-//! slower (see bench/notes-gpu.md).
+//! injection queue and often a thread wake-up), so one thread saturates near 1.6 M wakes/s;
+//! more completion threads (each reaping a share of the lanes) and reaping by the submitting
+//! tasks were both measured and were slower (see bench/notes-gpu.md). So a task whose small
+//! op went out with others does not ask for a wake at first: it re-polls itself for up to
+//! [`QueueOptions::yield_spin`], going to the back of its own worker's run queue between
+//! polls, and the completion thread only marks the op done (4 KiB at QD128 on the H200:
+//! 1.4-1.5 M IOPS with wakes, 3.2-3.5 M without).
 //!
 //! A submitter that says more requests follow ([`crate::engine::Plug`]) has its ops held on
 //! the pending stack, not issued, until it unplugs: a connection's burst of pipelined 4 KiB
@@ -84,7 +87,8 @@ pub struct QueueOptions {
     /// runtime's other tasks between polls) before it asks the completion thread to wake
     /// it; zero never re-polls. A wake from the completion thread, outside the runtime,
     /// costs about 0.6 µs of that one thread, which bounds 4 KiB I/O near 1.6 M ops/s; a
-    /// task that re-polls needs no wake, only its own worker's time.
+    /// task that re-polls needs no wake, only its own worker's time (see
+    /// [`crate::tunables::CUDA_YIELD_SPIN`] for what it gave).
     pub yield_spin: Duration,
     /// Completion threads per GPU; each reaps its share of the lanes. One is best: the cost
     /// of waking tasks from outside the runtime grows with more (measured at 4 KiB QD128:
@@ -100,7 +104,7 @@ impl Default for QueueOptions {
             small_max: 64 << 10,
             batch_min: 2,
             spin: Duration::from_micros(20),
-            yield_spin: Duration::ZERO,
+            yield_spin: crate::tunables::CUDA_YIELD_SPIN,
             completion_threads: 1,
         }
     }
