@@ -231,7 +231,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         yield_spin: Duration::from_micros(args.yield_us),
                         batch_min: args.batch_min,
                         completion_threads: args.completion_threads,
-                        ..QueueOptions::default()
                     },
                 };
                 let dev = cuda::open(&copts, sparse)?;
