@@ -313,6 +313,14 @@ impl BlockDevice for MeteredDevice {
         r
     }
 
+    fn write_now(&self, offset: u64, data: &[u8], fua: bool) -> Option<IoResult<()>> {
+        let t = Instant::now();
+        let r = self.inner.write_now(offset, data, fua)?;
+        self.metrics
+            .record(Op::Write, data.len() as u64, r.is_ok(), t);
+        Some(r)
+    }
+
     fn view(&self, offset: u64, len: u64) -> Option<IoResult<View>> {
         let t = Instant::now();
         let r = self.inner.view(offset, len)?;
