@@ -83,7 +83,11 @@ fn write_once<S: Sink + ?Sized>(
     IoSlice::advance_slices(&mut view, skip);
     let n = view.len().min(MAX_IOV);
     let written = sink.try_write_vectored(&view[..n]);
-    SLICES.set(recycle(slices));
+    // A reply of thousands of chunks (a sparse read) grows the list far past what one
+    // writev takes: not kept, so a thread does not hold that much for good.
+    if slices.capacity() <= 4 * MAX_IOV {
+        SLICES.set(recycle(slices));
+    }
     written
 }
 
