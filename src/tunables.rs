@@ -134,6 +134,12 @@ pub const TIER_MOVES_IN_FLIGHT: usize = 16;
 /// slabs, and a smaller slab keeps the last one from overshooting the capacity by much.
 pub const SPILL_RAM_SLAB: usize = 64 << 20;
 
+/// Shards of a device's I/O counters (`engine::metered`): each thread counts in its own,
+/// so that connections on different threads never write one cache line. Derived, not
+/// measured: the NBD server's most connection threads (16), so that each has its own;
+/// threads beyond it share, which costs contention and nothing else.
+pub const METRICS_SHARDS: usize = 16;
+
 // --- ops -----------------------------------------------------------------------------------
 
 /// How often a save in progress reports to a client that asked for progress. Not

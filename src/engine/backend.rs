@@ -40,8 +40,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Fails with [`super::IoError::NoSpace`] when the memory is not there.
     fn alloc_chunk(&self, index: u64, len: usize) -> IoResult<Self::Chunk>;
 
-    /// Where `len` bytes of `chunk` at `offset` lie in host memory, if the CPU can read the
-    /// chunk in place (for [`super::View`]); `None`, the default, for device memory.
+    /// Where `len` bytes of `chunk` at `offset` lie in host memory, if the CPU can read and
+    /// write the chunk in place (for [`super::View`], and writes that complete at once: the
+    /// same copy as [`Backend::write`]); `None`, the default, for device memory.
     fn host_bytes(&self, _chunk: &Self::Chunk, _offset: usize, _len: usize) -> Option<NonNull<u8>> {
         None
     }

@@ -156,6 +156,16 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn view(&self, _offset: u64, _len: u64) -> Option<IoResult<View>> {
         None
     }
+
+    /// Writes `data` at `offset` there and then, where the device can without waiting (host
+    /// memory): what [`BlockDevice::write`] does, without a future, which a dyn-compatible
+    /// async call has to allocate. `None`, having written nothing, where it cannot (GPU
+    /// memory, a chunk being moved, a range over several chunks, `fua`): use
+    /// [`BlockDevice::write`]. A wrapper that does not forward it (the default) sees every
+    /// write through [`BlockDevice::write`].
+    fn write_now(&self, _offset: u64, _data: &[u8], _fua: bool) -> Option<IoResult<()>> {
+        None
+    }
 }
 
 /// Checks that `[offset, offset + len)` lies inside a device of `size` bytes.

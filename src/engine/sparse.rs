@@ -341,14 +341,16 @@ impl<B: Backend> BlockDevice for SparseDevice<B> {
 
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> IoResult<()> {
         self.check_writable(offset, data.len() as u64)?;
-        let segs: Vec<Segment> = self.map.segments(offset, data.len() as u64).collect();
-        match segs.as_slice() {
-            [] => {}
-            [seg] => self.write_segment(*seg, data).await?,
-            _ => {
+        let mut segs = self.map.segments(offset, data.len() as u64);
+        match segs.next() {
+            None => {}
+            // Most writes lie in one chunk: no list of futures to allocate.
+            Some(seg) if seg.len == data.len() => self.write_segment(seg, data).await?,
+            Some(first) => {
                 try_join_all(
-                    segs.iter()
-                        .map(|seg| self.write_segment(*seg, &data[seg.range_offset..][..seg.len])),
+                    std::iter::once(first)
+                        .chain(segs)
+                        .map(|seg| self.write_segment(seg, &data[seg.range_offset..][..seg.len])),
                 )
                 .await?;
             }
@@ -357,6 +359,31 @@ impl<B: Backend> BlockDevice for SparseDevice<B> {
             self.backend.flush().await?;
         }
         Ok(())
+    }
+
+    fn write_now(&self, offset: u64, data: &[u8], fua: bool) -> Option<IoResult<()>> {
+        // The backend's flush is async, and a write over two chunks may meet one of them
+        // moving after the other is written: both take the async path, all or nothing.
+        if fua {
+            return None;
+        }
+        if let Err(e) = self.check_writable(offset, data.len() as u64) {
+            return Some(Err(e));
+        }
+        let Some(seg) = self.map.segments(offset, data.len() as u64).next() else {
+            return Some(Ok(()));
+        };
+        if seg.len != data.len() {
+            return None;
+        }
+        let chunk = match self.chunk_for_write(seg.index) {
+            Ok(c) => c,
+            Err(e) => return Some(Err(e)),
+        };
+        chunk.state().touch();
+        // A chunk on its way to another tier: `write` waits for its new home.
+        let _pin = chunk.state().pin_write()?;
+        chunk.mem().write_now(&self.backend, seg.chunk_offset, data)
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoResult<()> {
@@ -436,6 +463,41 @@ mod tests {
         (0..len)
             .map(|i| (seed.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8)
             .collect()
+    }
+
+    /// Host memory takes writes within one chunk at once; a write over two chunks, or with
+    /// FUA, is left to `write` untouched; refusals come back at once, as from `write`.
+    #[tokio::test]
+    async fn writes_within_a_chunk_complete_at_once() {
+        let dev = device(64 * 1024, 4096);
+        let data = pattern(3, 4096);
+        assert!(matches!(dev.write_now(8192, &data, false), Some(Ok(()))));
+        let mut back = vec![0u8; 4096];
+        dev.read(8192, &mut back).await.unwrap();
+        assert_eq!(back, data);
+        assert!(
+            dev.write_now(8192 + 1, &data, false).is_none(),
+            "two chunks"
+        );
+        assert!(dev.write_now(0, &data, true).is_none(), "fua");
+        dev.read(8192 + 1, &mut back).await.unwrap();
+        assert_eq!(
+            back[..4095],
+            data[1..],
+            "nothing written by the refused calls"
+        );
+        assert_eq!(dev.stats().chunks, 1, "nor any chunk taken");
+        assert!(matches!(
+            dev.write_now(64 * 1024 - 10, &data, false),
+            Some(Err(IoError::OutOfRange { .. }))
+        ));
+        let mut o = SparseOptions::new(64 * 1024);
+        o.read_only = true;
+        let ro = SparseDevice::new(HostBackend::new(), o).unwrap();
+        assert!(matches!(
+            ro.write_now(0, &data, false),
+            Some(Err(IoError::ReadOnly))
+        ));
     }
 
     #[tokio::test]

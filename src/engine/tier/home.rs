@@ -55,6 +55,29 @@ impl<C: Send + Sync + 'static> Home<C> {
         }
     }
 
+    /// Copies `data` to `offset` at once where the CPU reaches the chunk (host memory, spill
+    /// RAM, the spill file): the copy [`Home::write`] makes, without its future. `None`,
+    /// having written nothing, where the copy has to wait (device memory).
+    pub fn write_now<B: Backend<Chunk = C>>(
+        &self,
+        backend: &B,
+        offset: usize,
+        data: &[u8],
+    ) -> Option<IoResult<()>> {
+        let dst = match self {
+            Home::Primary(c) => backend.host_bytes(c, offset, data.len())?.as_ptr(),
+            Home::Ram(r) => match r.range(offset, data.len()) {
+                Ok(dst) => dst,
+                Err(e) => return Some(Err(e)),
+            },
+            Home::File(f) => return Some(f.write(offset, data)),
+        };
+        // SAFETY: dst is valid for data.len() bytes (the backend vouches for host bytes, the
+        // spill RAM's range is checked) and is not data.
+        unsafe { copy_into_chunk(dst, data) };
+        Some(Ok(()))
+    }
+
     /// Sets `len` bytes at `offset` to zero.
     pub async fn zero<B: Backend<Chunk = C>>(
         &self,

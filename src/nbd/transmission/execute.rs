@@ -114,6 +114,12 @@ impl<R: Source, S: Sink> Conn<R, S> {
             }
         };
         self.payload(&mut buf).await?;
+        // Host memory: written there and then, with no operation future to allocate.
+        if let Some(r) = self.dev.write_now(req.offset, &buf, fua) {
+            drop(buf);
+            self.send(to.status(r), Some(permit));
+            return Ok(());
+        }
         let dev = self.dev.clone();
         self.start(async move {
             let r = dev.write(req.offset, &buf, fua).await;

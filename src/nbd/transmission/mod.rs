@@ -59,7 +59,7 @@ use inbuf::{InBuf, READ_BUF};
 use local_ops::{LocalOps, OpFuture};
 use outbox::{AbortOnDrop, Outbox, writer};
 use poll::{PollStats, Poller, alone_on_thread};
-use reply::{Body, Permit, Reply, ReplyTo};
+use reply::{Body, ConnBudget, Permit, Reply, ReplyTo};
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
@@ -159,7 +159,7 @@ struct Conn<R, S> {
     dev: Arc<dyn BlockDevice>,
     /// What requests are judged against.
     terms: Terms,
-    budget: Arc<Semaphore>,
+    budget: Arc<ConnBudget>,
     budget_max: u64,
     /// The budget shared by every connection of this client, if any.
     client_budget: Option<ClientBudget>,
@@ -228,7 +228,7 @@ where
             neg,
             limits.max_request,
         ),
-        budget: Arc::new(Semaphore::new(budget_max as usize)),
+        budget: Arc::new(ConnBudget::new(budget_max)),
         budget_max,
         client_budget,
         extents: Vec::new(),
@@ -472,16 +472,12 @@ impl<R: Source, S: Sink> Conn<R, S> {
     async fn permit(&mut self, data: u64) -> Result<Permit, Ended> {
         let closed = |_| Ended::Protocol("in-flight budget closed".into());
         let want = data + REQUEST_OVERHEAD;
-        let n = want.min(self.budget_max) as u32;
-        let conn = match self.budget.clone().try_acquire_many_owned(n) {
-            Ok(p) => p,
-            Err(_) => {
+        let n = want.min(self.budget_max);
+        let conn = match self.budget.try_take(n) {
+            Some(p) => p,
+            None => {
                 self.before_wait();
-                self.budget
-                    .clone()
-                    .acquire_many_owned(n)
-                    .await
-                    .map_err(closed)?
+                self.budget.take(n).await
             }
         };
         let client = match self.client_budget.as_ref().map(|b| {

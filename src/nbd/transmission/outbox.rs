@@ -8,6 +8,7 @@
 
 use super::reply::Reply;
 use super::socket::Sink;
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -48,13 +49,28 @@ fn write_now<S: Sink + ?Sized>(
     Ok(true)
 }
 
+thread_local! {
+    /// The slice list of [`write_once`], kept (empty) between calls: once grown, a `writev`
+    /// allocates nothing, which at queue depth 1 was an allocation per request.
+    static SLICES: Cell<Vec<IoSlice<'static>>> = const { Cell::new(Vec::new()) };
+}
+
+/// An empty list of slices of another lifetime in the same allocation: `collect` reuses a
+/// vector's memory in place for an element of the same layout, and there is no element to
+/// convert.
+fn recycle<'b>(mut v: Vec<IoSlice<'_>>) -> Vec<IoSlice<'b>> {
+    v.clear();
+    v.into_iter().map(|_| unreachable!("cleared")).collect()
+}
+
 /// One `writev` of the front of `queue`, `skip` bytes into its first reply.
 fn write_once<S: Sink + ?Sized>(
     sink: &S,
     queue: &VecDeque<Reply>,
     skip: usize,
 ) -> io::Result<usize> {
-    let mut slices = Vec::with_capacity((queue.len() * 2).min(MAX_IOV));
+    let mut slices = recycle(SLICES.take());
+    slices.reserve((queue.len() * 2).min(MAX_IOV));
     for r in queue.iter() {
         // Most replies take a few slices; a read of many extents (small chunks, holes) can
         // take thousands, more than one writev accepts (the rest goes in the next one).
@@ -66,7 +82,13 @@ fn write_once<S: Sink + ?Sized>(
     let mut view = &mut slices[..];
     IoSlice::advance_slices(&mut view, skip);
     let n = view.len().min(MAX_IOV);
-    sink.try_write_vectored(&view[..n])
+    let written = sink.try_write_vectored(&view[..n]);
+    // A reply of thousands of chunks (a sparse read) grows the list far past what one
+    // writev takes: not kept, so a thread does not hold that much for good.
+    if slices.capacity() <= 4 * MAX_IOV {
+        SLICES.set(recycle(slices));
+    }
+    written
 }
 
 /// Replies on their way to the socket, shared by the reader, spawned operations and the

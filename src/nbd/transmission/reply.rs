@@ -6,7 +6,10 @@ use crate::engine::error_log::ErrorLog;
 use crate::engine::{IoBuf, IoError, View};
 use crate::nbd::proto::{self, Frame, Framing, NbdError};
 use std::io::IoSlice;
-use tokio::sync::OwnedSemaphorePermit;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 /// A reply ready to be written, holding its request's budget until it is.
 pub(crate) struct Reply {
@@ -17,8 +20,79 @@ pub(crate) struct Reply {
 /// The budget a request holds until its reply is written: its connection's, and its
 /// client's.
 pub(crate) struct Permit {
-    pub(super) _conn: OwnedSemaphorePermit,
+    pub(super) _conn: ConnPermit,
     pub(super) _client: Option<OwnedSemaphorePermit>,
+}
+
+/// A connection's in-flight budget, in bytes. Only the connection's reader takes from it,
+/// so a semaphore's compare-and-swap loop and waiter list (locked on every release) are not
+/// needed: taking is an add, giving back (wherever a reply is dropped) a subtract, and a
+/// wake of the reader only while it waits.
+pub(super) struct ConnBudget {
+    used: AtomicU64,
+    max: u64,
+    /// The reader waits in [`ConnBudget::take`].
+    waiting: AtomicBool,
+    freed: Notify,
+}
+
+impl ConnBudget {
+    /// A budget of `max` bytes; no request takes more.
+    pub(super) fn new(max: u64) -> Self {
+        ConnBudget {
+            used: AtomicU64::new(0),
+            max,
+            waiting: AtomicBool::new(false),
+            freed: Notify::new(),
+        }
+    }
+
+    /// `n` bytes (at most the budget's size) if they are free now. The reader's alone to
+    /// call: with no other taker, what it sees free can only grow before its add.
+    pub(super) fn try_take(self: &Arc<Self>, n: u64) -> Option<ConnPermit> {
+        debug_assert!(n <= self.max, "{n} bytes of a budget of {}", self.max);
+        if self.used.load(Ordering::SeqCst) + n > self.max {
+            return None;
+        }
+        self.used.fetch_add(n, Ordering::SeqCst);
+        Some(ConnPermit {
+            budget: self.clone(),
+            n,
+        })
+    }
+
+    /// `n` bytes, waiting until replies give them back.
+    pub(super) async fn take(self: &Arc<Self>, n: u64) -> ConnPermit {
+        loop {
+            let freed = self.freed.notified();
+            let mut freed = pin!(freed);
+            freed.as_mut().enable();
+            // SeqCst pairs with the permit's drop: it gives back and then reads `waiting`,
+            // so either this sees the bytes back, or the drop sees it waiting and wakes it.
+            self.waiting.store(true, Ordering::SeqCst);
+            if let Some(p) = self.try_take(n) {
+                self.waiting.store(false, Ordering::SeqCst);
+                return p;
+            }
+            freed.await;
+        }
+    }
+}
+
+/// Bytes of a [`ConnBudget`], given back on drop.
+pub(super) struct ConnPermit {
+    budget: Arc<ConnBudget>,
+    n: u64,
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        let b = &self.budget;
+        b.used.fetch_sub(self.n, Ordering::SeqCst);
+        if b.waiting.load(Ordering::SeqCst) {
+            b.freed.notify_one();
+        }
+    }
 }
 
 pub(super) enum Body {
@@ -192,5 +266,29 @@ impl ReplyTo {
             Ok(()) => self.ok(),
             Err(e) => self.io_error(&e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The budget refuses what does not fit, and a reader waiting for it wakes when a
+    /// permit is dropped on another thread.
+    #[tokio::test]
+    async fn a_waiting_reader_gets_the_budget_a_dropped_reply_gives_back() {
+        let b = Arc::new(ConnBudget::new(1000));
+        let first = b.try_take(600).expect("fits");
+        assert!(b.try_take(500).is_none(), "over the budget");
+        let second = b.try_take(400).expect("fits exactly");
+        let mut third = pin!(b.take(500));
+        assert!(futures::poll!(third.as_mut()).is_pending(), "waits");
+        std::thread::spawn(move || drop(first)).join().unwrap();
+        let third = tokio::time::timeout(std::time::Duration::from_secs(60), third)
+            .await
+            .expect("woken when the budget came back");
+        assert_eq!(b.used.load(Ordering::SeqCst), 900);
+        drop((second, third));
+        assert_eq!(b.used.load(Ordering::SeqCst), 0);
     }
 }
