@@ -35,6 +35,28 @@ pub const PARK_CHECK: Duration = Duration::from_millis(20);
 /// and nothing changes behind the kernel's back, so an hour only saves GETATTR calls.
 pub const ATTR_TTL: Duration = Duration::from_secs(3600);
 
+/// FUSE-over-io_uring ring entries shared out among the queues' threads: enough that a
+/// queue depth of 32 on few CPUs finds entries free (the loop's requests of one submitter
+/// mostly land on one queue), few enough that a machine with many CPUs does not hold
+/// hundreds of payload buffers, each the size of the largest request and taken from the
+/// device's buffer pool for good. Not measured beyond "QD32 on 2 CPUs works with 16 per
+/// thread" (`bench/attach`); the entries of one thread bound how many requests one
+/// `io_uring_enter` answers.
+pub const URING_ENTRIES: usize = 64;
+
+/// Ring entries per FUSE-over-io_uring thread at most.
+pub const URING_MAX_DEPTH: usize = 16;
+
+/// Threads (each with its own io_uring and share of the entries) serving one FUSE queue,
+/// where [`URING_ENTRIES`] allows. The kernel queues a request on the queue of the CPU
+/// that issued it, and the loop's requests of one submitter mostly come from one CPU: with
+/// one thread per queue, 1 MiB requests were copied one after another while the other CPU
+/// served nothing. Measured on 2 CPUs under other load (fio 1 MiB QD32 read, 3 runs each:
+/// 1467-1680 MiB/s with one thread per queue, 1601-2725 with two, fuser 1958-2430;
+/// `bench/attach` with two: 1 MiB read 0.75x and write 0.83x tmpfs+loop, from 0.37-0.57
+/// and 0.53-0.66 with one; 4 KiB 0.66-0.84x, as before within the noise).
+pub const URING_THREADS_PER_QUEUE: usize = 2;
+
 // --- attach: kernel nbd --------------------------------------------------------------------
 
 /// Most payload bytes in flight on one kernel nbd connection before the server stops

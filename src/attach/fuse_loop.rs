@@ -468,7 +468,11 @@ fn start_session(
                 None => fuse_uring::UringSession::start(disk.clone(), &uring_opts),
             };
             let s = started?;
-            let what = format!("FUSE over io_uring, {} queues", s.queues());
+            let what = format!(
+                "FUSE over io_uring, {} queues of {} threads",
+                s.queues(),
+                s.threads_per_queue()
+            );
             return Ok((Session::Uring(s), what));
         }
     };
@@ -548,7 +552,7 @@ impl FuseLoop {
         Ok(this)
     }
 
-    /// How requests reach the daemon: "FUSE over io_uring, 2 queues" or "fuser, 2 threads".
+    /// How requests reach the daemon: "FUSE over io_uring, 2 queues of 2 threads" or "fuser, 2 threads".
     pub fn transport(&self) -> &str {
         &self.transport
     }

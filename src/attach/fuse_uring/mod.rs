@@ -9,7 +9,10 @@
 //! How (Documentation/filesystems/fuse-io-uring.rst): we mount with our own `/dev/fuse`
 //! descriptor and answer FUSE_INIT over it, with FUSE_OVER_IO_URING among the flags; from
 //! then on the kernel holds new requests until every queue (one per possible CPU) has an
-//! entry registered. Each queue is a thread with its own ring ([`ring`]). One more thread
+//! entry registered. Each queue is served by a few threads, each with its own ring
+//! ([`ring`]) and share of the queue's entries: the kernel hands a request to whichever
+//! entry of the queue is free, so one queue's large requests are copied in parallel
+//! ([`crate::tunables::URING_THREADS_PER_QUEUE`]). One more thread
 //! keeps reading `/dev/fuse`, which still carries FORGET and INTERRUPT (which need no
 //! reply here) and anything sent before the rings were ready.
 //!
@@ -24,6 +27,7 @@ mod ops;
 mod ring;
 
 use super::fuse_disk::Disk;
+use crate::tunables::{URING_ENTRIES, URING_MAX_DEPTH, URING_THREADS_PER_QUEUE};
 use abi::{In, InHeader, Out};
 use anyhow::{Context, Result, bail};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -34,16 +38,6 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 const ENABLE_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
-
-/// Ring entries shared out among the queues: enough that a queue depth of 32 on few CPUs
-/// finds entries free (the loop's requests of one submitter mostly land on one queue),
-/// few enough that a machine with many CPUs does not hold hundreds of payload buffers, each
-/// the size of the largest request and taken from the device's buffer pool for good. Not
-/// measured yet beyond "QD32 on 2 CPUs works with 16 per queue" (`bench/attach`); the
-/// number of entries per queue bounds how many requests one `io_uring_enter` answers.
-const RING_ENTRIES: usize = 64;
-/// Entries per queue at most.
-const MAX_QUEUE_DEPTH: usize = 16;
 
 /// Where FUSE over io_uring cannot be used here, one sentence saying why.
 pub(crate) fn unavailable() -> Option<String> {
@@ -78,6 +72,8 @@ pub(crate) struct UringSession {
     mountpoint: PathBuf,
     threads: Vec<JoinHandle<()>>,
     queues: usize,
+    /// Threads serving each queue.
+    per_queue: usize,
 }
 
 impl std::fmt::Debug for UringSession {
@@ -85,6 +81,7 @@ impl std::fmt::Debug for UringSession {
         f.debug_struct("UringSession")
             .field("mountpoint", &self.mountpoint)
             .field("queues", &self.queues)
+            .field("per_queue", &self.per_queue)
             .finish()
     }
 }
@@ -248,6 +245,15 @@ fn parse_cpu_list(s: &str) -> Option<usize> {
     (n > 0).then_some(n)
 }
 
+/// Threads per queue and entries per thread for `queues` queues: every queue gets
+/// [`URING_THREADS_PER_QUEUE`] threads unless that would take more than [`URING_ENTRIES`]
+/// entries in all (many CPUs), and each thread an equal share of the entries.
+fn layout(queues: usize) -> (usize, usize) {
+    let per_queue = (URING_ENTRIES / queues.max(1)).clamp(1, URING_THREADS_PER_QUEUE);
+    let depth = (URING_ENTRIES / (queues.max(1) * per_queue)).clamp(1, URING_MAX_DEPTH);
+    (per_queue, depth)
+}
+
 /// Pins this thread to `cpu`, whose requests its queue serves; best effort (a CPU that is
 /// possible but offline sends nothing anyway).
 fn pin_to(cpu: usize) {
@@ -273,6 +279,7 @@ impl UringSession {
             mountpoint: opts.mountpoint.clone(),
             threads: Vec::new(),
             queues: possible_cpus(),
+            per_queue: 1,
         };
         match session.serve(disk, opts) {
             Ok(()) => Ok(session),
@@ -300,10 +307,12 @@ impl UringSession {
         if !negotiated.uring {
             bail!("the kernel did not offer FUSE_OVER_IO_URING at INIT");
         }
-        let depth = (RING_ENTRIES / self.queues).clamp(1, MAX_QUEUE_DEPTH);
+        let (per_queue, depth) = layout(self.queues);
+        self.per_queue = per_queue;
         let polling = Arc::new(super::pacing::PollGate::default());
         let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
-        for qid in 0..self.queues {
+        let threads = (0..self.queues).flat_map(|q| (0..per_queue).map(move |w| (q, w)));
+        for (qid, worker) in threads {
             let mut payloads = Vec::with_capacity(depth);
             for _ in 0..depth {
                 let buf = disk
@@ -325,9 +334,14 @@ impl UringSession {
             };
             let (disk, tx, fd) = (disk.clone(), tx.clone(), self.fd.clone());
             let thread = std::thread::Builder::new()
-                .name(format!("fuse-ring-{qid}"))
+                .name(format!("fuse-ring-{qid}-{worker}"))
                 .spawn(move || {
-                    pin_to(qid);
+                    // The first thread stays beside the CPU it serves (its wakeups are
+                    // local); the others run where the scheduler finds room, since that
+                    // CPU is busy issuing the requests they are there to take over.
+                    if worker == 0 {
+                        pin_to(qid);
+                    }
                     match ring::Queue::register(spec) {
                         Ok(queue) => {
                             let _ = tx.send(Ok(()));
@@ -344,12 +358,13 @@ impl UringSession {
             self.threads.push(thread);
         }
         drop(tx);
-        for _ in 0..self.queues {
+        for _ in 0..self.queues * per_queue {
             rx.recv()
                 .context("a FUSE ring thread ended before registering")??;
         }
         info!(
-            "FUSE over io_uring: {} queues of {depth} entries, payloads of {} KiB",
+            "FUSE over io_uring: {} queues of {per_queue} threads with {depth} entries \
+             each, payloads of {} KiB",
             self.queues,
             negotiated.max_payload >> 10
         );
@@ -359,6 +374,11 @@ impl UringSession {
     /// Queues: one per possible CPU.
     pub(crate) fn queues(&self) -> usize {
         self.queues
+    }
+
+    /// Threads serving each queue.
+    pub(crate) fn threads_per_queue(&self) -> usize {
+        self.per_queue
     }
 
     /// Unmounts, which ends the connection, and waits for every thread to finish. Fails,
@@ -384,5 +404,24 @@ mod tests {
         assert_eq!(parse_cpu_list("0,2-3,8-15"), Some(11));
         assert_eq!(parse_cpu_list(""), None);
         assert_eq!(parse_cpu_list("3-1"), None);
+    }
+
+    #[test]
+    fn few_cpus_get_several_threads_per_queue_and_many_cpus_no_more_entries() {
+        // 2 CPUs: two threads per queue, the entries split evenly.
+        assert_eq!(layout(2), (URING_THREADS_PER_QUEUE, 16));
+        assert_eq!(layout(1), (URING_THREADS_PER_QUEUE, 16));
+        for queues in [1, 2, 3, 4, 8, 16, 31, 32, 33, 64, 65, 256] {
+            let (per_queue, depth) = layout(queues);
+            assert!(per_queue >= 1 && depth >= 1, "{queues} queues");
+            assert!(depth <= URING_MAX_DEPTH, "{queues} queues");
+            // Never more entries than before threads were shared (one entry per queue
+            // where the CPUs outnumber the entries).
+            assert!(
+                queues * per_queue * depth <= URING_ENTRIES.max(queues),
+                "{queues} queues: {per_queue} x {depth}"
+            );
+        }
+        assert_eq!(layout(64), (1, 1));
     }
 }

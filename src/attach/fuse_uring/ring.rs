@@ -1,8 +1,9 @@
-//! One FUSE-over-io_uring queue: a thread, its io_uring, and the entries it lends the
-//! kernel.
+//! One thread serving a FUSE-over-io_uring queue: its io_uring, and the entries it lends
+//! the kernel.
 //!
 //! The kernel has one queue per possible CPU and hands a request to the queue of the CPU
-//! that issued it. Each entry is a header buffer and a payload buffer registered once
+//! that issued it, there to any free entry, whichever thread's ring lent it; so the
+//! threads of one queue share nothing but its id. Each entry is a header buffer and a payload buffer registered once
 //! (REGISTER); the kernel writes a request into them and completes the entry's command;
 //! we serve it in place and send one COMMIT_AND_FETCH, which delivers the reply and lends
 //! the entry back for the next request. One `io_uring_enter` per batch submits every
