@@ -32,7 +32,7 @@ pub use backend::{Backend, HostAllocator};
 pub use buffer::{BufferBudget, BufferPool, IoBuf};
 pub use chunk_map::ChunkMap;
 pub use error::{IoError, IoResult};
-pub use plug::{Plug, plugged, unplug};
+pub use plug::{Plug, Watched, plugged, unplug, watched};
 pub(crate) use plug::{Unplug, held_by};
 pub use sparse::{SparseDevice, SparseOptions};
 pub use view::View;

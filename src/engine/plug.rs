@@ -77,6 +77,47 @@ pub fn plugged() -> bool {
     PLUGGED.get()
 }
 
+thread_local! {
+    static WATCHED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// While it lives, requests started on this thread are watched by their submitter: it polls
+/// them again when their waker fires, which costs it nothing, and it decides itself whether
+/// to spin meanwhile (the NBD reader's table of operations, under its poller's rules). So a
+/// small GPU copy does not re-poll itself there (`QueueOptions::yield_spin`), which would
+/// keep the submitter busy whatever its poller decided. Not `Send`, like [`Plug`].
+pub struct Watched {
+    prev: bool,
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Watched {
+    /// Marks this thread's submissions as watched until the guard drops.
+    pub fn new() -> Watched {
+        Watched {
+            prev: WATCHED.replace(true),
+            _not_send: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Default for Watched {
+    fn default() -> Self {
+        Watched::new()
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        WATCHED.set(self.prev);
+    }
+}
+
+/// Whether requests started on this thread are watched by their submitter ([`Watched`]).
+pub fn watched() -> bool {
+    WATCHED.get()
+}
+
 /// Notes that `queue` holds a submission made on this thread under a plug, for [`unplug`].
 pub(crate) fn held_by<Q: Unplug + 'static>(queue: &Arc<Q>) {
     HELD.with_borrow_mut(|held| {

@@ -462,7 +462,10 @@ impl<D: QueueDriver> CopyQueue<D> {
                 }
                 std::hint::spin_loop();
             }
-        } else if !opts.yield_spin.is_zero() && op.len <= opts.small_max {
+        } else if !opts.yield_spin.is_zero()
+            && op.len <= opts.small_max
+            && !crate::engine::watched()
+        {
             let start = Instant::now();
             while start.elapsed() < opts.yield_spin {
                 if let Some(r) = op.result() {

@@ -517,3 +517,53 @@ fn ops_that_re_poll_themselves_complete_with_or_without_a_wake() {
     });
     assert_eq!(q.stats().ops, threads as u64 * 600);
 }
+
+#[test]
+fn a_watched_op_waits_for_its_wake_instead_of_re_polling_itself() {
+    use std::task::Wake;
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let fake = Arc::new(Fake::new(BatchMode::Kernel));
+    let opts = QueueOptions {
+        spin: Duration::ZERO,
+        yield_spin: Duration::from_secs(60),
+        ..QueueOptions::default()
+    };
+    let q = CopyQueue::with_driver(fake.clone(), opts).unwrap();
+    fake.running.store(false, Ordering::SeqCst);
+    for watched in [false, true] {
+        let mut dev = vec![0u8; 4096];
+        let mut host = pattern(9, 4096);
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(count.clone());
+        let mut fut = Box::pin(q.run(op(OpKind::Write, &mut dev, &mut host, true)));
+        let guard = watched.then(crate::engine::Watched::new);
+        assert!(
+            fut.as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending()
+        );
+        drop(guard);
+        let woken = count.0.load(Ordering::SeqCst);
+        if watched {
+            assert_eq!(woken, 0, "a watched op re-polled itself");
+        } else {
+            assert_eq!(
+                woken, 1,
+                "an op on its own re-polls itself (woke {woken} times)"
+            );
+        }
+        fake.running.store(true, Ordering::SeqCst);
+        futures::executor::block_on(fut).unwrap();
+        fake.running.store(false, Ordering::SeqCst);
+        assert!(dev == host);
+    }
+    fake.running.store(true, Ordering::SeqCst);
+}
