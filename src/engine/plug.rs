@@ -82,10 +82,10 @@ thread_local! {
 }
 
 /// While it lives, requests started on this thread are watched by their submitter: it polls
-/// them again when their waker fires, which costs it nothing, and it decides itself whether
-/// to spin meanwhile (the NBD reader's table of operations, under its poller's rules). So a
-/// small GPU copy does not re-poll itself there (`QueueOptions::yield_spin`), which would
-/// keep the submitter busy whatever its poller decided. Not `Send`, like [`Plug`].
+/// them again when their waker fires, which costs it nothing, and it has decided not to
+/// spin meanwhile (the NBD reader whose poller is off, shares its thread or finds no CPU to
+/// spare). So a small GPU copy does not re-poll itself (`QueueOptions::yield_spin`), which
+/// would keep the submitter spinning against that decision. Not `Send`, like [`Plug`].
 pub struct Watched {
     prev: bool,
     _not_send: std::marker::PhantomData<*const ()>,

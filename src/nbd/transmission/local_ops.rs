@@ -116,11 +116,7 @@ impl LocalOps {
             }
         };
         let mut cx = Context::from_waker(&self.wakers[index]);
-        // The reader polls it again when its slot wakes, and spins by its poller's rules.
-        let watched = crate::engine::Watched::new();
-        let first = op.as_mut().poll(&mut cx);
-        drop(watched);
-        match first {
+        match op.as_mut().poll(&mut cx) {
             Poll::Ready(reply) => {
                 self.free.push(index);
                 Some(reply)

@@ -413,6 +413,12 @@ impl<R: Source, S: Sink> Conn<R, S> {
         }
     }
 
+    /// Whether the reader's poller may spin at all now: the cheap part of [`Self::may_poll`]
+    /// plus the machine's spare CPU, with no lock (it is asked once a request).
+    fn may_spin(&self) -> bool {
+        self.poller.is_on() && alone_on_thread() && crate::busy_poll::cpu_to_spare()
+    }
+
     /// Whether waiting for the client may start with a poll (see [`Poller`]).
     fn may_poll(&self) -> bool {
         self.poller.is_on() && alone_on_thread() && !self.out.has_ops()
@@ -456,7 +462,12 @@ impl<R: Source, S: Sink> Conn<R, S> {
     {
         let op: OpFuture = Box::pin(op);
         let plug = self.more_queued.then(Plug::new);
+        // Where the reader's poller would not spin (off, a thread shared with other
+        // connections, no CPU to spare), its operations must not spin for it by re-polling
+        // themselves: they wait for their slot's wake (see `engine::Watched`).
+        let watched = (!self.may_spin()).then(engine::Watched::new);
         let done = self.local.start(op);
+        drop(watched);
         match plug {
             // Held for the last request of the burst, or until the reader waits.
             Some(plug) => plug.hold(),

@@ -18,6 +18,7 @@ async fn a_client_that_stops_reading_is_held_back_not_buffered() {
             lag: Some(lag.clone()),
             elsewhere: false,
             holder: None,
+            watched: None,
         }),
         ..export(false)
     };

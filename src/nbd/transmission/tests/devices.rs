@@ -15,6 +15,8 @@ pub(super) struct Wrapped {
     /// Reads, writes and flushes started under a plug wait until the reader unplugs, as the
     /// GPU copy queue holds them (see `engine::plug`).
     pub(super) holder: Option<Arc<Holder>>,
+    /// Reads and writes begun, and how many of them under [`crate::engine::Watched`].
+    pub(super) watched: Option<Arc<[std::sync::atomic::AtomicU64; 2]>>,
 }
 
 /// A device whose writes wait before they land and that lends no memory, as a GPU's.
@@ -25,6 +27,7 @@ pub(super) fn slow_writes(inner: Arc<dyn BlockDevice>) -> Wrapped {
         lag: None,
         elsewhere: false,
         holder: None,
+        watched: None,
     }
 }
 
@@ -53,6 +56,16 @@ impl crate::engine::Unplug for Holder {
 }
 
 impl Wrapped {
+    fn count_watched(&self) {
+        if let Some(w) = &self.watched {
+            use std::sync::atomic::Ordering::SeqCst;
+            w[0].fetch_add(1, SeqCst);
+            if crate::engine::watched() {
+                w[1].fetch_add(1, SeqCst);
+            }
+        }
+    }
+
     /// Under a plug, waits for the reader's unplug (nothing else lets it go).
     async fn held(&self) {
         let Some(holder) = self.holder.as_ref().filter(|_| crate::engine::plugged()) else {
@@ -104,6 +117,7 @@ impl BlockDevice for Wrapped {
         if let Some(lag) = &self.lag {
             lag.begin();
         }
+        self.count_watched();
         self.held().await;
         if self.elsewhere {
             completed_elsewhere(20).await;
@@ -124,6 +138,7 @@ impl BlockDevice for Wrapped {
         if self.slow_writes {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
+        self.count_watched();
         self.held().await;
         if self.elsewhere {
             completed_elsewhere(20).await;

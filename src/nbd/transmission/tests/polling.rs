@@ -66,12 +66,14 @@ async fn operations_completed_elsewhere_answer_every_request() {
     let len = |i: u64| 4096usize << (i % 7);
     let at = |i: u64| i * (256 << 10);
     for polling in [true, false] {
+        let watched = Arc::new([0, 0].map(std::sync::atomic::AtomicU64::new));
         let device = Wrapped {
             inner: export(false).device,
             slow_writes: false,
             lag: None,
             elsewhere: true,
             holder: None,
+            watched: Some(watched.clone()),
         };
         let (mut rd, mut wr, server) = connect_wrapped(device, 2 << 20, polling);
         // Writes (and a flush now and then), all sent at once; then, once all are answered
@@ -123,6 +125,12 @@ async fn operations_completed_elsewhere_answer_every_request() {
             );
         } else {
             assert_eq!(summary.polls, PollStats::default(), "polling is off");
+            // Nor may its operations spin for it by re-polling themselves.
+            let [begun, watched] = watched
+                .each_ref()
+                .map(|c| c.load(std::sync::atomic::Ordering::SeqCst));
+            assert_eq!(begun, 2 * N, "every read and write reached the device");
+            assert_eq!(watched, begun, "operations not watched with polling off");
         }
     }
 }
@@ -144,6 +152,7 @@ async fn plugged_requests_go_out_together_before_the_reader_waits() {
             lag: None,
             elsewhere: false,
             holder: Some(holder.clone()),
+            watched: None,
         };
         // A budget below the writes' payloads together: the reader waits for it.
         let (mut rd, mut wr, server) = connect_wrapped(device, 1 << 20, polling);
