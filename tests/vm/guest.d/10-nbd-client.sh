@@ -30,10 +30,10 @@ wait_for_line "$work/serve.log" 120 'listening on nbd://127.0.0.1:10809'
 wait_for_line "$work/swap.log" 120 'listening on nbd://127.0.0.1:10810'
 
 # As the README: the default export (-N ''), four connections.
-nbd-client 127.0.0.1 10809 "$disk" -N '' -C 4
+nbd_connect 127.0.0.1 10809 "$disk" -N '' -C 4
 wait_for_count "$work/serve.log" 60 'client .* connected' 4
-# The swap device, picked now so that it is not the one just disconnected: reconnecting a
-# device at once after `nbd-client -d` failed once in the VM ("Failed to setup device").
+# The swap device, picked now so that it is not the one about to be disconnected and
+# reconnected.
 swap=$(free_nbd)
 [[ $(cat "/sys/block/${disk#/dev/}/size") -eq $((256 << 11)) ]] || die "$disk is not 256 MiB"
 
@@ -42,7 +42,7 @@ mount "$disk" "$work/mnt"
 make_tree "$work/mnt" "$work/sums"
 umount "$work/mnt"
 nbd_disconnect "$disk"
-nbd-client 127.0.0.1 10809 "$disk" -N '' -C 4
+nbd_connect 127.0.0.1 10809 "$disk" -N '' -C 4
 mount "$disk" "$work/mnt"
 check_tree "$work/mnt" "$work/sums"
 before=$(allocated "$VRAMDISK_RUNTIME_DIR" "")
@@ -56,7 +56,7 @@ e2fsck -fn "$disk"
 nbd_disconnect "$disk"
 
 # Swap, as the README shows it.
-nbd-client 127.0.0.1 10810 "$swap" -N swap -swap
+nbd_connect 127.0.0.1 10810 "$swap" -N swap -swap
 mkswap "$swap" >/dev/null
 swapon "$swap"
 swap_hog "$swap" 128

@@ -80,7 +80,7 @@ attach_host() {
   d=$(free_nbd)
   # -timeout: without one, requests in flight when a host dies are never failed (the kernel
   # only logs "Possible stuck request" every 30 s), and md waits for them for ever.
-  nbd-client "10.77.$i.2" 10809 "$d" -N '' -enable-tls -cacertfile "$pki/ca-cert.pem" \
+  nbd_connect "10.77.$i.2" 10809 "$d" -N '' -enable-tls -cacertfile "$pki/ca-cert.pem" \
     -certfile "$pki/client-cert.pem" -keyfile "$pki/client-key.pem" -tlshostname "host$i" \
     -timeout 20 >/dev/null
   dev[$i]=$d

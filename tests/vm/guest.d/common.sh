@@ -31,6 +31,35 @@ free_nbd() {
   die "no free nbd device"
 }
 
+# Waits until udev has handled every event so far. A connect or disconnect makes the kernel
+# send a change event, and udev's probe opens the device: an open of an nbd device that is
+# not connected gives it a configuration of its own, and a connect to that index fails with
+# EBUSY ("nbdN already in use" in the kernel's log, "Failed to setup device" from
+# nbd-client) until the probe closes it again.
+udev_settle() {
+  ! command -v udevadm >/dev/null || udevadm settle --timeout=60 ||
+    echo "udevadm settle: events still queued after 60 s" >&2
+}
+
+# nbd-client "$@" once udev is idle; on failure shows what the kernel said, then fails.
+# Tries a second time only where the kernel refused because something else held the device
+# open ("already in use": a prober that udev_settle cannot see), and says so.
+nbd_connect() {
+  local mark
+  udev_settle
+  mark=$(dmesg | wc -l)
+  nbd-client "$@" && return 0
+  dmesg | tail -n 20 >&2
+  if dmesg | tail -n +"$((mark + 1))" | grep -q 'already in use'; then
+    echo "*** nbd_connect: the kernel said the device was in use; once more after 2 s ***" >&2
+    sleep 2
+    udev_settle
+    nbd-client "$@" && return 0
+    dmesg | tail -n 10 >&2
+  fi
+  die "nbd-client $* failed (the kernel's last messages above)"
+}
+
 # Disconnects nbd device $1 and waits (up to 60 s) until the kernel has let it go.
 nbd_disconnect() {
   local t0=$SECONDS
