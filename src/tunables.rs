@@ -39,13 +39,21 @@ pub const ATTR_TTL: Duration = Duration::from_secs(3600);
 /// queue depth of 32 on few CPUs finds entries free (the loop's requests of one submitter
 /// mostly land on one queue), few enough that a machine with many CPUs does not hold
 /// hundreds of payload buffers, each the size of the largest request and taken from the
-/// device's buffer pool for good. Not measured beyond "QD32 on 2 CPUs works with 16 per
-/// thread" (`bench/attach`); the entries of one thread bound how many requests one
-/// `io_uring_enter` answers.
+/// device's buffer pool for good. Not measured as such: on 2 CPUs [`URING_MAX_DEPTH`] and
+/// [`URING_THREADS_PER_QUEUE`] leave 32 of them in use, and only machines of more than 4
+/// CPUs reach this cap.
 pub const URING_ENTRIES: usize = 64;
 
-/// Ring entries per FUSE-over-io_uring thread at most.
-pub const URING_MAX_DEPTH: usize = 16;
+/// Ring entries per FUSE-over-io_uring thread at most. Few, because a thread serves its
+/// requests one after another while the kernel hands a queue's next request to the entry
+/// committed last, whichever thread lent it: a thread busy copying 1 MiB with many free
+/// entries collects the requests that come meanwhile, and its siblings wait with nothing
+/// to do. Measured on 2 CPUs (three daemons attached at once, fio QD32, 4 runs of 3 s
+/// alternated, median, 1 MiB read / write and 4 KiB read / write MiB/s): 2 threads of 16
+/// entries 5676 / 5697 and 656 / 626; 4 of 4 7370 / 7005 and 625 / 614; 8 of 2 7246 / 7141
+/// and 559 / 558 (more threads wake more often at 4 KiB); 4 KiB with 128 submitters within
+/// the noise of each other. Log: bench/results/logs/uring-layout-2026-12-04.txt.
+pub const URING_MAX_DEPTH: usize = 4;
 
 /// Threads (each with its own io_uring and share of the entries) serving one FUSE queue,
 /// where [`URING_ENTRIES`] allows. The kernel queues a request on the queue of the CPU
@@ -54,8 +62,9 @@ pub const URING_MAX_DEPTH: usize = 16;
 /// served nothing. Measured on 2 CPUs under other load (fio 1 MiB QD32 read, 3 runs each:
 /// 1467-1680 MiB/s with one thread per queue, 1601-2725 with two, fuser 1958-2430;
 /// `bench/attach` with two: 1 MiB read 0.75x and write 0.83x tmpfs+loop, from 0.37-0.57
-/// and 0.53-0.66 with one; 4 KiB 0.66-0.84x, as before within the noise).
-pub const URING_THREADS_PER_QUEUE: usize = 2;
+/// and 0.53-0.66 with one; 4 KiB 0.66-0.84x, as before within the noise). Four, with
+/// [`URING_MAX_DEPTH`] 4: see there.
+pub const URING_THREADS_PER_QUEUE: usize = 4;
 
 // --- attach: kernel nbd --------------------------------------------------------------------
 

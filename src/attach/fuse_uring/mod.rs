@@ -408,9 +408,9 @@ mod tests {
 
     #[test]
     fn few_cpus_get_several_threads_per_queue_and_many_cpus_no_more_entries() {
-        // 2 CPUs: two threads per queue, the entries split evenly.
-        assert_eq!(layout(2), (URING_THREADS_PER_QUEUE, 16));
-        assert_eq!(layout(1), (URING_THREADS_PER_QUEUE, 16));
+        // Few CPUs: every queue gets its threads, each the most entries a thread may have.
+        assert_eq!(layout(2), (URING_THREADS_PER_QUEUE, URING_MAX_DEPTH));
+        assert_eq!(layout(1), (URING_THREADS_PER_QUEUE, URING_MAX_DEPTH));
         for queues in [1, 2, 3, 4, 8, 16, 31, 32, 33, 64, 65, 256] {
             let (per_queue, depth) = layout(queues);
             assert!(per_queue >= 1 && depth >= 1, "{queues} queues");
