@@ -106,8 +106,16 @@ impl Queue {
     /// Creates the ring and registers every entry; fails where the kernel refuses.
     pub(crate) fn register(spec: QueueSpec) -> Result<Queue> {
         let depth = spec.payloads.len() as u32;
+        // COOP_TASKRUN: the kernel hands a request to an entry as task work of the thread
+        // that lent it, and by default interrupts that thread with an IPI if it is running;
+        // this thread enters the kernel often enough by itself (each `sched_yield` of its
+        // poll, each `io_uring_enter`, the futex of a GPU wait), and the work runs then. On
+        // 2 CPUs, same-run A/B of 4 runs each (fio, MiB/s, median): 4 KiB QD1 read / write
+        // 100 / 100 -> 131 / 124, 1 MiB QD32 6472 / 6041 -> 6785 / 6861, 4 KiB QD32 585 /
+        // 556 -> 581 / 533 (bench/results/logs/uring-coop-2026-12-04.txt).
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .setup_cqsize(depth * 2)
+            .setup_coop_taskrun()
             .build(depth)
             .context("creating an io_uring with 128-byte entries")?;
         let entries: Vec<Entry> = spec
