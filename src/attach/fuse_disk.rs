@@ -99,7 +99,7 @@ pub(crate) struct Disk {
     io_errors: AtomicU64,
     /// Opens of the disk image not yet released.
     pub(crate) open_files: Arc<OpenFiles>,
-    /// Which transport serves the mount, for the stats file ("FUSE over io_uring, 2 queues of 2 threads").
+    /// Which transport serves the mount, for the stats file ("FUSE over io_uring, 2 queues of 4 threads").
     transport: OnceLock<String>,
 }
 

@@ -72,8 +72,8 @@ pub struct FuseLoopOptions {
 /// How FUSE requests reach the daemon.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
-    /// The daemon's choice: fuser for now, since 1 MiB sequential I/O is slower over the
-    /// ring than through fuser today; FUSE over io_uring is opt-in ([`Transport::Uring`]).
+    /// The daemon's choice: fuser for now, until FUSE over io_uring ([`Transport::Uring`],
+    /// opt-in) is measured on a GPU.
     Auto,
     /// FUSE over io_uring, or fail saying why not.
     Uring,
@@ -552,7 +552,7 @@ impl FuseLoop {
         Ok(this)
     }
 
-    /// How requests reach the daemon: "FUSE over io_uring, 2 queues of 2 threads" or "fuser, 2 threads".
+    /// How requests reach the daemon: "FUSE over io_uring, 2 queues of 4 threads" or "fuser, 2 threads".
     pub fn transport(&self) -> &str {
         &self.transport
     }

@@ -203,7 +203,7 @@ impl Attachment {
     }
 
     /// The method and, for FUSE, how its requests arrive: "FUSE + loop (FUSE over
-    /// io_uring, 2 queues of 2 threads)".
+    /// io_uring, 2 queues of 4 threads)".
     pub fn describe(&self) -> String {
         match self {
             Attachment::FuseLoop(f) => format!("{} ({})", Method::FuseLoop.label(), f.transport()),

@@ -49,8 +49,8 @@ pub struct AttachArgs {
     busy_poll: u64,
 
     /// How FUSE requests reach the daemon (--via fuse): fuser threads reading /dev/fuse
-    /// (auto, the default: 1 MiB sequential I/O is slower over the ring today), or, opted
-    /// in, FUSE over io_uring (the fuse module's enable_uring parameter must be on).
+    /// (auto, the default, until FUSE over io_uring is measured on a GPU), or, opted in,
+    /// FUSE over io_uring (the fuse module's enable_uring parameter must be on).
     #[arg(
         long,
         value_enum,

@@ -39,7 +39,10 @@ impl clap::ValueEnum for crate::attach::fuse_loop::Transport {
     fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
         use crate::attach::fuse_loop::Transport;
         let (name, help) = match self {
-            Transport::Auto => ("auto", "fuser for now (faster at 1 MiB sequential I/O)"),
+            Transport::Auto => (
+                "auto",
+                "fuser for now (io_uring is not yet measured on a GPU)",
+            ),
             Transport::Uring => (
                 "uring",
                 "FUSE over io_uring (the fuse module's enable_uring on), or fail saying why not",

@@ -16,8 +16,9 @@
 //! keeps reading `/dev/fuse`, which still carries FORGET and INTERRUPT (which need no
 //! reply here) and anything sent before the rings were ready.
 //!
-//! Only `--fuse-transport uring` asks for it (fuser is the default: 1 MiB sequential I/O is
-//! slower over the ring today). Where the kernel refuses (the parameter is off, or a
+//! Only `--fuse-transport uring` asks for it (fuser is the default until the ring is
+//! measured on a GPU; on 2 CPUs with host memory it is ahead at 4 KiB, level at
+//! queue depth 1 and a little behind at 1 MiB, `bench/results/attach.tsv`). Where the kernel refuses (the parameter is off, or a
 //! registration fails), [`start`] unmounts again and says why, and attach fails with that.
 //!
 //! [`start`]: UringSession::start
