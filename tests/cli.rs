@@ -313,7 +313,11 @@ impl OtherUser {
         if !common::clients_available(&["setpriv"]) {
             return None;
         }
-        let uid = 40000 + std::process::id() % 20000;
+        // A uid (so a runtime directory) of its own per test: the tests of this file run in
+        // parallel, and one's drop would remove the directory another is checking.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 8;
+        let uid = 40000 + (std::process::id() % 2500) * 8 + n;
         let dir = std::path::PathBuf::from(format!("/tmp/vramdisk-{uid}"));
         let _ = std::fs::remove_dir_all(&dir);
         Some(OtherUser { uid, dir })
