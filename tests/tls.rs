@@ -586,11 +586,19 @@ fn sigterm_over_tls_with_a_slow_reader_gets_every_reply() {
     }
     const EXPORT: u64 = 64 * MIB;
     let pki = Pki::new();
-    let srv = tls_server(&pki, "require", false);
+    // The least --inflight-memory there is (32M: 512 of these reads), so that the replies
+    // owed at SIGTERM reach a reader this slow well inside the server's grace
+    // (SHUTDOWN_GRACE, 5 s) on a loaded machine too; with the default 128M they were up to
+    // 2,048, and at 300 µs a reply and more under load that came close to the grace.
+    let mut c = ServerConfig::sized(EXPORT);
+    c.extra_args = pki.server_args("require", false);
+    c.extra_args
+        .extend(["--inflight-memory".to_string(), "32M".to_string()]);
+    let srv = Server::start(c, Transport::Tcp);
     let mut tls = tls_transmission(&srv, &pki.server.join("ca-cert.pem"));
     // NBD_CMD_READ (0) of 64 KiB.
     let request = |i: u64| request_header(0, i, (i * 65536) % EXPORT, 65536);
-    // Far more in replies than the server buffers (--inflight-memory, 128M by default).
+    // Far more in replies than the server buffers.
     let mut sent = 0u64;
     for _ in 0..4096 {
         tls.write_all(&request(sent)).unwrap();
