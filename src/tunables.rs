@@ -40,8 +40,8 @@ pub const ATTR_TTL: Duration = Duration::from_secs(3600);
 /// mostly land on one queue), few enough that a machine with many CPUs does not hold
 /// hundreds of payload buffers, each the size of the largest request and taken from the
 /// device's buffer pool for good. Not measured as such: on 2 CPUs [`URING_MAX_DEPTH`] and
-/// [`URING_THREADS_PER_QUEUE`] leave 32 of them in use, and only machines of more than 4
-/// CPUs reach this cap.
+/// [`URING_THREADS_PER_QUEUE`] leave 32 of them in use; the cap limits only machines of
+/// more than 4 CPUs.
 pub const URING_ENTRIES: usize = 64;
 
 /// Ring entries per FUSE-over-io_uring thread at most. Few, because a thread serves its

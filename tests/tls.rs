@@ -141,8 +141,14 @@ impl Pki {
 }
 
 fn tls_server(pki: &Pki, mode: &str, mutual: bool) -> Server {
+    tls_server_with(pki, mode, mutual, &[])
+}
+
+/// [`tls_server`] with more arguments for `vramdisk serve`.
+fn tls_server_with(pki: &Pki, mode: &str, mutual: bool, extra: &[&str]) -> Server {
     let mut c = ServerConfig::sized(64 * MIB);
     c.extra_args = pki.server_args(mode, mutual);
+    c.extra_args.extend(extra.iter().map(|a| a.to_string()));
     Server::start(c, Transport::Tcp)
 }
 
@@ -590,11 +596,7 @@ fn sigterm_over_tls_with_a_slow_reader_gets_every_reply() {
     // owed at SIGTERM reach a reader this slow well inside the server's grace
     // (SHUTDOWN_GRACE, 5 s) on a loaded machine too; with the default 128M they were up to
     // 2,048, and at 300 µs a reply and more under load that came close to the grace.
-    let mut c = ServerConfig::sized(EXPORT);
-    c.extra_args = pki.server_args("require", false);
-    c.extra_args
-        .extend(["--inflight-memory".to_string(), "32M".to_string()]);
-    let srv = Server::start(c, Transport::Tcp);
+    let srv = tls_server_with(&pki, "require", false, &["--inflight-memory", "32M"]);
     let mut tls = tls_transmission(&srv, &pki.server.join("ca-cert.pem"));
     // NBD_CMD_READ (0) of 64 KiB.
     let request = |i: u64| request_header(0, i, (i * 65536) % EXPORT, 65536);

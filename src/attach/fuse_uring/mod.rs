@@ -19,8 +19,9 @@
 //! Only `--fuse-transport uring` asks for it (fuser is the default until the ring is
 //! measured on a GPU: a ring thread waits for each GPU copy it starts, so a CPU's requests
 //! have at most its queue's threads copying; with host memory on 2 CPUs the ring is ahead
-//! at 4 KiB and level at 1 MiB, `bench/results/attach.tsv`). Where the kernel refuses (the parameter is off, or a
-//! registration fails), [`start`] unmounts again and says why, and attach fails with that.
+//! at 4 KiB and level at 1 MiB, `bench/results/attach.tsv`). Where the kernel refuses (the
+//! parameter is off, or a registration fails), [`start`] unmounts again and says why, and
+//! attach fails with that.
 //!
 //! [`start`]: UringSession::start
 

@@ -42,22 +42,27 @@ udev_settle() {
 }
 
 # nbd-client "$@" once udev is idle; on failure shows what the kernel said, then fails.
-# Tries a second time only where the kernel refused because something else held the device
-# open ("already in use": a prober that udev_settle cannot see), and says so.
+# Only the kernel's "nbdN already in use" for this device, logged since the call (an opener
+# that udev_settle cannot see), is waited out: tried again until the device is free, for up
+# to 30 s, and said loudly.
 nbd_connect() {
-  local mark
+  local dev mark said= t0=$SECONDS
+  dev=$(printf '%s\n' "$@" | grep -m1 '^/dev/nbd') || die "nbd_connect: no /dev/nbdN in: $*"
   udev_settle
   mark=$(dmesg | wc -l)
-  nbd-client "$@" && return 0
-  dmesg | tail -n 20 >&2
-  if dmesg | tail -n +"$((mark + 1))" | grep -q 'already in use'; then
-    echo "*** nbd_connect: the kernel said the device was in use; once more after 2 s ***" >&2
-    sleep 2
+  until nbd-client "$@"; do
+    if ! dmesg | tail -n +"$((mark + 1))" | grep -q "${dev#/dev/} already in use" ||
+      ((SECONDS - t0 >= 30)); then
+      dmesg | tail -n 20 >&2
+      die "nbd-client $* failed (the kernel's last messages above)"
+    fi
+    [[ -n $said ]] ||
+      echo "*** nbd_connect: the kernel says $dev is in use; trying again until it is free ***" >&2
+    said=1
+    sleep 0.2
     udev_settle
-    nbd-client "$@" && return 0
-    dmesg | tail -n 10 >&2
-  fi
-  die "nbd-client $* failed (the kernel's last messages above)"
+    mark=$(dmesg | wc -l)
+  done
 }
 
 # Disconnects nbd device $1 and waits (up to 60 s) until the kernel has let it go.
