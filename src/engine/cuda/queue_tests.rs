@@ -567,3 +567,43 @@ fn a_watched_op_waits_for_its_wake_instead_of_re_polling_itself() {
     }
     fake.running.store(true, Ordering::SeqCst);
 }
+
+#[test]
+fn ops_issued_with_nothing_in_flight_use_the_first_lane_and_busy_ones_spread() {
+    let fake = Arc::new(Fake::new(BatchMode::Off));
+    let q = queue(&fake);
+    let mut dev = vec![0u8; 4096];
+    for i in 0..8 {
+        let mut host = pattern(i, 4096);
+        futures::executor::block_on(q.run(op(OpKind::Write, &mut dev, &mut host, true))).unwrap();
+    }
+    assert_eq!(
+        fake.state.lock().unwrap().put,
+        vec![8, 0, 0, 0],
+        "one at a time: lane 0"
+    );
+    // With the GPU held, each op finds the earlier ones in flight: the lanes take turns.
+    fake.running.store(false, Ordering::SeqCst);
+    let mut devs: Vec<Vec<u8>> = (0..4).map(|_| vec![0u8; 4096]).collect();
+    let mut hosts: Vec<Vec<u8>> = (0..4).map(|i| pattern(i, 4096)).collect();
+    let mut futs: Vec<_> = devs
+        .iter_mut()
+        .zip(hosts.iter_mut())
+        .map(|(d, h)| Box::pin(q.run(op(OpKind::Write, d, h, true))))
+        .collect();
+    for f in &mut futs {
+        assert!(poll_once(f.as_mut()).is_pending());
+    }
+    let put = fake.state.lock().unwrap().put.clone();
+    // Let the GPU run before asserting: a failing assertion drops the futures, and each waits
+    // for its op.
+    fake.running.store(true, Ordering::SeqCst);
+    for f in futs {
+        futures::executor::block_on(f).unwrap();
+    }
+    assert_eq!(put.iter().sum::<u64>(), 12);
+    assert!(
+        put.iter().all(|&n| n > 0),
+        "busy lanes were not spread: {put:?}"
+    );
+}
