@@ -72,8 +72,8 @@ pub struct FuseLoopOptions {
 /// How FUSE requests reach the daemon.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
-    /// The daemon's choice: fuser for now, until FUSE over io_uring ([`Transport::Uring`],
-    /// opt-in) is measured on a GPU.
+    /// The daemon's choice: fuser, which on GPU memory serves 4 KiB requests twice as fast
+    /// as FUSE over io_uring ([`Transport::Uring`], opt-in; faster at 1 MiB).
     Auto,
     /// FUSE over io_uring, or fail saying why not.
     Uring,

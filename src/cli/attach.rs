@@ -49,8 +49,9 @@ pub struct AttachArgs {
     busy_poll: u64,
 
     /// How FUSE requests reach the daemon (--via fuse): fuser threads reading /dev/fuse
-    /// (auto, the default, until FUSE over io_uring is measured on a GPU), or, opted in,
-    /// FUSE over io_uring (the fuse module's enable_uring parameter must be on).
+    /// (auto, the default: on GPU memory twice as fast as the ring at 4 KiB with many
+    /// requests in flight), or, opted in, FUSE over io_uring (faster at 1 MiB; the fuse
+    /// module's enable_uring parameter must be on).
     #[arg(
         long,
         value_enum,

@@ -41,7 +41,7 @@ impl clap::ValueEnum for crate::attach::fuse_loop::Transport {
         let (name, help) = match self {
             Transport::Auto => (
                 "auto",
-                "fuser for now (io_uring is not yet measured on a GPU)",
+                "fuser (on GPU memory the faster at 4 KiB; io_uring is the faster at 1 MiB)",
             ),
             Transport::Uring => (
                 "uring",

@@ -16,10 +16,12 @@
 //! keeps reading `/dev/fuse`, which still carries FORGET and INTERRUPT (which need no
 //! reply here) and anything sent before the rings were ready.
 //!
-//! Only `--fuse-transport uring` asks for it (fuser is the default until the ring is
-//! measured on a GPU: a ring thread waits for each GPU copy it starts, so a CPU's requests
-//! have at most its queue's threads copying; with host memory on 2 CPUs the ring is ahead
-//! at 4 KiB and level at 1 MiB, `bench/results/attach.tsv`). Where the kernel refuses (the
+//! Only `--fuse-transport uring` asks for it. fuser stays the default: on GPU memory (H200,
+//! bench/results/gpu-e2e.md) the ring is 1.2-1.6 times fuser at 1 MiB but half of it at 4 KiB
+//! with 32 or 128 requests in flight. Not because a ring thread waits for each copy it starts:
+//! serving a thread's batch of requests together (copies started under one plug) changed
+//! nothing at QD32 and lost QD1, so its batches are mostly of one; the cause is not found.
+//! With host memory on 2 CPUs the ring is ahead at 4 KiB and level at 1 MiB. Where the kernel refuses (the
 //! parameter is off, or a registration fails), [`start`] unmounts again and says why, and
 //! attach fails with that.
 //!
