@@ -7,8 +7,10 @@
 //! many, requests that arrive while a combiner is in the driver are issued together on its
 //! next round, which is where small copies get batched: up to [`MAX_DESCS`] of them go into
 //! one launch of the gather kernel (or one `cuMemcpyBatchAsync`), large ones each get their
-//! own `cuMemcpy*Async`. Work is spread round-robin over several streams (lanes), and after
-//! each submission an event is recorded on its lane.
+//! own `cuMemcpy*Async`. Work is spread round-robin over several streams (lanes) while
+//! other work is in flight (a copy issued with nothing in flight takes the first lane, the
+//! cheaper one to start on after an idle spell), and after each submission an event is
+//! recorded on its lane.
 //!
 //! Completion is reaping: query the oldest event of each lane and wake the tasks whose ops it
 //! covered. A completion thread per GPU reaps while work is in flight, spinning, and parks
