@@ -347,6 +347,47 @@ fn sample(body: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// The host:port of the metrics endpoint that a daemon's status names.
+fn metrics_addr(status: &[Value]) -> &str {
+    let url = status[0]["metrics"].as_str().expect("a metrics endpoint");
+    url.strip_prefix("http://")
+        .and_then(|u| u.strip_suffix("/metrics"))
+        .expect("http://HOST:PORT/metrics")
+}
+
+#[test]
+fn status_and_metrics_count_gpu_copies_on_gpu_memory() {
+    if std::env::var("VRAMDISK_TEST_GPU").as_deref() != Ok("1") {
+        common::skip_loudly(
+            "status_and_metrics_count_gpu_copies_on_gpu_memory (set VRAMDISK_TEST_GPU=1 on a \
+             machine with an NVIDIA GPU)",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("in.img");
+    make_image(&image);
+    // Loading the image writes its data through the GPU copy queue.
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--backend=cuda",
+            "--size=64M",
+            "--metrics=127.0.0.1:0",
+            "--load",
+            image.to_str().unwrap(),
+        ],
+    );
+    let st = d.status();
+    let copies = &st[0]["exports"][0]["gpu_copies"];
+    let ops = copies["ops"].as_u64().unwrap_or(0);
+    assert!(ops > 0, "no GPU copies counted after a load: {copies}");
+    assert!(copies["batched_ops"].as_u64().unwrap() <= ops, "{copies}");
+    let (_, body) = http_get(metrics_addr(&st), "/metrics");
+    let counted = sample(&body, "vramdisk_gpu_copies_total{export=\"\"}").unwrap_or(0.0);
+    assert!(counted >= ops as f64, "{body}");
+}
+
 #[test]
 fn status_and_metrics_describe_every_export() {
     let dir = tempfile::tempdir().unwrap();
@@ -375,6 +416,8 @@ fn status_and_metrics_describe_every_export() {
     assert_eq!(exports[1]["max_memory"], 256u64 << 20);
     assert_eq!(exports[1]["allocated"], 0);
     assert_eq!(exports[0]["backend"], "host");
+    // Host memory has no GPU copy queues to count.
+    assert!(exports[0]["gpu_copies"].is_null(), "{:?}", exports[0]);
 
     // The table: a header and one line per export, with the pid and sizes.
     let out = d.cli(&["status"]);
@@ -386,15 +429,10 @@ fn status_and_metrics_describe_every_export() {
     assert!(lines[2].contains("scratch") && lines[2].contains("1G") && lines[2].contains("256M"));
     assert!(lines[2].starts_with(&d.pid().to_string()));
 
-    let url = st[0]["metrics"].as_str().unwrap();
-    let addr = url
-        .strip_prefix("http://")
-        .unwrap()
-        .strip_suffix("/metrics")
-        .unwrap();
-    let (head, body) = http_get(addr, "/metrics");
+    let (head, body) = http_get(metrics_addr(&st), "/metrics");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("text/plain; version=0.0.4"));
+    assert!(!body.contains("vramdisk_gpu_cop"), "{body}");
     assert_eq!(
         sample(&body, "vramdisk_size_bytes{export=\"scratch\"}"),
         Some((1u64 << 30) as f64)
@@ -454,7 +492,7 @@ fn status_and_metrics_describe_every_export() {
         samples["vramdisk_chunks{export=\"\"}"],
         exports[0]["chunks"].as_f64().unwrap()
     );
-    let (head, _) = http_get(addr, "/nothing");
+    let (head, _) = http_get(metrics_addr(&st), "/nothing");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 
     // The control protocol answers garbage with an error line and keeps the connection.

@@ -302,7 +302,7 @@ fn serve_attached(
         .into_iter()
         .next()
         .context("no device was built")?;
-    let (built, tiers) = (named.device, named.tiers);
+    let (built, tiers, copies) = (named.device, named.tiers, named.copies);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -320,6 +320,7 @@ fn serve_attached(
             name: String::new(),
             device: built,
             tiers,
+            copies,
             backend: format!("{backend:?}").to_lowercase(),
             plan: Default::default(),
             read_only_view: false,

@@ -498,6 +498,7 @@ pub fn build_devices(
                 name: d.name,
                 device: d.device,
                 tiers: d.tiers,
+                copies: d.copies,
                 backend: format!("{backend:?}").to_lowercase(),
                 plan: plan.clone(),
                 read_only_view,

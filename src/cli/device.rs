@@ -142,6 +142,8 @@ pub struct NamedDevice {
     pub device: Arc<dyn BlockDevice>,
     /// Its tier logic (watermark, yield), where it can spill.
     pub tiers: Option<Arc<dyn TierControl>>,
+    /// Its GPU copy queues' counters, on GPU memory.
+    pub copies: Option<crate::ops::CopyCounters>,
 }
 
 impl DeviceArgs {
@@ -331,6 +333,7 @@ impl DeviceArgs {
                 Some(c) => c,
                 None => &NoProgress,
             };
+            let mut copies = None;
             let (device, tiers): (Arc<dyn BlockDevice>, Option<Arc<dyn TierControl>>) =
                 match backend {
                     BackendKind::Host => (
@@ -370,6 +373,10 @@ impl DeviceArgs {
                             .with_context(ctx)?;
                         let tiers: Option<Arc<dyn TierControl>> =
                             (!spill.is_empty()).then(|| Tiering::start(dev.clone()) as _);
+                        let queues = dev.clone();
+                        let counters: crate::ops::CopyCounters =
+                            Arc::new(move || queues.backend().queue_stats().into());
+                        copies = Some(counters);
                         (dev, tiers)
                     }
                 };
@@ -377,6 +384,7 @@ impl DeviceArgs {
                 name: spec.name,
                 device,
                 tiers,
+                copies,
             });
         }
         if let Some(ram) = &spill.ram {

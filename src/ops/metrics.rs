@@ -345,7 +345,48 @@ impl Scrape {
             Counter,
             self.per_op(|o| o.errors),
         )?;
+        self.encode_gpu_copies(enc)?;
         self.encode_latency(enc)
+    }
+
+    /// How requests reached the GPU, for exports on GPU memory (none otherwise).
+    fn encode_gpu_copies(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
+        type Field = fn(&super::GpuCopies) -> u64;
+        let per = |f: Field| -> Vec<(Labels, Num)> {
+            let on_gpu = self.status.exports.iter();
+            on_gpu
+                .filter_map(|e| Some((export(e), f(e.gpu_copies.as_ref()?).into())))
+                .collect()
+        };
+        let families: [(&str, &str, Field); 4] = [
+            (
+                "vramdisk_gpu_copies",
+                "Copies (and zeroings) issued to the GPU.",
+                |c| c.ops,
+            ),
+            (
+                "vramdisk_gpu_copy_rounds",
+                "Submission rounds, each issuing what queued up while the last one ran.",
+                |c| c.rounds,
+            ),
+            (
+                "vramdisk_gpu_copy_batches",
+                "Batched submissions: gather-kernel launches or cuMemcpyBatchAsync calls.",
+                |c| c.batches,
+            ),
+            (
+                "vramdisk_gpu_copies_batched",
+                "Copies carried by batched submissions.",
+                |c| c.batched_ops,
+            ),
+        ];
+        for (name, help, f) in families {
+            let values = per(f);
+            if !values.is_empty() {
+                family(enc, name, help, MetricType::Counter, values)?;
+            }
+        }
+        Ok(())
     }
 
     fn encode_latency(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
@@ -615,6 +656,7 @@ mod tests {
             spilled_ram: 0,
             spilled_file: 0,
             tiers,
+            gpu_copies: None,
             metrics: MetricsSnapshot {
                 ops,
                 connections: 2,
@@ -690,6 +732,33 @@ mod tests {
         // Without a spilling export the families are left out entirely.
         let body = exposition(status(vec![export("plain", None)]), Vec::new());
         assert!(!body.contains("spill"), "{body}");
+    }
+
+    #[test]
+    fn gpu_copy_counters_are_exported_for_exports_on_gpu_memory_only() {
+        let mut gpu = export("g", None);
+        gpu.gpu_copies = Some(crate::ops::GpuCopies {
+            ops: 100,
+            rounds: 40,
+            batches: 10,
+            batched_ops: 70,
+        });
+        let body = exposition(status(vec![gpu, export("plain", None)]), Vec::new());
+        for line in [
+            "# TYPE vramdisk_gpu_copies_total counter",
+            "vramdisk_gpu_copies_total{export=\"g\"} 100",
+            "vramdisk_gpu_copy_rounds_total{export=\"g\"} 40",
+            "vramdisk_gpu_copy_batches_total{export=\"g\"} 10",
+            "vramdisk_gpu_copies_batched_total{export=\"g\"} 70",
+        ] {
+            assert!(body.lines().any(|l| l == line), "no `{line}` in\n{body}");
+        }
+        assert!(
+            !body.contains("gpu_copies_total{export=\"plain\""),
+            "{body}"
+        );
+        let body = exposition(status(vec![export("plain", None)]), Vec::new());
+        assert!(!body.contains("vramdisk_gpu_cop"), "{body}");
     }
 
     #[test]

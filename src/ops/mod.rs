@@ -36,6 +36,35 @@ pub struct PersistPlan {
     pub save: Option<PathBuf>,
 }
 
+/// How the requests of an export reached its GPUs: counters of the copy queues (see
+/// `engine::cuda::queue`), summed over the GPUs. Copies per batch and per round say how well
+/// a frontend's requests are grouped (one launch of the gather kernel for many small copies).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GpuCopies {
+    /// Copies (and zeroings) issued.
+    pub ops: u64,
+    /// Rounds of the submitting combiner: each issues what queued up while the last ran.
+    pub rounds: u64,
+    /// Batched submissions: launches of the gather kernel or `cuMemcpyBatchAsync` calls.
+    pub batches: u64,
+    /// Copies carried by those batches.
+    pub batched_ops: u64,
+}
+
+impl From<crate::engine::cuda::QueueStats> for GpuCopies {
+    fn from(s: crate::engine::cuda::QueueStats) -> Self {
+        GpuCopies {
+            ops: s.ops,
+            rounds: s.rounds,
+            batches: s.batches,
+            batched_ops: s.batched_ops,
+        }
+    }
+}
+
+/// Where an export's [`GpuCopies`] are read, for exports on GPU memory.
+pub type CopyCounters = Arc<dyn Fn() -> GpuCopies + Send + Sync>;
+
 /// One export as the daemon tracks it.
 pub struct ExportState {
     /// Export name ("" is the default export).
@@ -48,6 +77,8 @@ pub struct ExportState {
     pub plan: PersistPlan,
     /// Watermark and yield, where the device can spill.
     pub tiers: Option<Arc<dyn TierControl>>,
+    /// Its GPU copy queues' counters, on GPU memory.
+    pub copies: Option<CopyCounters>,
     attach: Mutex<Option<String>>,
     attach_via: Mutex<Option<String>>,
     // Saves of one export run one at a time.
@@ -134,6 +165,7 @@ impl ExportState {
             spilled_ram: stats.spilled_ram,
             spilled_file: stats.spilled_file,
             tiers: self.tiers.as_ref().map(|t| t.stats()),
+            gpu_copies: self.copies.as_ref().map(|c| c()),
             metrics: m,
         }
     }
@@ -209,6 +241,9 @@ pub struct ExportStatus {
     /// Spill tiers, watermark and yields, where the device can spill.
     #[serde(default)]
     pub tiers: Option<TierStats>,
+    /// How its requests reached the GPU, on GPU memory.
+    #[serde(default)]
+    pub gpu_copies: Option<GpuCopies>,
     /// Every counter.
     pub metrics: crate::engine::metered::MetricsSnapshot,
 }
@@ -260,6 +295,8 @@ pub struct ManagedDevice {
     pub read_only_view: bool,
     /// Its tier logic, where it can give GPU memory back.
     pub tiers: Option<Arc<dyn TierControl>>,
+    /// Its GPU copy queues' counters, on GPU memory.
+    pub copies: Option<CopyCounters>,
 }
 
 impl Daemon {
@@ -306,6 +343,7 @@ impl Daemon {
             };
             let state = ExportState {
                 tiers: d.tiers,
+                copies: d.copies,
                 device: Arc::new(MeteredDevice::new(device)),
                 name: d.name,
                 backend: d.backend,

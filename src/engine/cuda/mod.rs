@@ -43,7 +43,7 @@ pub mod queue_driver;
 
 pub use backend::CudaBackend;
 pub use driver::{NO_DRIVER, Unavailable, driver_present};
-pub use queue::{BatchMode, QueueOptions};
+pub use queue::{BatchMode, QueueOptions, QueueStats};
 
 use super::{BlockDevice, SparseDevice, SparseOptions};
 use anyhow::{Result, anyhow, bail};
