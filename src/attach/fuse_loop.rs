@@ -18,7 +18,7 @@
 //!   started before the loop device exists (swap safety: nothing is created on the I/O
 //!   path). Each thread drives the async device call to completion itself: for host memory
 //!   the call never actually waits, and a GPU copy waits without holding any other request.
-//!   After each reply the [`Pacer`] decides whether the thread polls for the next request,
+//!   After each reply the `Pacer` decides whether the thread polls for the next request,
 //!   parks because it is not needed, or wakes a parked one (see `pacing`).
 //! - Discard: the loop turns discard into `fallocate(PUNCH_HOLE|KEEP_SIZE)` on the file,
 //!   which becomes [`BlockDevice::trim`]; write-zeroes with NOUNMAP becomes `ZERO_RANGE`.

@@ -115,7 +115,7 @@ pub async fn serve_connection(
 }
 
 /// The NBD transmission flags for a device with `caps`: those an NBD client with simple
-/// replies is sent ([`crate::nbd::export::transmission_flags`]), less what the kernel's
+/// replies is sent (`crate::nbd::export::transmission_flags`), less what the kernel's
 /// driver does not use.
 pub fn transmission_flags(caps: &Capabilities) -> u16 {
     crate::nbd::export::transmission_flags(caps, Framing::Simple) & KERNEL_FLAGS

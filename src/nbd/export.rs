@@ -52,7 +52,7 @@ pub struct ConnectionLimits {
     /// sleeps (zero: never). See `transmission::poll::Poller`.
     pub busy_poll: Duration,
     /// Largest read or write accepted. Requests above the advertised maximum payload
-    /// ([`BlockSizes::max`]) are streamed through buffers of that size, so this bounds the
+    /// (`BlockSizes::max`) are streamed through buffers of that size, so this bounds the
     /// time one request holds its connection, not memory.
     pub max_request: u64,
 }

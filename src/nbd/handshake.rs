@@ -3,8 +3,8 @@
 //!
 //! Reads take exactly the bytes of each message, never more, so whatever the client sends
 //! after the handshake is still in the socket for the transmission phase (and, later, for a
-//! TLS session started by `NBD_OPT_STARTTLS`: [`negotiate`] runs over any byte stream, so
-//! an upgrade can swap the stream and restart option haggling with fresh [`Options`]).
+//! TLS session started by `NBD_OPT_STARTTLS`: `negotiate` runs over any byte stream, so
+//! an upgrade can swap the stream and restart option haggling with fresh `Options`).
 
 use super::export::{BlockSizes, Export, transmission_flags};
 use super::proto::{self, Framing};

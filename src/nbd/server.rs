@@ -1,6 +1,6 @@
 //! The NBD server: listening sockets, connection limits, handshake timeout, graceful
 //! shutdown. Each accepted connection runs the handshake ([`super::handshake`]) and then the
-//! transmission phase ([`super::transmission`]) in its own task.
+//! transmission phase (`super::transmission`) in its own task.
 
 use super::admission::{Admission, ClientSlot};
 use super::export::{ConnectionLimits, DEFAULT_MAX_REQUEST, Export, Limits};

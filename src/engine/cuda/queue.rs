@@ -90,7 +90,7 @@ pub struct QueueOptions {
     /// it; zero never re-polls. A wake from the completion thread, outside the runtime,
     /// costs about 0.6 µs of that one thread, which bounds 4 KiB I/O near 1.6 M ops/s; a
     /// task that re-polls needs no wake, only its own worker's time (see
-    /// [`crate::tunables::CUDA_YIELD_SPIN`] for what it gave).
+    /// `crate::tunables::CUDA_YIELD_SPIN` for what it gave).
     pub yield_spin: Duration,
     /// Completion threads per GPU; each reaps its share of the lanes. One is best: the cost
     /// of waking tasks from outside the runtime grows with more (measured at 4 KiB QD128:

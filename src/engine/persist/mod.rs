@@ -28,7 +28,7 @@
 //! large aligned `pread`/`pwrite` of a whole block, and the device side moves records straight
 //! between the device and the block buffers: a record is read from the device into its place
 //! in the stream (a save), or written to the device from where it lies in the block (a load).
-//! The block buffers come from the device's [`BufferPool`](super::BufferPool), which for the
+//! The block buffers come from the device's [`BufferPool`], which for the
 //! CUDA backend is pinned memory, so the GPU copies them by DMA with no staging copy; and by
 //! default the file is opened with `O_DIRECT`, so the disk moves them by DMA too, with no
 //! page-cache copy (see [`IoMode`]). Four threads do the file I/O, several blocks at a time

@@ -1,10 +1,10 @@
 //! [`Tiering`]: the live watermark, `yield`, and bringing chunks back.
 //!
-//! A monitor thread reads each backend memory's free bytes every [`POLL`] (`cuMemGetInfo`
+//! A monitor thread reads each backend memory's free bytes every `POLL` (`cuMemGetInfo`
 //! costs microseconds). When another program eats into `--keep-free`, the coldest chunks of
-//! that memory move out until the reserve is back; when memory is free again for [`SETTLE`]
+//! that memory move out until the reserve is back; when memory is free again for `SETTLE`
 //! with a margin to spare ([`margin`]), spilled chunks come back, hottest first, at most
-//! [`PROMOTE_RATE`] so a program that just finished keeps its PCIe link. A yield
+//! `PROMOTE_RATE` so a program that just finished keeps its PCIe link. A yield
 //! ([`TierControl::yield_memory`]) moves chunks out until the asked-for bytes are free and
 //! then holds the memory (no new chunks there, none brought back) until released.
 

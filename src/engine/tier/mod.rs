@@ -4,7 +4,7 @@
 //! host RAM for the host backend), or a spill tier: pinned host RAM ([`ram::SpillRam`]) and,
 //! for what RAM cannot hold, a preallocated file ([`file::SpillFile`]). The chunk map stays
 //! the one source of truth: a slot holds a [`Home`], and moving a chunk is building it anew in
-//! another home and swapping the slot over ([`moves`]). Backends know nothing of tiers; they
+//! another home and swapping the slot over (`moves`). Backends know nothing of tiers; they
 //! only report how much of their memory other programs have left ([`crate::engine::Backend::shared_memory`]).
 //!
 //! **No write is lost or torn by a move.** A write pins its chunk ([`ChunkState::pin_write`]:

@@ -116,7 +116,7 @@ fn prelude(mode: u8) -> Option<Vec<u8>> {
 /// Drives a whole session: the client sends `data` (after a valid handshake, depending on
 /// its first byte) and closes its sending side; the server must answer and close within a
 /// few seconds whatever the bytes were, and its replies must keep to the protocol (see
-/// [`replies`]). Runs on the caller's thread.
+/// `replies`). Runs on the caller's thread.
 ///
 /// A first run stops after the handshake, to learn where the transmission phase starts in
 /// the bytes and in which framing; the requests there then get cookies 1, 2, … (so that
