@@ -44,15 +44,17 @@ pub const ATTR_TTL: Duration = Duration::from_secs(3600);
 /// more than 4 CPUs.
 pub const URING_ENTRIES: usize = 64;
 
-/// Ring entries per FUSE-over-io_uring thread at most. Few, because a thread serves its
-/// requests one after another while the kernel hands a queue's next request to the entry
-/// committed last, whichever thread lent it: a thread busy copying 1 MiB with many free
-/// entries collects the requests that come meanwhile, and its siblings wait with nothing
-/// to do. Measured on 2 CPUs (three daemons attached at once, fio QD32, 4 runs of 3 s
-/// alternated, median, 1 MiB read / write and 4 KiB read / write MiB/s): 2 threads of 16
-/// entries 5676 / 5697 and 656 / 626; 4 of 4 7370 / 7005 and 625 / 614; 8 of 2 7246 / 7141
-/// and 559 / 558 (more threads wake more often at 4 KiB); 4 KiB with 128 submitters within
-/// the noise of each other. Log: bench/results/logs/uring-layout-2026-12-04.txt.
+/// Ring entries per FUSE-over-io_uring thread at the start at most. Few, because on host
+/// memory a thread copies each request as it begins it, one after another, while the
+/// kernel hands a queue's next request to the entry committed last, whichever thread lent
+/// it: a thread busy copying 1 MiB with many free entries collects the requests that come
+/// meanwhile, and its siblings wait with nothing to do (GPU copies are begun together and
+/// complete later, so there threads grow more: [`URING_GROW_DEPTH`]). Measured on 2 CPUs
+/// (three daemons attached at once, fio QD32, 4 runs of 3 s alternated, median, 1 MiB read
+/// / write and 4 KiB read / write MiB/s): 2 threads of 16 entries 5676 / 5697 and 656 /
+/// 626; 4 of 4 7370 / 7005 and 625 / 614; 8 of 2 7246 / 7141 and 559 / 558 (more threads
+/// wake more often at 4 KiB); 4 KiB with 128 submitters within the noise of each other.
+/// Log: bench/results/logs/uring-layout-2026-12-04.txt.
 pub const URING_MAX_DEPTH: usize = 4;
 
 /// Threads (each with its own io_uring and share of the entries) serving one FUSE queue,
@@ -65,6 +67,22 @@ pub const URING_MAX_DEPTH: usize = 4;
 /// and 0.53-0.66 with one; 4 KiB 0.66-0.84x, as before within the noise). Four, with
 /// [`URING_MAX_DEPTH`] 4: see there.
 pub const URING_THREADS_PER_QUEUE: usize = 4;
+
+/// Ring entries one FUSE-over-io_uring thread may grow to. A thread keeps every request
+/// of its entries in flight on the device at once (GPU copies complete later, on the
+/// copy queue's poller), so a queue serves as many requests at a time as it has entries;
+/// the kernel queues the rest. It starts with its share of [`URING_ENTRIES`] and lends
+/// the kernel one more each time it would sleep with all of its entries waiting on the
+/// device, up to this and [`URING_ENTRIES_MAX`]. Memory on the host never waits, so
+/// never grows. Measured on the H200 (bench/attach, 4 KiB QD32 and 128 threads; see
+/// bench/results/gpu-e2e.md): with one entry per thread and no growth, a queue served
+/// four requests at a time, 0.39-0.50x tmpfs+loop.
+pub const URING_GROW_DEPTH: usize = 16;
+
+/// Ring entries all queues of one attached device may grow to ([`URING_GROW_DEPTH`]),
+/// each holding a payload buffer the size of the largest request from the device's buffer
+/// pool for good: 256 MiB at most with 1 MiB requests, where the pool allows.
+pub const URING_ENTRIES_MAX: usize = 256;
 
 // --- attach: kernel nbd --------------------------------------------------------------------
 

@@ -165,9 +165,14 @@ impl Attached {
         let _uring = (via == "fuse" && !extra.contains(&"--fuse-transport") && wants_uring())
             .then(|| UringParam::set(true))
             .flatten();
+        let backend_args: &[&str] = if extra.contains(&"--backend") {
+            &[]
+        } else {
+            &["--backend", backend()]
+        };
         let mut child = Command::new(bin())
             .arg("attach")
-            .args(["--backend", backend()])
+            .args(backend_args)
             .args(via_args)
             .args(extra)
             .env("VRAMDISK_RUNTIME_DIR", run_dir.path())
@@ -1218,6 +1223,83 @@ fn fuse_uring_is_opt_in_and_status_says_which() {
     assert!(status.starts_with("FUSE + loop (fuser, "), "{status}");
     d.detach_clean();
     drop(on);
+}
+
+/// Over FUSE io_uring, a ring thread keeps the requests of its entries in flight on the
+/// device at once, and lends the kernel more entries when all of a queue's are busy: on a
+/// pretend GPU whose copies complete later, from another thread (as a GPU's do), 64
+/// threads of direct I/O read back what they wrote, the stats file shows one thread with
+/// several requests on the device at once and more entries than at the start, and one
+/// program at queue depth 1 adds none.
+#[test]
+fn fuse_uring_keeps_a_queues_copies_in_flight_and_grows_its_entries() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let test = "fuse_uring_keeps_a_queues_copies_in_flight_and_grows_its_entries";
+    if via() != "fuse" {
+        common::skip_loudly(&format!("{test}: VRAMDISK_TEST_VIA={} is not fuse", via()));
+        return;
+    }
+    if !capable(test) {
+        return;
+    }
+    let Some(on) = UringParam::set(true) else {
+        if std::env::var_os("VRAMDISK_REQUIRE_FUSE_URING").is_some() {
+            panic!("{test}: {URING_PARAM} cannot be set but VRAMDISK_REQUIRE_FUSE_URING is set");
+        }
+        common::skip_loudly(&format!(
+            "{test}: this kernel has no settable {URING_PARAM}"
+        ));
+        return;
+    };
+    let d = Attached::start(&[
+        "--backend",
+        "fake-gpu",
+        "--fake-gpu-memory",
+        "1G",
+        "--fake-gpu-async",
+        "--size",
+        "160M",
+        "--fuse-transport",
+        "uring",
+    ]);
+    drop(on);
+    let stats = || -> serde_json::Value {
+        let path = d.state()["stats"].as_str().unwrap().to_string();
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let count =
+        |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k}: {v}"));
+    let at_start = count(&stats(), "ring_entries");
+    assert!(at_start > 0, "{}", stats());
+    // One program, one request at a time: every request finds a free entry. Past the
+    // regions of the bursts below, which expect zeros where they have not written.
+    let data = pattern(5, 4096);
+    let base = 128u64 << 20;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc_o_direct())
+            .open(d.dev())
+            .unwrap();
+        let buf = AlignedBuf::from(&data);
+        for i in 0..200u64 {
+            let at = base + (i % 64) * 4096;
+            f.write_all_at(buf.as_slice(), at).unwrap();
+            assert!(read_fd_direct(&f, at, 4096).unwrap() == data, "at {at}");
+        }
+    }
+    let after_qd1 = stats();
+    assert_eq!(count(&after_qd1, "ring_entries"), at_start, "{after_qd1}");
+    // Many at once, more than the entries at the start.
+    direct_io_in_bursts_reads_back(&d.dev, 64, 2 << 20);
+    let after = stats();
+    eprintln!("{test}: ring entries {at_start} at the start; after the bursts: {after}");
+    assert!(count(&after, "ring_most_in_flight") > 1, "{after}");
+    assert!(count(&after, "ring_entries") > at_start, "{after}");
+    assert_eq!(count(&after, "io_errors"), 0, "{after}");
+    d.detach_clean();
 }
 
 #[test]

@@ -5,8 +5,10 @@
 //! answer every request through [`Disk`], so the files, their attributes and what each
 //! operation does to the device are the same whichever transport is in use.
 
-use crate::engine::{BlockDevice, IoError, ZeroFlags};
+use crate::engine::{BlockDevice, IoError, IoResult, ZeroFlags};
 use crate::tunables::ATTR_TTL;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -87,6 +89,18 @@ impl OpenFiles {
     }
 }
 
+/// A device call on the disk image, as the device returns it: polled to completion by
+/// whoever began it.
+pub(crate) type DeviceIo<'a> = Pin<Box<dyn Future<Output = IoResult<()>> + Send + 'a>>;
+
+/// A READ or WRITE begun ([`Disk::begin_read`], [`Disk::begin_write`]).
+pub(crate) enum Begun<'a> {
+    /// Answered at once: this many bytes.
+    Done(usize),
+    /// On the device: `len` bytes once `io` completes ([`Disk::finish`]).
+    Io { io: DeviceIo<'a>, len: usize },
+}
+
 /// The filesystem: one device image and a counters file in a read-only directory.
 pub(crate) struct Disk {
     pub(crate) device: Arc<dyn BlockDevice>,
@@ -101,6 +115,17 @@ pub(crate) struct Disk {
     pub(crate) open_files: Arc<OpenFiles>,
     /// Which transport serves the mount, for the stats file ("FUSE over io_uring, 2 queues of 4 threads").
     transport: OnceLock<String>,
+    /// The FUSE rings' counters, where they serve the mount.
+    pub(crate) rings: RingCounters,
+}
+
+/// What the stats file says of the FUSE rings (FUSE over io_uring).
+#[derive(Debug, Default)]
+pub(crate) struct RingCounters {
+    /// Entries lent to the kernel, all queues together: each serves one request at a time.
+    pub(crate) entries: AtomicU64,
+    /// The most requests one ring thread has had on the device at once.
+    pub(crate) most_in_flight: AtomicU64,
 }
 
 impl Disk {
@@ -117,6 +142,7 @@ impl Disk {
             io_errors: AtomicU64::new(0),
             open_files: Arc::new(OpenFiles::default()),
             transport: OnceLock::new(),
+            rings: RingCounters::default(),
         }
     }
 
@@ -213,6 +239,8 @@ impl Disk {
             "io_errors": self.io_errors.load(Ordering::Relaxed),
             "backend": self.device.describe(),
             "transport": self.transport.get(),
+            "ring_entries": self.rings.entries.load(Ordering::Relaxed),
+            "ring_most_in_flight": self.rings.most_in_flight.load(Ordering::Relaxed),
         })
         .to_string()
             + "\n"
@@ -221,24 +249,38 @@ impl Disk {
     /// READ of up to `out.len()` bytes at `offset` into `out`; the bytes read. Like any
     /// file, a read that starts at or runs past the end is short.
     pub(crate) fn read(&self, ino: u64, offset: u64, out: &mut [u8]) -> Result<usize, Errno> {
+        match self.begin_read(ino, offset, out)? {
+            Begun::Done(n) => Ok(n),
+            Begun::Io { io, len } => self.finish(self.complete(io), len),
+        }
+    }
+
+    /// [`Disk::read`] begun: answered at once where the device is not needed (the stats
+    /// file, a read at the end), else the device call to poll and the bytes it will read.
+    pub(crate) fn begin_read<'a>(
+        &'a self,
+        ino: u64,
+        offset: u64,
+        out: &'a mut [u8],
+    ) -> Result<Begun<'a>, Errno> {
         if ino == STATS_INO {
             let text = self.stats_json();
             let start = (offset as usize).min(text.len());
             let end = start.saturating_add(out.len()).min(text.len());
             out[..end - start].copy_from_slice(&text.as_bytes()[start..end]);
-            return Ok(end - start);
+            return Ok(Begun::Done(end - start));
         }
         if ino != DISK_INO {
             return Err(libc::ENOENT);
         }
         let len = self.size.saturating_sub(offset).min(out.len() as u64) as usize;
         if len == 0 {
-            return Ok(0);
+            return Ok(Begun::Done(0));
         }
-        match self.complete(self.device.read(offset, &mut out[..len])) {
-            Ok(()) => Ok(len),
-            Err(e) => Err(self.failed(&e)),
-        }
+        Ok(Begun::Io {
+            io: self.device.read(offset, &mut out[..len]),
+            len,
+        })
     }
 
     /// WRITE of `data` at `offset`, with the open flags of the request; the bytes written.
@@ -249,6 +291,20 @@ impl Disk {
         data: &[u8],
         flags: i32,
     ) -> Result<u32, Errno> {
+        match self.begin_write(ino, offset, data, flags)? {
+            Begun::Done(n) => Ok(n as u32),
+            Begun::Io { io, len } => self.finish(self.complete(io), len).map(|n| n as u32),
+        }
+    }
+
+    /// [`Disk::write`] begun: the device call to poll and the bytes it will write.
+    pub(crate) fn begin_write<'a>(
+        &'a self,
+        ino: u64,
+        offset: u64,
+        data: &'a [u8],
+        flags: i32,
+    ) -> Result<Begun<'a>, Errno> {
         if ino != DISK_INO {
             return Err(libc::EBADF);
         }
@@ -261,10 +317,25 @@ impl Disk {
         }
         // FUSE passes the kiocb's O_DSYNC/O_SYNC in the flags: the loop's FUA writes.
         let fua = flags & (libc::O_DSYNC | libc::O_SYNC) != 0;
-        match self.complete(self.device.write(offset, data, fua)) {
-            Ok(()) => Ok(data.len() as u32),
+        Ok(Begun::Io {
+            io: self.device.write(offset, data, fua),
+            len: data.len(),
+        })
+    }
+
+    /// The answer to a [`Begun::Io`] whose call returned `result`: its `len` bytes, or the
+    /// errno of the failure (counted).
+    pub(crate) fn finish(&self, result: IoResult<()>, len: usize) -> Result<usize, Errno> {
+        match result {
+            Ok(()) => Ok(len),
             Err(e) => Err(self.failed(&e)),
         }
+    }
+
+    /// Enters the runtime's context on this thread while the guard lives, for a server
+    /// that polls device calls itself (the FUSE rings).
+    pub(crate) fn enter(&self) -> tokio::runtime::EnterGuard<'_> {
+        self.runtime.enter()
     }
 
     /// FLUSH and FSYNC: both mean "make what was written durable", a device flush for the

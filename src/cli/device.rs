@@ -129,6 +129,11 @@ pub struct DeviceArgs {
     #[arg(long, value_name = "FILE", hide = true)]
     pub fake_gpu_others: Option<std::path::PathBuf>,
 
+    /// The pretend GPU's copies complete later, woken from another thread, as a GPU's
+    /// do (tests of frontends that keep copies in flight).
+    #[arg(long, hide = true)]
+    pub fake_gpu_async: bool,
+
     /// Most memory used for I/O buffers in flight, all exports together.
     #[arg(long, value_name = "SIZE", value_parser = size_arg, default_value = "1G")]
     pub buffer_memory: u64,
@@ -356,7 +361,8 @@ impl DeviceArgs {
                             total,
                             self.keep_free.unwrap_or(0),
                             self.fake_gpu_others.clone(),
-                        );
+                        )
+                        .async_copies(self.fake_gpu_async);
                         let dev = Arc::new(
                             SparseDevice::with_progress(fake, opts, spill.clone(), progress)
                                 .with_context(ctx)?,

@@ -11,8 +11,9 @@ use super::host::{HeapAllocator, HostBackend, HostChunk};
 use super::{Backend, HostAllocator, IoError, IoResult};
 use async_trait::async_trait;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::task::Waker;
 
 /// A pretend GPU of `total` bytes in host RAM.
 pub struct FakeGpuBackend {
@@ -22,6 +23,8 @@ pub struct FakeGpuBackend {
     ours: Arc<AtomicU64>,
     others: Arc<AtomicU64>,
     others_file: Option<PathBuf>,
+    /// Copies complete later, woken from another thread ([`FakeGpuBackend::async_copies`]).
+    async_copies: bool,
 }
 
 /// One chunk of the pretend GPU.
@@ -48,6 +51,21 @@ impl FakeGpuBackend {
             ours: Arc::new(AtomicU64::new(0)),
             others: Arc::new(AtomicU64::new(0)),
             others_file,
+            async_copies: false,
+        }
+    }
+
+    /// With `on`, every copy completes as a GPU's does: its future is pending at first,
+    /// and woken from another thread (a GPU's copy queue has its poller), so that frontends
+    /// which keep copies in flight are tested where there is no GPU.
+    pub fn async_copies(mut self, on: bool) -> Self {
+        self.async_copies = on;
+        self
+    }
+
+    async fn copy_wait(&self) {
+        if self.async_copies {
+            Later::default().await;
         }
     }
 
@@ -70,6 +88,41 @@ impl FakeGpuBackend {
         self.total
             .saturating_sub(self.ours.load(Ordering::Relaxed))
             .saturating_sub(self.others.load(Ordering::Relaxed))
+    }
+}
+
+/// Pending once, then woken by the completer thread: the copy "runs" meanwhile.
+#[derive(Default)]
+struct Later(bool);
+
+impl std::future::Future for Later {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        static COMPLETER: OnceLock<Mutex<mpsc::Sender<Waker>>> = OnceLock::new();
+        let tx = COMPLETER.get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<Waker>();
+            std::thread::Builder::new()
+                .name("fake-gpu-completer".into())
+                .spawn(move || rx.into_iter().for_each(Waker::wake))
+                .expect("starting the fake GPU's completer thread");
+            Mutex::new(tx)
+        });
+        let sent = tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(cx.waker().clone());
+        if sent.is_err() {
+            cx.waker().wake_by_ref();
+        }
+        std::task::Poll::Pending
     }
 }
 
@@ -125,10 +178,12 @@ impl Backend for FakeGpuBackend {
     }
 
     async fn read(&self, chunk: &FakeChunk, offset: usize, buf: &mut [u8]) -> IoResult<()> {
+        self.copy_wait().await;
         self.host.read(&chunk.inner, offset, buf).await
     }
 
     async fn write(&self, chunk: &FakeChunk, offset: usize, data: &[u8]) -> IoResult<()> {
+        self.copy_wait().await;
         self.host.write(&chunk.inner, offset, data).await
     }
 

@@ -1,7 +1,10 @@
 //! One FUSE request answered through [`Disk`], whichever way it came (ring or /dev/fuse).
 
 use super::abi::{self, In, InHeader, Out};
-use crate::attach::fuse_disk::{Attr, DISK_INO, Disk, ENTRIES, Errno, PAGE, ROOT_INO};
+use crate::attach::fuse_disk::{
+    Attr, Begun, DISK_INO, DeviceIo, Disk, ENTRIES, Errno, PAGE, ROOT_INO,
+};
+use crate::engine::IoResult;
 use crate::tunables::ATTR_TTL;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -86,6 +89,100 @@ fn readdir(payload: &mut [u8], offset: u64, size: usize) -> Reply {
     done(&out)
 }
 
+/// A request begun ([`begin`]).
+pub(crate) enum Step<'a> {
+    /// Answered.
+    Served(Served),
+    /// A READ or WRITE of the disk image, on the device: poll `io` to completion, then
+    /// [`finish`] it.
+    Io(Pending<'a>),
+}
+
+/// A READ or WRITE of the disk image waiting on the device.
+pub(crate) struct Pending<'a> {
+    /// The device call; it borrows the payload buffer until it completes or is dropped.
+    pub(crate) io: DeviceIo<'a>,
+    /// What its reply will say.
+    pub(crate) then: Then,
+}
+
+/// The reply of a [`Pending`] request, once its call is done.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Then {
+    len: usize,
+    write: bool,
+}
+
+/// `struct fuse_write_out` for `written` bytes.
+fn write_out(payload: &mut [u8], written: usize) -> Reply {
+    let mut out = Out::new(payload);
+    out.u32(written as u32).u32(0);
+    done(&out)
+}
+
+fn step(begun: Result<Begun<'_>, Errno>, write: bool) -> Step<'_> {
+    let reply = match begun {
+        Ok(Begun::Io { io, len }) => {
+            return Step::Io(Pending {
+                io,
+                then: Then { len, write },
+            });
+        }
+        // A write is never answered without the device, so this is a read's.
+        Ok(Begun::Done(n)) => Reply::Data(n),
+        Err(errno) => Reply::Error(errno),
+    };
+    Step::Served(Served {
+        reply,
+        releases: false,
+    })
+}
+
+/// Begins one request: a READ or WRITE of the disk image is left on the device for the
+/// caller to poll (a thread keeps several in flight that way); anything else is served as
+/// [`serve`] does. The arguments are [`serve`]'s.
+pub(crate) fn begin<'a>(
+    disk: &'a Disk,
+    h: &InHeader,
+    op_in: &[u8],
+    payload: &'a mut [u8],
+    payload_len: usize,
+) -> Step<'a> {
+    let op = In(op_in);
+    if h.nodeid == DISK_INO {
+        let (offset, size) = (op.u64(8), op.u32(16) as usize);
+        match h.opcode {
+            abi::READ => {
+                return match payload.get_mut(..size) {
+                    Some(out) => step(disk.begin_read(DISK_INO, offset, out), false),
+                    None => step(Err(libc::EINVAL), false),
+                };
+            }
+            abi::WRITE => {
+                return match payload.get(..size.min(payload_len)) {
+                    Some(data) => step(
+                        disk.begin_write(DISK_INO, offset, data, op.u32(32) as i32),
+                        true,
+                    ),
+                    None => step(Err(libc::EINVAL), true),
+                };
+            }
+            _ => {}
+        }
+    }
+    Step::Served(serve(disk, h, op_in, payload, payload_len))
+}
+
+/// The reply of a [`Pending`] request whose call returned `result`, written to `payload`
+/// (which the call no longer borrows).
+pub(crate) fn finish(disk: &Disk, then: Then, result: IoResult<()>, payload: &mut [u8]) -> Reply {
+    match disk.finish(result, then.len) {
+        Ok(n) if then.write => write_out(payload, n),
+        Ok(n) => Reply::Data(n),
+        Err(errno) => Reply::Error(errno),
+    }
+}
+
 /// Serves one request: `op_in` is the opcode's fixed in-struct, `payload[..payload_len]`
 /// its variable part (a name, write data). The reply's data go to the start of `payload`.
 pub(crate) fn serve(
@@ -142,6 +239,8 @@ pub(crate) fn serve(
                 out.u64(0).u32(0).u32(0);
                 done(&out)
             }
+            // The ring begins the disk image's through `begin`; /dev/fuse and the stats file
+            // come here.
             abi::READ => {
                 let (offset, size) = (op.u64(8), op.u32(16) as usize);
                 let out = payload.get_mut(..size).ok_or(libc::EINVAL)?;
@@ -151,9 +250,7 @@ pub(crate) fn serve(
                 let (offset, size) = (op.u64(8), op.u32(16) as usize);
                 let data = payload.get(..size.min(payload_len)).ok_or(libc::EINVAL)?;
                 let written = disk.write(ino, offset, data, op.u32(32) as i32)?;
-                let mut out = Out::new(payload);
-                out.u32(written).u32(0);
-                done(&out)
+                write_out(payload, written as usize)
             }
             abi::RELEASE => {
                 releases = ino == DISK_INO;
@@ -239,6 +336,50 @@ mod tests {
         let r = serve(&d, &header(abi::READ, DISK_INO), &op, &mut payload, 0);
         assert_eq!(r.reply, Reply::Data(4096));
         assert!(payload[..4096].iter().all(|b| *b == 0xa5));
+    }
+
+    #[test]
+    fn begun_reads_and_writes_wait_on_the_device_and_reply_once_finished() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let d = disk(&rt);
+        let mut op = [0u8; 40];
+        op[8..16].copy_from_slice(&4096u64.to_ne_bytes());
+        op[16..20].copy_from_slice(&4096u32.to_ne_bytes());
+        let mut payload = vec![0x5au8; 8192];
+        let Step::Io(Pending { io, then }) =
+            begin(&d, &header(abi::WRITE, DISK_INO), &op, &mut payload, 4096)
+        else {
+            panic!("a write of the disk image goes to the device");
+        };
+        let result = d.complete(io);
+        // The reply overwrites the written data's first bytes: only after the call.
+        assert_eq!(finish(&d, then, result, &mut payload), Reply::Data(8));
+        assert_eq!(In(&payload).u32(0), 4096);
+        payload.fill(0);
+        let Step::Io(Pending { io, then }) =
+            begin(&d, &header(abi::READ, DISK_INO), &op, &mut payload, 0)
+        else {
+            panic!("a read of the disk image goes to the device");
+        };
+        let result = d.complete(io);
+        assert_eq!(finish(&d, then, result, &mut payload), Reply::Data(4096));
+        assert!(payload[..4096].iter().all(|b| *b == 0x5a));
+        // Answered at once: past the end, and a size larger than the buffer.
+        op[8..16].copy_from_slice(&(1u64 << 20).to_ne_bytes());
+        let Step::Served(s) = begin(&d, &header(abi::WRITE, DISK_INO), &op, &mut payload, 4096)
+        else {
+            panic!("a write past the end needs no device");
+        };
+        assert_eq!(s.reply, Reply::Error(libc::ENOSPC));
+        let Step::Served(s) = begin(&d, &header(abi::READ, DISK_INO), &op, &mut payload, 0) else {
+            panic!("a read at the end needs no device");
+        };
+        assert_eq!(s.reply, Reply::Data(0));
+        op[16..20].copy_from_slice(&(1u32 << 20).to_ne_bytes());
+        let Step::Served(s) = begin(&d, &header(abi::READ, DISK_INO), &op, &mut payload, 0) else {
+            panic!("a read larger than the buffer needs no device");
+        };
+        assert_eq!(s.reply, Reply::Error(libc::EINVAL));
     }
 
     #[test]
